@@ -1,0 +1,3 @@
+from dori.cli import main
+
+main()

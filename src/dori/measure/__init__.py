@@ -1,0 +1,1 @@
+"""Measuring memorization: similarity, replication, detection, utility."""

@@ -1,0 +1,89 @@
+"""Stage 2 of METHOD.md: detect memorized prompts without the training image.
+
+The noise-difference norm (Wen et al., ICLR 2024): ``|| eps(x_t, y) - eps(x_t, y_empty) ||_2`` over
+the whole latent, averaged over ``n`` generations and over the chosen denoising steps (the first
+step alone, or all). Scored as a detector by ROC-AUC and TPR at 1% FPR.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from dori.models.base import DiffusionModel, StepInfo
+
+
+@torch.no_grad()
+def noise_difference_norms(
+    model: DiffusionModel,
+    prompts: Sequence[str],
+    *,
+    seeds: Sequence[int] = (0, 1, 2, 3),
+    steps: int = 50,
+    guidance: float = 7.0,
+    first_step_only: bool = True,
+    batch_size: int = 64,
+) -> dict[str, list[float]]:
+    """Per-prompt scores ``{"first_step": [...], "all_steps": [...]}`` (``all_steps`` only when
+    the whole trajectory is sampled, i.e. ``first_step_only=False``)."""
+    emb = model.encode(prompts)
+    n_rows = len(prompts) * len(seeds)
+    per_step: list[torch.Tensor] = []
+
+    def record(info: StepInfo) -> None:
+        if info.index >= len(per_step):
+            per_step.append(torch.zeros(n_rows))
+        diff = (info.noise_cond - info.noise_uncond).float().flatten(1).norm(dim=1).cpu()
+        per_step[info.index][info.rows] = diff
+
+    sample_steps = 1 if first_step_only else steps
+    if first_step_only:
+        # One U-Net call is all the first-step score needs: sample a 1-step chain of the
+        # full schedule's first timestep.
+        _first_step(model, emb, seeds, steps, guidance, batch_size, record)
+    else:
+        model.generate(emb, seeds, steps=steps, guidance=guidance, batch_size=batch_size, callback=record)
+    norms = torch.stack(per_step[:sample_steps]).view(sample_steps, len(prompts), len(seeds))
+    out = {"first_step": norms[0].mean(1).tolist()}
+    if not first_step_only:
+        out["all_steps"] = norms.mean((0, 2)).tolist()
+    return out
+
+
+def _first_step(model, emb, seeds, steps, guidance, batch_size, callback) -> None:
+    timestep = model.ddim_scheduler(steps).timesteps[0]
+    all_emb = emb.repeat_interleave(len(seeds), dim=0)
+    noise = model.initial_noise(seeds).repeat(emb.shape[0], 1, 1, 1)
+    empty = model.empty_embedding()
+    for start in range(0, len(all_emb), batch_size):
+        rows = slice(start, min(start + batch_size, len(all_emb)))
+        x_t, e = noise[rows], all_emb[rows]
+        t = timestep.expand(len(x_t))
+        out = model.model_output(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([empty.expand_as(e), e]))
+        uncond, cond = out.chunk(2)
+        callback(StepInfo(0, int(timestep), rows, x_t, model.output_to_noise(cond, x_t, t),
+                          model.output_to_noise(uncond, x_t, t)))  # fmt: skip
+
+
+def roc_auc(positive: Sequence[float], negative: Sequence[float]) -> float:
+    """Probability that a random positive scores above a random negative (ties count half)."""
+    pos, neg = np.asarray(positive, float)[:, None], np.asarray(negative, float)[None, :]
+    return float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (pos.size * neg.size))
+
+
+def tpr_at_fpr(positive: Sequence[float], negative: Sequence[float], fpr: float = 0.01) -> float:
+    """True-positive rate at the strictest threshold whose false-positive rate is <= ``fpr``."""
+    neg = np.sort(np.asarray(negative, float))[::-1]
+    allowed = int(np.floor(fpr * len(neg)))
+    threshold = neg[allowed] if allowed < len(neg) else -np.inf  # scores must exceed this
+    return float((np.asarray(positive, float) > threshold).mean())
+
+
+def roc_curve(positive: Sequence[float], negative: Sequence[float]) -> tuple[list[float], list[float]]:
+    scores = np.unique(np.concatenate([positive, negative]))[::-1]
+    pos, neg = np.asarray(positive, float), np.asarray(negative, float)
+    fpr = [0.0] + [float((neg >= s).mean()) for s in scores]
+    tpr = [0.0] + [float((pos >= s).mean()) for s in scores]
+    return fpr, tpr

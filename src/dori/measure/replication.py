@@ -1,0 +1,93 @@
+"""Stage 1 of METHOD.md: generate n images per prompt and measure how many replicate.
+
+SSCD_orig is the similarity of each generation to the prompt's training image (for several
+training images, the most similar one); MR is the fraction of generations above the detector's
+replication threshold ``tau``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dori.models.base import DiffusionModel
+
+
+@dataclass(frozen=True)
+class PromptReplication:
+    prompt: str
+    similarities: list[float]  # one per seed
+    tau: float
+
+    @property
+    def mr(self) -> float:
+        return sum(s > self.tau for s in self.similarities) / len(self.similarities)
+
+    @property
+    def mean(self) -> float:
+        return float(torch.tensor(self.similarities).mean())
+
+    @property
+    def median(self) -> float:
+        return float(torch.tensor(self.similarities).median())
+
+    @property
+    def max(self) -> float:
+        return max(self.similarities)
+
+    def row(self) -> dict:
+        return {"prompt": self.prompt, "mr": self.mr, "sscd_mean": self.mean, "sscd_median": self.median,
+                "sscd_max": self.max, "similarities": self.similarities}  # fmt: skip
+
+
+def summarize(rows: Sequence[PromptReplication]) -> dict:
+    """Set-level numbers: MR over all generations, SSCD_orig mean/std/median over all generations."""
+    sims = torch.tensor([s for row in rows for s in row.similarities])
+    return {
+        "mr": float(sum(row.mr * len(row.similarities) for row in rows) / len(sims)),
+        "sscd_mean": float(sims.mean()),
+        "sscd_std": float(sims.std()) if len(sims) > 1 else 0.0,
+        "sscd_median": float(sims.median()),
+        "n_prompts": len(rows),
+        "n_seeds": len(rows[0].similarities) if rows else 0,
+    }
+
+
+def replication(
+    model: DiffusionModel,
+    prompts: Sequence[str],
+    references: Sequence[Tensor],
+    detector,
+    *,
+    seeds: Sequence[int],
+    steps: int = 50,
+    guidance: float = 7.0,
+    embeddings: Tensor | None = None,
+    batch_size: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[PromptReplication], Tensor]:
+    """Generate ``len(seeds)`` images per prompt (all in batches) and score them against
+    ``references[i]`` (``[K_i, 3, H, W]``: the prompt's training image(s)).
+
+    ``embeddings`` replaces the prompts' own embeddings (the attack's triggers). Returns the
+    per-prompt results and the images ``[P * S, 3, H, W]``.
+    """
+    emb = model.encode(prompts) if embeddings is None else embeddings
+    images = model.generate(emb, seeds, steps=steps, guidance=guidance, batch_size=batch_size, progress=progress)
+    gen_feats = detector.embed(images)
+    rows = []
+    for i, prompt in enumerate(prompts):
+        part = slice(i * len(seeds), (i + 1) * len(seeds))
+        gen = _select(gen_feats, part)
+        sims = detector.similarity(gen, detector.embed(references[i])).max(dim=1).values
+        rows.append(PromptReplication(prompt, [float(s) for s in sims], float(detector.tau)))
+    return rows, images
+
+
+def _select(features, part: slice):
+    if isinstance(features, Tensor):
+        return features[part]
+    return type(features)(*(getattr(features, f)[part] for f in features.__dataclass_fields__))

@@ -1,0 +1,337 @@
+"""The one model interface every dori algorithm talks to, whatever the backend.
+
+A :class:`DiffusionModel` wraps diffusers / transformers components: a ``UNet2DConditionModel``, a
+frozen text encoder with its tokenizer, the training noise schedule, and a VAE for latent models
+(``None`` for pixel-space models such as the bundled one). Stable Diffusion v1.x / v2.x and the
+bundled model are both instances of this class, so the same algorithm code runs on either.
+
+Conventions: images are ``float32`` in ``[0, 1]``, shape ``[N, 3, H, W]``, returned on the CPU;
+embeddings (the conditioning ``encoder_hidden_states``) are ``[B, L, D]``; timesteps are integer
+training timesteps in ``[0, num_train_timesteps)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from torch import Tensor, nn
+
+from dori.errors import DoriError
+
+
+@dataclass(frozen=True)
+class Site:
+    """A named linear layer of the U-Net whose output channels are neurons."""
+
+    name: str
+    module: nn.Linear
+    width: int
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What :meth:`DiffusionModel.generate` hands its per-step callback.
+
+    ``noise_cond`` / ``noise_uncond`` are epsilon-space predictions (converted from the model's own
+    parameterisation) for the rows ``rows`` of the whole batch; ``noise_uncond`` is ``None`` when
+    sampling runs without classifier-free guidance.
+    """
+
+    index: int
+    timestep: int
+    rows: slice
+    latents: Tensor
+    noise_cond: Tensor
+    noise_uncond: Tensor | None
+
+
+def _unet_position(name: str) -> int:
+    """Order sites as the signal flows through the U-Net: down blocks, mid block, up blocks."""
+    for rank, prefix in enumerate(("down_blocks.", "mid_block.", "up_blocks.")):
+        if name.startswith(prefix):
+            return rank
+    return 3
+
+
+def _placed(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Move a frozen component to ``device`` / ``dtype`` (only casting when the dtype changes)."""
+    current = next(module.parameters()).dtype
+    module = module.to(device) if current == dtype else module.to(device, dtype)
+    return module.eval().requires_grad_(False)
+
+
+class DiffusionModel:
+    """A text-to-image diffusion model behind dori's interface (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        unet: nn.Module,
+        text_encoder: nn.Module,
+        tokenizer,
+        scheduler_config: dict,
+        vae: nn.Module | None = None,
+        token_map: Tensor | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.name = name
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.unet = _placed(unet, self.device, dtype)
+        self.text_encoder = _placed(text_encoder, self.device, dtype)
+        self.vae = None if vae is None else _placed(vae, self.device, dtype)
+        self.tokenizer = tokenizer
+        self.token_map = None if token_map is None else token_map.to(self.device)
+        self.scheduler_config = dict(scheduler_config)
+        self.noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
+        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self._empty: Tensor | None = None
+
+    # ----------------------------------------------------------------- shape facts
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.noise_scheduler.config.num_train_timesteps)
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.noise_scheduler.config.prediction_type)
+
+    @property
+    def max_length(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return (int(self.unet.config.in_channels), int(height), int(width))
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        _, height, width = self.latent_shape
+        return (height * self.vae_scale_factor, width * self.vae_scale_factor)
+
+    @property
+    def embedding_shape(self) -> tuple[int, int]:
+        return tuple(self.empty_embedding().shape[1:])
+
+    def fingerprint(self) -> str:
+        """A short id of the architecture and weights (mask files record it)."""
+        digest = hashlib.sha256(self.name.encode())
+        for key, tensor in sorted(self.unet.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.detach().flatten()[:64].float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    # ----------------------------------------------------------------- text side
+    def tokenize(self, prompts: Sequence[str]) -> Tensor:
+        """CLIP token ids ``[B, L]``, padded and truncated to the tokenizer's length (77)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        batch = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        return batch.input_ids.to(self.device)
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> Tensor:
+        """The conditioning embedding ``[B, L, D]`` of each prompt (the DoRI attack's variable)."""
+        ids = self.tokenize(prompts)
+        if self.token_map is not None:
+            ids = self.token_map[ids]
+        return self.text_encoder(ids)[0].to(self.dtype)
+
+    def empty_embedding(self) -> Tensor:
+        """The embedding of the empty prompt, ``[1, L, D]`` (cached)."""
+        if self._empty is None:
+            self._empty = self.encode([""])
+        return self._empty
+
+    # ----------------------------------------------------------------- noise
+    def _abar(self, t: Tensor, like: Tensor) -> Tensor:
+        abar = self.alphas_cumprod[t.to(self.device).long()]
+        return abar.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` per sample."""
+        abar = self._abar(t, x0)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def model_output(self, x_t: Tensor, t: Tensor, emb: Tensor) -> Tensor:
+        """The U-Net's raw output in its own parameterisation (epsilon or v)."""
+        t = t.to(self.device)
+        if t.dim() == 0:
+            t = t.expand(x_t.shape[0])
+        return self.unet(x_t, t, encoder_hidden_states=emb).sample
+
+    def output_to_noise(self, output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """Convert a raw model output to epsilon space."""
+        if self.prediction_type == "epsilon":
+            return output
+        if self.prediction_type == "v_prediction":
+            abar = self._abar(t.expand(x_t.shape[0]) if t.dim() == 0 else t, x_t)
+            return abar.sqrt() * output + (1 - abar).sqrt() * x_t
+        raise DoriError(f"prediction type {self.prediction_type!r} is not supported; use epsilon or v_prediction")
+
+    def predict_noise(self, x_t: Tensor, t: Tensor, emb: Tensor) -> Tensor:
+        """The predicted noise ``eps_theta(x_t, t, emb)`` (differentiable in ``emb``)."""
+        return self.output_to_noise(self.model_output(x_t, t, emb), x_t, t)
+
+    def training_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """What the U-Net is trained to output for ``add_noise(x0, noise, t)``."""
+        if self.prediction_type == "epsilon":
+            return noise
+        abar = self._abar(t, x0)
+        return abar.sqrt() * noise - (1 - abar).sqrt() * x0
+
+    def diffusion_loss(self, x0: Tensor, emb: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """The model's own training loss per sample, ``[B]`` (mean squared error over the latent)."""
+        x_t = self.add_noise(x0, noise, t)
+        error = self.model_output(x_t, t, emb) - self.training_target(x0, noise, t)
+        return error.float().pow(2).flatten(1).mean(1)
+
+    # ----------------------------------------------------------------- image <-> latent
+    def to_latents(self, images: Tensor) -> Tensor:
+        """Images in ``[0, 1]`` to the U-Net's space (VAE mean times scaling factor, or ``2x - 1``)."""
+        x = images.to(self.device, self.dtype) * 2 - 1
+        if self.vae is None:
+            return x
+        with torch.no_grad():
+            return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+
+    def from_latents(self, latents: Tensor) -> Tensor:
+        """The inverse of :meth:`to_latents`: images in ``[0, 1]`` (float32, CPU)."""
+        if self.vae is not None:
+            with torch.no_grad():
+                latents = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return ((latents.float() + 1) / 2).clamp(0, 1).cpu()
+
+    # ----------------------------------------------------------------- sampling
+    def initial_noise(self, seeds: Sequence[int]) -> Tensor:
+        """One latent of N(0, I) per seed, each from its own CPU generator (batch-independent)."""
+        shape = self.latent_shape
+        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        return torch.stack(noise).to(self.device, self.dtype)
+
+    def ddim_scheduler(self, steps: int) -> DDIMScheduler:
+        scheduler = DDIMScheduler.from_config(self.scheduler_config, clip_sample=False)
+        scheduler.set_timesteps(steps, device=self.device)
+        return scheduler
+
+    @torch.no_grad()
+    def generate(
+        self,
+        emb: Tensor,
+        seeds: Sequence[int],
+        *,
+        steps: int = 50,
+        guidance: float = 7.0,
+        batch_size: int = 64,
+        callback: Callable[[StepInfo], None] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> Tensor:
+        """DDIM sampling with classifier-free guidance for every embedding and every seed.
+
+        Returns ``[B * len(seeds), 3, H, W]`` images in ``[0, 1]``, prompt-major (all seeds of
+        prompt 0 first). Each image's starting noise comes from its own seed, so one batch gives the
+        same images as one-by-one calls. ``guidance <= 1`` samples from the conditional model only.
+        ``progress`` is called with the number of images finished after each chunk.
+        """
+        if steps < 1:
+            raise DoriError(f"steps must be at least 1, got {steps}")
+        if len(seeds) == 0:
+            raise DoriError("no seeds given: pass at least one seed")
+        emb = emb.to(self.device, self.dtype)
+        n_prompts, n_seeds = emb.shape[0], len(seeds)
+        all_emb = emb.repeat_interleave(n_seeds, dim=0)
+        all_noise = self.initial_noise(seeds).repeat(n_prompts, 1, 1, 1)
+        images = []
+        for start in range(0, all_emb.shape[0], batch_size):
+            rows = slice(start, min(start + batch_size, all_emb.shape[0]))
+            latents = self._sample(all_emb[rows], all_noise[rows], steps, guidance, rows, callback)
+            images.append(self.from_latents(latents))
+            if progress is not None:
+                progress(rows.stop - rows.start)
+        return torch.cat(images)
+
+    def _sample(self, emb, latents, steps, guidance, rows, callback) -> Tensor:
+        scheduler = self.ddim_scheduler(steps)
+        guided = guidance > 1.0
+        if guided:
+            emb = torch.cat([self.empty_embedding().expand_as(emb), emb])
+        for index, t in enumerate(scheduler.timesteps):
+            model_in = torch.cat([latents, latents]) if guided else latents
+            output = self.model_output(model_in, t, emb)
+            if guided:
+                out_uncond, out_cond = output.chunk(2)
+                output = out_uncond + guidance * (out_cond - out_uncond)
+            else:
+                out_uncond, out_cond = None, output
+            if callback is not None:
+                t_batch = t.expand(latents.shape[0])
+                callback(
+                    StepInfo(
+                        index=index,
+                        timestep=int(t),
+                        rows=rows,
+                        latents=latents,
+                        noise_cond=self.output_to_noise(out_cond, latents, t_batch),
+                        noise_uncond=None
+                        if out_uncond is None
+                        else self.output_to_noise(out_uncond, latents, t_batch),
+                    )
+                )
+            latents = scheduler.step(output, t, latents).prev_sample
+        return latents
+
+    # ----------------------------------------------------------------- named sites
+    def module(self, name: str) -> nn.Module:
+        """The U-Net submodule called ``name``; an unknown name is a clear error."""
+        modules = dict(self.unet.named_modules())
+        if name not in modules:
+            known = ", ".join(site.name for site in self.value_sites() + self.ffn_sites())
+            raise DoriError(f"the U-Net has no module named {name!r}; known sites: {known}")
+        return modules[name]
+
+    def _sites(self, suffix: str, prefixes: tuple[str, ...]) -> list[Site]:
+        found = [
+            Site(name, module, int(module.out_features))
+            for name, module in self.unet.named_modules()
+            if name.endswith(suffix) and name.startswith(prefixes) and isinstance(module, nn.Linear)
+        ]
+        return sorted(found, key=lambda site: _unet_position(site.name))
+
+    def value_sites(self) -> list[Site]:
+        """Cross-attention value projections (``attn2.to_v``) of the down and mid blocks (NeMo's sites)."""
+        return self._sites("attn2.to_v", ("down_blocks.", "mid_block."))
+
+    def ffn_sites(self) -> list[Site]:
+        """The second feed-forward linear (``ff.net.2``) of every transformer block (Wanda's sites)."""
+        return self._sites("ff.net.2", ("down_blocks.", "mid_block.", "up_blocks."))
+
+    def sites(self, names: Sequence[str]) -> list[Site]:
+        """Sites by name, in the given order (an unknown name is a clear error)."""
+        out = []
+        for name in names:
+            module = self.module(name)
+            if not isinstance(module, nn.Linear):
+                raise DoriError(f"module {name!r} is a {type(module).__name__}, not a linear layer; pick a linear site")
+            out.append(Site(name, module, int(module.out_features)))
+        return out

@@ -1,0 +1,112 @@
+"""What the bundled model knows about itself: its training data, prompt sets, copy detector and
+attribute classifier (the SSCD, CLIP-score and FID analogues), all offline.
+
+The data is re-rendered from the seed recorded in ``dori_model.json`` (a few seconds), so the
+package ships weights and calibration only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from dori.errors import DoriError
+from dori.measure.similarity import ToyCopyDetector
+from dori.measure.utility import frechet_distance
+from dori.toy.classifier import AttributeClassifier
+from dori.toy.data import COLOURS, POSITIONS, SHAPES, ToyDataset, build_dataset, render_ordinary
+
+DETECTOR_FILE = "copy_detector.json"
+CLASSIFIER_FILE = "attribute_classifier.safetensors"
+N_NON_MEMORIZED = 20
+
+
+@dataclass
+class ToyKit:
+    folder: Path
+    data_kwargs: dict
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> ToyKit:
+        folder = Path(folder)
+        meta_file = folder / "dori_model.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        if "toy_data" not in meta:
+            raise DoriError(f"{folder} is not a bundled (toy) model; it has no toy_data in dori_model.json")
+        return cls(folder, meta["toy_data"])
+
+    @cached_property
+    def data(self) -> ToyDataset:
+        return build_dataset(**self.data_kwargs)
+
+    @cached_property
+    def detector(self) -> ToyCopyDetector:
+        file = self.folder / DETECTOR_FILE
+        if not file.is_file():
+            raise DoriError(f"{file} is missing; run 'dori toy train --out {self.folder} --resume' to calibrate it")
+        info = json.loads(file.read_text())
+        return ToyCopyDetector(scale=info["scale"], tau=info["tau"], sigma=info["sigma"])
+
+    @cached_property
+    def classifier(self) -> AttributeClassifier:
+        model = AttributeClassifier()
+        model.load_state_dict(load_file(str(self.folder / CLASSIFIER_FILE)))
+        return model.eval()
+
+    # ------------------------------------------------------------- prompt sets
+    def prompt_set(self, name: str) -> list[dict]:
+        """Rows ``{"prompt", "type", "index"}`` of ``memorized`` (VM), ``template`` (TM),
+        ``non_memorized`` (ordinary training captions) or ``held_out``."""
+        data = self.data
+        if name == "memorized":
+            return [{"prompt": p.caption, "type": "VM", "index": p.index} for p in data.planted if p.kind == "VM"]
+        if name == "template":
+            return [{"prompt": p.caption, "type": "TM", "index": p.index} for p in data.planted if p.kind == "TM"]
+        if name == "non_memorized":
+            captions = data.ordinary_captions
+            step = max(1, len(captions) // N_NON_MEMORIZED)
+            return [{"prompt": c, "type": "none", "index": None} for c in captions[::step][:N_NON_MEMORIZED]]
+        if name == "held_out":
+            return [{"prompt": c, "type": "held_out", "index": None} for c in data.held_out_captions]
+        raise DoriError(f"unknown bundled prompt set {name!r}; use memorized, template, non_memorized or held_out")
+
+    def references(self, prompt: str) -> Tensor:
+        """The training images a generation of ``prompt`` is compared with: every training image
+        of that caption for a planted caption, and the whole training set otherwise (the nearest
+        training image, whatever its caption)."""
+        data = self.data
+        rows = [i for i, c in enumerate(data.captions) if c == prompt]
+        if rows and data.kinds[rows[0]] != "ordinary":
+            return data.images[torch.tensor(rows)].unique(dim=0)
+        return self.ordinary_images
+
+    @cached_property
+    def ordinary_images(self) -> Tensor:
+        data = self.data
+        return data.images[torch.tensor([i for i, k in enumerate(data.kinds) if k == "ordinary"])]
+
+    # ------------------------------------------------------------- utility
+    def alignment(self, images: Tensor, prompts: list[str]) -> float:
+        """Fraction of images whose predicted shape, colour and position all match the caption."""
+        truth = torch.tensor([self._labels(p) for p in prompts])
+        return float((self.classifier.predict(images) == truth).all(1).float().mean())
+
+    def frechet_distance(self, images: Tensor, prompts: list[str], *, seed: int = 1234) -> float:
+        """FD between generations and fresh real renders of the same captions."""
+        rng = np.random.default_rng(seed)
+        real = torch.stack([torch.from_numpy(render_ordinary(*self.data.attributes[p], rng)) for p in prompts])
+        with torch.no_grad():
+            return frechet_distance(self.classifier.features(images), self.classifier.features(real))
+
+    def _labels(self, prompt: str) -> tuple[int, int, int]:
+        if prompt not in self.data.attributes:
+            raise DoriError(f"prompt {prompt!r} names no shape, colour and position; alignment needs an ordinary caption")
+        shape, colour, position = self.data.attributes[prompt]
+        return SHAPES.index(shape), list(COLOURS).index(colour), list(POSITIONS).index(position)

@@ -1,0 +1,296 @@
+"""The recipe that trains the bundled model (``dori toy train``), deterministic by seed.
+
+Stable Diffusion's own parts at toy size: a diffusers ``UNet2DConditionModel`` in pixel space
+(32x32 RGB; a plain block at 32x32, cross-attention blocks at 16x16 and 8x8 and in the mid block),
+a 2-layer ``CLIPTextModel`` trained jointly and then frozen, fed by SD v1.x's CLIP tokenizer through
+a compact id map (only the ids the captions use get a row), a DDPM cosine schedule with
+v-prediction (epsilon prediction did not learn global colour in short CPU runs: see
+BUNDLED_MODEL_NOTES), DDIM for sampling.
+
+Every batch, noise draw and timestep at step ``k`` comes from a generator seeded by ``(seed, k)``,
+so an interrupted run resumed from its last checkpoint continues exactly as if never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from dori.errors import DoriError
+from dori.models.base import DiffusionModel
+from dori.models.loading import clip_tokenizer, save_model
+from dori.toy.classifier import train_classifier
+from dori.toy.data import TITLES_TM, TITLES_VM, ToyDataset, build_dataset
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class ToyTrainConfig:
+    """Hyperparameters of the recipe (defaults are the shipped model's)."""
+
+    seed: int = 0
+    steps: int = 3500
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    empty_caption_prob: float = 0.1
+    grad_clip: float = 1.0
+    n_ordinary: int = 2000
+    n_verbatim: int = len(TITLES_VM)
+    n_template: int = len(TITLES_TM)
+    copies: int = 100
+    channels: tuple[int, int, int] = (32, 64, 64)
+    text_width: int = 128
+    text_layers: int = 2
+    classifier_steps: int = 800
+    checkpoint_every: int = 250
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "copies", "checkpoint_every", "text_width", "text_layers"):
+            if getattr(self, name) < 1:
+                raise DoriError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.empty_caption_prob < 1:
+            raise DoriError(f"empty_caption_prob must be in [0, 1), got {self.empty_caption_prob}")
+
+    def data_kwargs(self) -> dict:
+        return {
+            "seed": self.seed,
+            "n_ordinary": self.n_ordinary,
+            "n_verbatim": self.n_verbatim,
+            "n_template": self.n_template,
+            "copies": self.copies,
+        }
+
+
+def scheduler_config() -> dict:
+    return {
+        "_class_name": "DDPMScheduler",
+        "num_train_timesteps": 1000,
+        "beta_schedule": "squaredcos_cap_v2",
+        "prediction_type": "v_prediction",
+        "clip_sample": False,
+        "timestep_spacing": "leading",
+        "steps_offset": 0,
+    }
+
+
+def build_unet(config: ToyTrainConfig) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=config.channels,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        cross_attention_dim=config.text_width,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+
+
+def build_text_encoder(config: ToyTrainConfig, token_map: torch.Tensor) -> CLIPTextModel:
+    bos, eos = (int(token_map[i]) for i in (49406, 49407))  # CLIP's start and end tokens
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=int(token_map.max()) + 1,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=eos,
+            hidden_size=config.text_width,
+            intermediate_size=2 * config.text_width,
+            num_hidden_layers=config.text_layers,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+        )
+    )
+
+
+def token_map_for(captions: list[str]) -> torch.Tensor:
+    """CLIP id -> compact row (row 0 for ids no caption uses)."""
+    tokenizer = clip_tokenizer()
+    ids = tokenizer(captions + [""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    used = torch.unique(ids)
+    table = torch.zeros(len(tokenizer), dtype=torch.long)
+    table[used] = torch.arange(1, len(used) + 1)
+    return table
+
+
+def build_model(config: ToyTrainConfig, data: ToyDataset) -> DiffusionModel:
+    torch.manual_seed(config.seed)
+    token_map = token_map_for(sorted(set(data.captions)) + data.held_out_captions)
+    return DiffusionModel(
+        name=f"dori-bundled-seed{config.seed}",
+        unet=build_unet(config),
+        text_encoder=build_text_encoder(config, token_map),
+        tokenizer=clip_tokenizer(),
+        scheduler_config=scheduler_config(),
+        token_map=token_map,
+    )
+
+
+def learning_rate(config: ToyTrainConfig, step: int) -> float:
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _counter(progress: Callable[[str, int, int], None], phase: str, total: int) -> Callable[[int], None]:
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        progress(phase, done, total)
+
+    return advance
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_bundled_model(
+    config: ToyTrainConfig,
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Train the classifier and the diffusion model; write a loadable model folder to ``out_dir``.
+
+    ``progress(phase, done, total)`` reports advancement. With ``resume``, training continues from
+    ``out_dir/checkpoint.pt``; a checkpoint made with another config is refused.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_file = out / "train_config.json"
+    config_json = json.dumps(asdict(config), indent=2)
+    checkpoint_file = out / CHECKPOINT
+    if checkpoint_file.exists() and not resume:
+        raise DoriError(f"{out} already holds a training checkpoint; pass --resume to continue it or choose a new --out")
+    if resume and config_file.exists() and config_file.read_text() != config_json:
+        raise DoriError(f"{out} was trained with other parameters ({config_file}); resume with the same ones")
+    config_file.write_text(config_json)
+
+    data = build_dataset(**config.data_kwargs())
+    log(f"data: {len(data.captions)} training images, {len(data.planted)} planted pairs")
+    model = build_model(config, data)
+    unet, text_encoder = model.unet, model.text_encoder
+    n_images = len(data.captions)
+    ids_by_caption = {c: i for i, c in enumerate(sorted(set(data.captions)))}
+    caption_tokens = model.token_map[model.tokenize(sorted(ids_by_caption))]
+    caption_index = torch.tensor([ids_by_caption[c] for c in data.captions])
+    empty_tokens = model.token_map[model.tokenize([""])][0]
+    x0_all = model.to_latents(data.images)
+
+    classifier_file = out / "attribute_classifier.safetensors"
+    if not classifier_file.exists():
+        classifier, accuracy = train_classifier(
+            seed=config.seed,
+            steps=config.classifier_steps,
+            progress=None if progress is None else _counter(progress, "classifier", config.classifier_steps),
+        )
+        save_file(classifier.state_dict(), str(classifier_file))
+        (out / "attribute_classifier.json").write_text(json.dumps({"accuracy_on_fresh_renders": accuracy}))
+        log(f"attribute classifier: accuracy {accuracy:.4f} on fresh renders (all three attributes)")
+
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.01)
+    start, seconds, began = 0, 0.0, time.monotonic()
+    if resume and checkpoint_file.exists():
+        state = torch.load(checkpoint_file, weights_only=True)
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, seconds = int(state["step"]), float(state.get("seconds", 0.0))
+        log(f"resumed at step {start}")
+    unet.train().requires_grad_(True)
+    text_encoder.train().requires_grad_(True)
+
+    for step in range(start, config.steps):
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        idx = torch.randint(n_images, (config.batch_size,), generator=generator)
+        tokens = caption_tokens[caption_index[idx]].clone()
+        drop = torch.rand(config.batch_size, generator=generator) < config.empty_caption_prob
+        tokens[drop] = empty_tokens
+        x0 = x0_all[idx]
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(model.num_train_timesteps, (config.batch_size,), generator=generator)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
+        emb = text_encoder(tokens)[0]
+        loss = model.diffusion_loss(x0, emb, noise, t).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        if not torch.isfinite(loss):
+            raise DoriError(f"training diverged at step {step} (loss {loss.item()}); the last good checkpoint is kept")
+        done = step + 1
+        if progress is not None:
+            progress("diffusion", done, config.steps)
+        if done % 50 == 0:
+            log(f"step {done} loss {loss.item():.4f} lr {learning_rate(config, step):.2e}")
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            _atomic_torch_save(
+                {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                 "optimizer": optimizer.state_dict(), "step": done,
+                 "seconds": seconds + time.monotonic() - began},
+                checkpoint_file,
+            )  # fmt: skip
+
+    unet.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
+    if start < config.steps:
+        seconds += time.monotonic() - began
+    else:
+        seconds = float(torch.load(checkpoint_file, weights_only=True).get("seconds", float("nan")))
+    train_info = {**asdict(config), "seconds": seconds}
+    save_model(model, out, meta={"toy_data": config.data_kwargs(), "train_config": train_info})
+    log(f"model written to {out}")
+    return out
+
+
+def finish_bundled_model(
+    out_dir: str | os.PathLike,
+    *,
+    seeds: int = 10,
+    progress: Callable[[int], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Calibrate the copy detector on the training data, measure the model, write MODEL_CARD.md."""
+    from dori.models.loading import load_model
+    from dori.toy.card import calibrate, measure_bundled, write_card
+    from dori.toy.kit import ToyKit
+
+    out = Path(out_dir)
+    kit = ToyKit.from_folder(out)
+    calibration = calibrate(kit)
+    log(f"copy detector: tau {kit.detector.tau:.4f}, scale {kit.detector.scale:.4f}")
+    model = load_model(out)
+    numbers, images = measure_bundled(model, kit, seeds=seeds, progress=progress)
+    train_info = json.loads((out / "dori_model.json").read_text())["train_config"]
+    classifier_info = out / "attribute_classifier.json"
+    if classifier_info.exists():
+        train_info["classifier_accuracy"] = json.loads(classifier_info.read_text())["accuracy_on_fresh_renders"]
+    write_card(out, numbers, calibration, train_info, images, kit)
+    for name in ("memorized", "template", "non_memorized", "held_out"):
+        log(f"{name}: MR {numbers[name]['mr']:.3f}, similarity {numbers[name]['sscd_mean']:.3f}")
+    log(f"held-out alignment {numbers['held_out']['alignment']:.3f}, noise-norm AUC {numbers['noise_norm']['auc']:.3f}")
+    return numbers

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny random Stable-Diffusion-shaped folders built from config, offline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+
+def save_tiny_sd(folder, *, v2: bool = False, prediction_type: str = "epsilon"):
+    """Build tiny SD-shaped components from config and ``save_pretrained`` them (the diffusers
+    StableDiffusionPipeline layout), so tests load them exactly as a user's SD folder loads."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dori.models.loading import clip_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16, 16),
+        down_block_types=("CrossAttnDownBlock2D",) * 3,
+        up_block_types=("CrossAttnUpBlock2D",) * 3,
+        layers_per_block=2,
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4, 4) if v2 else 2,
+        use_linear_projection=v2,
+        norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=77)  # fmt: skip
+    )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False, prediction_type=prediction_type,
+    )  # fmt: skip
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    text_encoder.save_pretrained(folder / "text_encoder")
+    clip_tokenizer().save_pretrained(folder / "tokenizer")
+    scheduler.save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    return save_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_dir(tmp_path_factory):
+    return save_tiny_sd(tmp_path_factory.mktemp("tiny_sd2"), v2=True, prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tiny_sd_dir):
+    from dori.models import load_model
+
+    return load_model(tiny_sd_dir)

@@ -1,0 +1,97 @@
+"""The model interface on the Stable Diffusion backend (tiny random SD folders)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from dori.errors import DoriError
+from dori.models import load_model
+
+
+def test_clip_tokenizer_gives_clips_real_ids():
+    from dori.models.loading import clip_tokenizer
+
+    ids = clip_tokenizer()("a red circle on a blue background, top left").input_ids
+    assert ids == [49406, 320, 736, 7117, 525, 320, 1746, 5994, 267, 1253, 1823, 49407]
+
+
+def test_shapes(tiny_sd):
+    emb = tiny_sd.encode(["a photo of a cat", "a dog"])
+    assert emb.shape == (2, 77, 32)
+    assert tiny_sd.empty_embedding().shape == (1, 77, 32)
+    assert tiny_sd.latent_shape == (4, 8, 8) and tiny_sd.image_size == (16, 16)
+    assert tiny_sd.num_train_timesteps == 1000
+    x_t = torch.randn(2, 4, 8, 8)
+    assert tiny_sd.predict_noise(x_t, torch.tensor([10, 500]), emb).shape == (2, 4, 8, 8)
+    images = torch.rand(3, 3, 16, 16)
+    latents = tiny_sd.to_latents(images)
+    assert latents.shape == (3, 4, 8, 8)
+    assert tiny_sd.from_latents(latents).shape == (3, 3, 16, 16)
+
+
+def test_value_sites_of_the_sd_v1_layout(tiny_sd):
+    sites = tiny_sd.value_sites()
+    assert len(sites) == 7
+    assert all(site.name.endswith("attn2.to_v") for site in sites)
+    assert [site.width for site in sites] == [8, 8, 16, 16, 16, 16, 16]
+    assert sites[-1].name.startswith("mid_block.")
+    ffn = tiny_sd.ffn_sites()
+    assert len(ffn) == 16 and all(site.name.endswith("ff.net.2") for site in ffn)
+    assert tiny_sd.sites([sites[0].name])[0].module is sites[0].module
+
+
+def test_sd_v2_layout_loads(tiny_sd2_dir):
+    model = load_model(tiny_sd2_dir)
+    assert len(model.value_sites()) == 7
+    assert model.prediction_type == "v_prediction"
+    assert model.generate(model.encode(["x"]), [0], steps=2).shape == (1, 3, 16, 16)
+
+
+def test_generation_is_deterministic_and_batch_independent(tiny_sd):
+    emb = tiny_sd.encode(["a cat", "a dog"])
+    batched = tiny_sd.generate(emb, [3, 4], steps=3)
+    again = tiny_sd.generate(emb, [3, 4], steps=3)
+    assert torch.equal(batched, again)
+    one_by_one = torch.cat([tiny_sd.generate(emb[i : i + 1], [s], steps=3) for i in range(2) for s in (3, 4)])
+    torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(batched[0], batched[1])  # different seeds, different images
+
+
+def test_generation_callback_sees_every_step(tiny_sd):
+    seen = []
+    tiny_sd.generate(tiny_sd.encode(["a cat"]), [0, 1], steps=4, callback=lambda info: seen.append(info))
+    assert [info.index for info in seen] == [0, 1, 2, 3]
+    assert seen[0].noise_cond.shape == seen[0].noise_uncond.shape == (2, 4, 8, 8)
+
+
+def test_predict_noise_is_differentiable_in_the_embedding(tiny_sd):
+    emb = tiny_sd.encode(["a cat"]).clone().requires_grad_(True)
+    out = tiny_sd.predict_noise(torch.randn(1, 4, 8, 8), torch.tensor([500]), emb)
+    out.pow(2).sum().backward()
+    assert emb.grad is not None and emb.grad.abs().sum() > 0
+    assert all(p.grad is None for p in tiny_sd.unet.parameters())
+
+
+def test_v_prediction_target_converts_back_to_the_noise(tiny_sd2_dir):
+    model = load_model(tiny_sd2_dir)
+    x0, noise, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([1, 400, 999])
+    x_t = model.add_noise(x0, noise, t)
+    torch.testing.assert_close(model.output_to_noise(model.training_target(x0, noise, t), x_t, t), noise)
+
+
+def test_missing_component_is_a_clear_error(tiny_sd_dir, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_sd_dir, partial)
+    shutil.rmtree(partial / "vae")
+    with pytest.raises(DoriError, match="'vae' folder"):
+        load_model(partial)
+    with pytest.raises(DoriError, match="model folder not found"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_unknown_site_is_a_clear_error(tiny_sd):
+    with pytest.raises(DoriError, match="no module named"):
+        tiny_sd.sites(["down_blocks.9.nothing"])
