@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from dori.configs import DetectConfig, ReplicateConfig
 from dori.errors import DoriError
 
 app = typer.Typer(
@@ -93,6 +94,79 @@ def generate(
     save_grid(images, out / "grid.png", columns=seeds)
     write_json_atomic(out / "images.json", files)
     console.print(f"wrote {len(files)} images and grid.png to {out}")
+
+
+ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out (same parameters).")]
+
+
+def _workflows():
+    from dori import workflows
+
+    return workflows
+
+
+@app.command()
+def replicate(
+    prompts: Annotated[str, typer.Option("--prompts", help="Prompt set: bundled:NAME, sd14:NAME, or a .csv/.jsonl/.txt file.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder.")],
+    model: ModelOption = "bundled",
+    seeds: Annotated[int, typer.Option("--seeds", help="Generations per prompt.")] = ReplicateConfig.seeds,
+    first_seed: Annotated[int, typer.Option("--first-seed")] = ReplicateConfig.first_seed,
+    steps: Annotated[int, typer.Option("--steps", help="DDIM steps.")] = ReplicateConfig.steps,
+    guidance: Annotated[float, typer.Option("--guidance")] = ReplicateConfig.guidance,
+    type: Annotated[str | None, typer.Option("--type", help="Keep only prompts of this type (VM, TM).")] = ReplicateConfig.type,
+    limit: Annotated[int | None, typer.Option("--limit", help="Only the first N prompts.")] = ReplicateConfig.limit,
+    images: Annotated[str | None, typer.Option("--images", help="Training images, files named by prompt index.")] = ReplicateConfig.images,
+    sscd: Annotated[str | None, typer.Option("--sscd", help="SSCD TorchScript file (real models).")] = ReplicateConfig.sscd,
+    sscd_convention: Annotated[str, typer.Option("--sscd-convention", help="resize320 (NeMo) or center224 (Wen et al.).")] = ReplicateConfig.sscd_convention,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per U-Net batch.")] = ReplicateConfig.batch_size,
+    resume: ResumeOption = False,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
+) -> None:
+    """Measure replication: SSCD_orig (mean, median, max) and MR per prompt and over the set."""
+    wf = _workflows()
+    config = wf.ReplicateConfig(prompts=prompts, model=model, seeds=seeds, first_seed=first_seed, steps=steps,
+                                guidance=guidance, type=type, limit=limit, images=images, sscd=sscd,
+                                sscd_convention=sscd_convention, batch_size=batch_size)  # fmt: skip
+    diffusion = _load(model, device, dtype)
+    n = len(wf.load_prompts(prompts, diffusion, kind=type, limit=limit))
+    with progress_bar("replicate", n * seeds) as advance:
+        summary = wf.run_replicate(config, diffusion, out, resume=resume, progress=advance)
+    console.print(f"MR {summary['mr']:.3f}, SSCD_orig {summary['sscd_mean']:.3f} +- {summary['sscd_std']:.3f} "
+                  f"(median {summary['sscd_median']:.3f}) over {summary['n_prompts']} prompts x {summary['n_seeds']} seeds "
+                  f"-> {out}/summary.json")  # fmt: skip
+
+
+@app.command()
+def detect(
+    memorized: Annotated[str, typer.Option("--memorized", help="Memorized prompt set.")],
+    non_memorized: Annotated[str, typer.Option("--non-memorized", help="Non-memorized prompt set.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder.")],
+    model: ModelOption = "bundled",
+    generations: Annotated[int, typer.Option("--generations", help="Generations per prompt for the noise norm.")] = DetectConfig.generations,
+    consistency_seeds: Annotated[int, typer.Option("--consistency-seeds", help="Seeds for NeMo's SSIM check.")] = DetectConfig.consistency_seeds,
+    steps: Annotated[int, typer.Option("--steps")] = DetectConfig.steps,
+    guidance: Annotated[float, typer.Option("--guidance")] = DetectConfig.guidance,
+    all_steps: Annotated[bool, typer.Option("--all-steps", help="Also average the noise norm over all steps.")] = DetectConfig.all_steps,
+    limit: Annotated[int | None, typer.Option("--limit", help="Only the first N prompts of each set.")] = DetectConfig.limit,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = DetectConfig.batch_size,
+    resume: ResumeOption = False,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
+) -> None:
+    """Detect memorized prompts: noise-difference norm and NeMo's SSIM check, with ROC-AUC and TPR@1%FPR."""
+    wf = _workflows()
+    config = wf.DetectConfig(memorized=memorized, non_memorized=non_memorized, model=model, generations=generations,
+                             consistency_seeds=consistency_seeds, steps=steps, guidance=guidance, all_steps=all_steps,
+                             limit=limit, batch_size=batch_size)  # fmt: skip
+    diffusion = _load(model, device, dtype)
+    n = sum(len(wf.load_prompts(s, diffusion, limit=limit)) for s in (memorized, non_memorized))
+    with progress_bar("detect", n) as advance:
+        summary = wf.run_detect(config, diffusion, out, resume=resume, progress=advance)
+    nn, ss = summary["noise_norm"], summary["ssim"]
+    console.print(f"noise norm AUC {nn['auc']:.3f}, TPR@1%FPR {nn['tpr_at_1pct_fpr']:.3f}; SSIM AUC {ss['auc']:.3f}, "
+                  f"TPR@1%FPR {ss['tpr_at_1pct_fpr']:.3f}, threshold {ss['threshold']:.3f} -> {out}/summary.json")  # fmt: skip
 
 
 @toy_app.command("train")

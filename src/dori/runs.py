@@ -59,3 +59,52 @@ def write_manifest(out: Path, command: str, config: dict) -> Path:
         out / "config.json",
         {"command": command, "argv": sys.argv, "config": config, "versions": versions()},
     )
+
+
+def _normalised(config: dict) -> dict:
+    return json.loads(json.dumps(config))
+
+
+def open_run(path: str | os.PathLike, command: str, config: dict, *, resume: bool) -> Path:
+    """Prepare a run folder. A folder holding a run is only reused with ``resume`` and the same
+    parameters; otherwise the user gets a clear message and nothing is touched."""
+    out = prepare_out_dir(path)
+    manifest = out / "config.json"
+    config = _normalised(config)
+    if manifest.exists():
+        try:
+            old = json.loads(manifest.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise DoriError(f"{manifest} is unreadable; choose a new --out") from error
+        if not resume:
+            raise DoriError(
+                f"{out} already holds a '{old.get('command')}' run; pass --resume to continue it or choose a new --out"
+            )
+        if old.get("command") != command or old.get("config") != config:
+            changed = sorted(k for k in set(config) | set(old.get("config", {}))
+                             if config.get(k) != old.get("config", {}).get(k))  # fmt: skip
+            what = ", ".join(changed) or "command"
+            raise DoriError(f"cannot resume {out}: it was started with other parameters ({what}); "
+                            "rerun with the same ones or choose a new --out")  # fmt: skip
+        return out
+    write_manifest(out, command, config)
+    return out
+
+
+class ResultsFile:
+    """A JSONL file of result rows, rewritten atomically after each batch of new rows."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.rows: list[dict] = []
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    self.rows.append(json.loads(line))
+
+    def keys(self, field: str = "id") -> set:
+        return {row[field] for row in self.rows}
+
+    def extend(self, rows: list[dict]) -> None:
+        self.rows.extend(rows)
+        write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in self.rows))

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from dori.measure.similarity import ssim
 from dori.models.base import DiffusionModel, StepInfo
 
 
@@ -56,15 +57,36 @@ def _first_step(model, emb, seeds, steps, guidance, batch_size, callback) -> Non
     timestep = model.ddim_scheduler(steps).timesteps[0]
     all_emb = emb.repeat_interleave(len(seeds), dim=0)
     noise = model.initial_noise(seeds).repeat(emb.shape[0], 1, 1, 1)
-    empty = model.empty_embedding()
     for start in range(0, len(all_emb), batch_size):
         rows = slice(start, min(start + batch_size, len(all_emb)))
-        x_t, e = noise[rows], all_emb[rows]
-        t = timestep.expand(len(x_t))
-        out = model.model_output(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([empty.expand_as(e), e]))
-        uncond, cond = out.chunk(2)
-        callback(StepInfo(0, int(timestep), rows, x_t, model.output_to_noise(cond, x_t, t),
-                          model.output_to_noise(uncond, x_t, t)))  # fmt: skip
+        _, cond, uncond = model.guided_outputs(noise[rows], timestep, all_emb[rows], max(guidance, 1.0 + 1e-6))
+        callback(model.step_info(0, timestep, rows, noise[rows], cond, uncond))
+
+
+@torch.no_grad()
+def consistency_scores(
+    model: DiffusionModel, emb: torch.Tensor, *, seeds: Sequence[int] = tuple(range(10)), steps: int = 50,
+    batch_size: int = 64,
+) -> list[float]:
+    """NeMo's noise-pattern consistency: per embedding, the maximum pairwise SSIM between the
+    seeds' first-step maps ``eps(x_T, T, y) - x_T`` (conditional only, guidance 0), each map
+    min-max normalised per sample and channel. High for memorized prompts."""
+    timestep = model.ddim_scheduler(steps).timesteps[0]
+    noise = model.initial_noise(seeds)
+    n = len(seeds)
+    first, second = torch.triu_indices(n, n, offset=1)
+    scores = []
+    per_batch = max(1, batch_size // n)
+    for start in range(0, emb.shape[0], per_batch):
+        chunk = emb[start : start + per_batch]
+        x_t = noise.repeat(chunk.shape[0], 1, 1, 1)
+        maps = (model.predict_noise(x_t, timestep, chunk.repeat_interleave(n, dim=0)) - x_t).float()
+        low = maps.amin(dim=(2, 3), keepdim=True)
+        high = maps.amax(dim=(2, 3), keepdim=True)
+        maps = ((maps - low) / (high - low).clamp_min(1e-8)).view(chunk.shape[0], n, *maps.shape[1:])
+        for prompt_maps in maps:
+            scores.append(float(ssim(prompt_maps[first], prompt_maps[second]).max()))
+    return scores
 
 
 def roc_auc(positive: Sequence[float], negative: Sequence[float]) -> float:

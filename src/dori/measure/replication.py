@@ -43,16 +43,18 @@ class PromptReplication:
                 "sscd_max": self.max, "similarities": self.similarities}  # fmt: skip
 
 
-def summarize(rows: Sequence[PromptReplication]) -> dict:
-    """Set-level numbers: MR over all generations, SSCD_orig mean/std/median over all generations."""
-    sims = torch.tensor([s for row in rows for s in row.similarities])
+def summarize(rows: Sequence[dict], tau: float) -> dict:
+    """Set-level numbers from per-prompt rows (``{"similarities": [...]}``): MR over all
+    generations, and SSCD_orig mean / std / median / max over all generations."""
+    sims = torch.tensor([s for row in rows for s in row["similarities"]])
     return {
-        "mr": float(sum(row.mr * len(row.similarities) for row in rows) / len(sims)),
+        "mr": float((sims > tau).float().mean()),
         "sscd_mean": float(sims.mean()),
         "sscd_std": float(sims.std()) if len(sims) > 1 else 0.0,
         "sscd_median": float(sims.median()),
+        "sscd_max": float(sims.max()),
         "n_prompts": len(rows),
-        "n_seeds": len(rows[0].similarities) if rows else 0,
+        "n_seeds": len(rows[0]["similarities"]) if rows else 0,
     }
 
 

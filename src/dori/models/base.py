@@ -77,10 +77,14 @@ class DiffusionModel:
         scheduler_config: dict,
         vae: nn.Module | None = None,
         token_map: Tensor | None = None,
+        source: str | None = None,
+        meta: dict | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.name = name
+        self.source = source  # the folder it was loaded from, if any
+        self.meta = dict(meta or {})  # dori_model.json of a dori model folder
         self.device = torch.device(device)
         self.dtype = dtype
         self.unet = _placed(unet, self.device, dtype)
@@ -271,33 +275,36 @@ class DiffusionModel:
                 progress(rows.stop - rows.start)
         return torch.cat(images)
 
+    def guided_outputs(self, latents: Tensor, t: Tensor, emb: Tensor, guidance: float) -> tuple[Tensor, Tensor, Tensor | None]:
+        """One denoising call with classifier-free guidance: (guided, conditional, unconditional)
+        raw outputs; the unconditional one is ``None`` when ``guidance <= 1``."""
+        if guidance <= 1.0:
+            out = self.model_output(latents, t, emb)
+            return out, out, None
+        empty = self.empty_embedding().expand_as(emb)
+        t_batch = t.expand(latents.shape[0]) if t.dim() == 0 else t
+        out = self.model_output(torch.cat([latents, latents]), torch.cat([t_batch, t_batch]), torch.cat([empty, emb]))
+        out_uncond, out_cond = out.chunk(2)
+        return out_uncond + guidance * (out_cond - out_uncond), out_cond, out_uncond
+
+    def step_info(self, index: int, t: Tensor, rows: slice, latents: Tensor, out_cond: Tensor,
+                  out_uncond: Tensor | None) -> StepInfo:  # fmt: skip
+        t_batch = t.expand(latents.shape[0])
+        return StepInfo(
+            index=index,
+            timestep=int(t),
+            rows=rows,
+            latents=latents,
+            noise_cond=self.output_to_noise(out_cond, latents, t_batch),
+            noise_uncond=None if out_uncond is None else self.output_to_noise(out_uncond, latents, t_batch),
+        )
+
     def _sample(self, emb, latents, steps, guidance, rows, callback) -> Tensor:
         scheduler = self.ddim_scheduler(steps)
-        guided = guidance > 1.0
-        if guided:
-            emb = torch.cat([self.empty_embedding().expand_as(emb), emb])
         for index, t in enumerate(scheduler.timesteps):
-            model_in = torch.cat([latents, latents]) if guided else latents
-            output = self.model_output(model_in, t, emb)
-            if guided:
-                out_uncond, out_cond = output.chunk(2)
-                output = out_uncond + guidance * (out_cond - out_uncond)
-            else:
-                out_uncond, out_cond = None, output
+            output, out_cond, out_uncond = self.guided_outputs(latents, t, emb, guidance)
             if callback is not None:
-                t_batch = t.expand(latents.shape[0])
-                callback(
-                    StepInfo(
-                        index=index,
-                        timestep=int(t),
-                        rows=rows,
-                        latents=latents,
-                        noise_cond=self.output_to_noise(out_cond, latents, t_batch),
-                        noise_uncond=None
-                        if out_uncond is None
-                        else self.output_to_noise(out_uncond, latents, t_batch),
-                    )
-                )
+                callback(self.step_info(index, t, rows, latents, out_cond, out_uncond))
             latents = scheduler.step(output, t, latents).prev_sample
         return latents
 

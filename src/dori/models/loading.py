@@ -134,6 +134,8 @@ def load_model(
         scheduler_config=scheduler_config,
         vae=vae,
         token_map=token_map,
+        source=str(path),
+        meta=meta,
         device=device,
         dtype=dtype,
     )

@@ -48,7 +48,7 @@ def measure_bundled(
             seeds=seed_list, steps=steps, guidance=guidance, progress=progress,
         )  # fmt: skip
         images[name] = imgs
-        entry = summarize(rows)
+        entry = summarize([r.row() for r in rows], kit.detector.tau)
         entry["per_prompt"] = [{k: v for k, v in r.row().items() if k != "similarities"} for r in rows]
         entry["similarities"] = [s for r in rows for s in r.similarities]
         if name in ("non_memorized", "held_out"):
