@@ -300,8 +300,24 @@ class DiffusionModel:
         )
 
     def _sample(self, emb, latents, steps, guidance, rows, callback) -> Tensor:
+        return self.sample_latents(emb, latents, steps=steps, guidance=guidance, rows=rows, callback=callback)
+
+    def sample_latents(
+        self,
+        emb: Tensor,
+        latents: Tensor,
+        *,
+        steps: int,
+        guidance: float,
+        rows: slice | None = None,
+        callback: Callable[[StepInfo], None] | None = None,
+        stop_after: int | None = None,
+    ) -> Tensor:
+        """The DDIM loop on one batch of starting latents; ``stop_after`` ends it after that many
+        steps (the stages that record only the first denoising steps use it)."""
         scheduler = self.ddim_scheduler(steps)
-        for index, t in enumerate(scheduler.timesteps):
+        rows = slice(0, latents.shape[0]) if rows is None else rows
+        for index, t in enumerate(scheduler.timesteps[:stop_after]):
             output, out_cond, out_uncond = self.guided_outputs(latents, t, emb, guidance)
             if callback is not None:
                 callback(self.step_info(index, t, rows, latents, out_cond, out_uncond))

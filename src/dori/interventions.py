@@ -1,0 +1,223 @@
+"""Scoped, named, reversible, counted interventions on a model's linear sites.
+
+- :func:`mask_neurons`: multiply chosen output channels of named linear sites (0 = deactivate;
+  NeMo). A scale may be ``[width]`` for the whole batch or ``[batch, width]`` per sample, so many
+  prompts with different masks run in one U-Net call.
+- :func:`mask_weights`: zero single weights of named linear sites (Wanda).
+- :func:`capture`: record (or reduce) the inputs or outputs of named sites.
+
+Each is a context manager that removes its hooks (and restores the model) in ``finally`` and
+counts how often every hook fired (``handle.calls``), so tests can assert that it really acted.
+A mask can also be baked into the weights (:func:`bake`) and saved / loaded with the fingerprint of
+the model it belongs to (:func:`save_mask`, :func:`load_mask`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from dori.errors import DoriError
+from dori.models.base import DiffusionModel
+
+NeuronMask = dict[str, Tensor]  # site -> multipliers [width] or [batch, width]
+WeightMask = dict[str, Tensor]  # site -> bool [out, in], True = zeroed
+
+
+@dataclass
+class HookHandle:
+    calls: Counter = field(default_factory=Counter)
+
+    @property
+    def total(self) -> int:
+        return sum(self.calls.values())
+
+
+def neuron_scales(model: DiffusionModel, channels: dict[str, list[int]], scale: float = 0.0) -> NeuronMask:
+    """A ``[width]`` multiplier per site: ``scale`` on the listed channels, 1 elsewhere."""
+    out = {}
+    for site in model.sites(list(channels)):
+        multipliers = torch.ones(site.width, device=model.device, dtype=model.dtype)
+        chosen = torch.as_tensor(list(channels[site.name]), dtype=torch.long)
+        if len(chosen) and (chosen.min() < 0 or chosen.max() >= site.width):
+            raise DoriError(f"channel out of range for {site.name} (width {site.width})")
+        multipliers[chosen.to(model.device)] = scale
+        out[site.name] = multipliers
+    return out
+
+
+@contextmanager
+def mask_neurons(model: DiffusionModel, mask: NeuronMask) -> Iterator[HookHandle]:
+    """Multiply the output channels of each named site by ``mask[site]`` while inside."""
+    handle = HookHandle()
+    hooks = []
+    try:
+        for site in model.sites(list(mask)):
+            scale = mask[site.name].to(model.device, model.dtype)
+
+            def hook(module, inputs, output, name=site.name, scale=scale):
+                handle.calls[name] += 1
+                if scale.dim() == 1:
+                    return output * scale
+                if scale.shape[0] != output.shape[0]:
+                    raise DoriError(f"per-sample mask for {name} has {scale.shape[0]} rows, the batch has {output.shape[0]}")
+                return output * scale.view(scale.shape[0], *([1] * (output.dim() - 2)), scale.shape[1])
+
+            hooks.append(site.module.register_forward_hook(hook))
+        yield handle
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@contextmanager
+def mask_weights(model: DiffusionModel, mask: WeightMask) -> Iterator[HookHandle]:
+    """Compute each named site with the masked weights set to zero while inside."""
+    handle = HookHandle()
+    hooks = []
+    try:
+        for site in model.sites(list(mask)):
+            zeroed = mask[site.name].to(model.device)
+            if zeroed.shape != site.module.weight.shape:
+                raise DoriError(f"weight mask for {site.name} has shape {tuple(zeroed.shape)}, "
+                                f"the weight has {tuple(site.module.weight.shape)}")  # fmt: skip
+            keep = (~zeroed).to(model.dtype)
+
+            def hook(module, inputs, output, name=site.name, keep=keep):
+                handle.calls[name] += 1
+                return F.linear(inputs[0], module.weight * keep, module.bias)
+
+            hooks.append(site.module.register_forward_hook(hook))
+        yield handle
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@contextmanager
+def capture(
+    model: DiffusionModel,
+    sites: list[str],
+    *,
+    what: str = "output",
+    reduce: Callable[[str, Tensor], None] | None = None,
+) -> Iterator[tuple[HookHandle, dict[str, list[Tensor]]]]:
+    """Record each named site's ``input`` or ``output`` (detached) at every call.
+
+    With ``reduce(site, tensor)``, nothing is stored: the callback consumes each tensor (for example
+    to accumulate column norms), which keeps memory flat over long generations."""
+    if what not in ("input", "output"):
+        raise ValueError("what must be 'input' or 'output'")
+    handle = HookHandle()
+    records: dict[str, list[Tensor]] = {name: [] for name in sites}
+    hooks = []
+    try:
+        for site in model.sites(sites):
+
+            def hook(module, inputs, output, name=site.name):
+                handle.calls[name] += 1
+                value = (inputs[0] if what == "input" else output).detach()
+                if reduce is None:
+                    records[name].append(value)
+                else:
+                    reduce(name, value)
+
+            hooks.append(site.module.register_forward_hook(hook))
+        yield handle, records
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@contextmanager
+def intervene(model: DiffusionModel, mitigation: Mitigation | None) -> Iterator[HookHandle | None]:
+    """Apply a loaded mitigation (neurons or weights) while inside; ``None`` is a no-op."""
+    if mitigation is None:
+        yield None
+    elif mitigation.kind == "neurons":
+        with mask_neurons(model, neuron_scales(model, mitigation.neurons)) as handle:
+            yield handle
+    else:
+        with mask_weights(model, mitigation.weights) as handle:
+            yield handle
+
+
+# --------------------------------------------------------------------- files
+
+
+@dataclass
+class Mitigation:
+    """A mask with the fingerprint of the model it was made for."""
+
+    kind: str  # "neurons" or "weights"
+    model_fingerprint: str
+    neurons: dict[str, list[int]] = field(default_factory=dict)
+    weights: WeightMask = field(default_factory=dict)
+    method: str = ""
+
+    def size(self) -> int:
+        if self.kind == "neurons":
+            return sum(len(v) for v in self.neurons.values())
+        return int(sum(int(m.sum()) for m in self.weights.values()))
+
+
+def save_mask(mitigation: Mitigation, folder: str | os.PathLike) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"kind": mitigation.kind, "model": mitigation.model_fingerprint, "method": mitigation.method}
+    if mitigation.kind == "neurons":
+        (folder / "mask.json").write_text(json.dumps({**meta, "neurons": mitigation.neurons}, indent=1))
+    else:
+        tensors = {name: m.to(torch.uint8).cpu().contiguous() for name, m in mitigation.weights.items()}
+        save_file(tensors, str(folder / "mask.safetensors"), metadata=meta)
+        (folder / "mask.json").write_text(json.dumps({**meta, "weights": "mask.safetensors"}, indent=1))
+    return folder
+
+
+def load_mask(folder: str | os.PathLike, model: DiffusionModel) -> Mitigation:
+    folder = Path(folder).expanduser()
+    file = folder / "mask.json"
+    if not file.is_file():
+        raise DoriError(f"no mitigation in {folder} (mask.json missing); pass a folder written by 'dori mitigate'")
+    try:
+        info = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DoriError(f"{file} is not valid JSON; rerun 'dori mitigate'") from error
+    if info.get("model") != model.fingerprint():
+        raise DoriError(f"the mask in {folder} was made for another model ({info.get('model')}), not this one "
+                        f"({model.fingerprint()}); run 'dori mitigate' on this model")  # fmt: skip
+    if info["kind"] == "neurons":
+        neurons = {name: [int(c) for c in chans] for name, chans in info["neurons"].items()}
+        model.sites(list(neurons))  # unknown site names fail here, clearly
+        return Mitigation("neurons", info["model"], neurons=neurons, method=info.get("method", ""))
+    weights = {name: t.bool() for name, t in load_file(str(folder / info["weights"])).items()}
+    model.sites(list(weights))
+    return Mitigation("weights", info["model"], weights=weights, method=info.get("method", ""))
+
+
+@torch.no_grad()
+def bake(model: DiffusionModel, mitigation: Mitigation) -> dict[str, Tensor]:
+    """Zero the masked rows (neurons) or entries (weights) in the model's own weights, permanently;
+    returns the original weights of the changed sites so the caller can restore them."""
+    originals = {}
+    if mitigation.kind == "neurons":
+        for site in model.sites(list(mitigation.neurons)):
+            originals[site.name] = site.module.weight.detach().clone()
+            site.module.weight[torch.as_tensor(mitigation.neurons[site.name], dtype=torch.long)] = 0
+            if site.module.bias is not None:
+                site.module.bias[torch.as_tensor(mitigation.neurons[site.name], dtype=torch.long)] = 0
+    else:
+        for site in model.sites(list(mitigation.weights)):
+            originals[site.name] = site.module.weight.detach().clone()
+            site.module.weight[mitigation.weights[site.name].to(model.device)] = 0
+    return originals

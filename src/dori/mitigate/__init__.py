@@ -1,0 +1,1 @@
+"""The pruning mitigations that the DoRI attack defeats: NeMo (neurons) and Wanda (weights)."""

@@ -1,0 +1,126 @@
+"""Property tests of the scoped interventions and the mitigations built on them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dori.errors import DoriError
+from dori.interventions import (
+    Mitigation, bake, capture, load_mask, mask_neurons, mask_weights, neuron_scales, save_mask,
+)  # fmt: skip
+from dori.mitigate.nemo import NemoConfig, nemo_localize, value_activations, value_statistics
+from dori.mitigate.wanda import WandaConfig, wanda_mask
+
+
+def _value_outputs(model, emb):
+    sites = [s.name for s in model.value_sites()]
+    with capture(model, sites) as (handle, records):
+        model.predict_noise(torch.zeros(emb.shape[0], 4, 8, 8), torch.tensor([500]), emb)
+    assert handle.total == len(sites)
+    return {name: recs[0] for name, recs in records.items()}
+
+
+def test_all_ones_mask_changes_nothing(tiny_sd):
+    emb = tiny_sd.encode(["a cat"])
+    x_t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    reference = tiny_sd.predict_noise(x_t, torch.tensor([500]), emb)
+    ones = {s.name: torch.ones(s.width) for s in tiny_sd.value_sites()}
+    with mask_neurons(tiny_sd, ones) as handle:
+        masked = tiny_sd.predict_noise(x_t, torch.tensor([500]), emb)
+    assert handle.total == len(ones)
+    assert torch.equal(masked, reference)
+
+
+def test_a_mask_changes_only_the_chosen_channels(tiny_sd):
+    emb = tiny_sd.encode(["a cat"])
+    site = tiny_sd.value_sites()[2]
+    before = _value_outputs(tiny_sd, emb)
+    with mask_neurons(tiny_sd, neuron_scales(tiny_sd, {site.name: [1, 3]})) as handle:
+        after = _value_outputs(tiny_sd, emb)
+    assert handle.calls[site.name] > 0
+    assert torch.all(after[site.name][..., [1, 3]] == 0)
+    keep = [c for c in range(site.width) if c not in (1, 3)]
+    assert torch.equal(after[site.name][..., keep], before[site.name][..., keep])
+    assert torch.equal(after[tiny_sd.value_sites()[0].name], before[tiny_sd.value_sites()[0].name])
+
+
+def test_model_restored_after_an_exception(tiny_sd):
+    emb = tiny_sd.encode(["a cat"])
+    x_t = torch.randn(1, 4, 8, 8)
+    reference = tiny_sd.predict_noise(x_t, torch.tensor([10]), emb)
+    mask = neuron_scales(tiny_sd, {s.name: list(range(s.width)) for s in tiny_sd.value_sites()})
+    with pytest.raises(RuntimeError, match="boom"):
+        with mask_neurons(tiny_sd, mask):
+            assert not torch.equal(tiny_sd.predict_noise(x_t, torch.tensor([10]), emb), reference)
+            raise RuntimeError("boom")
+    assert torch.equal(tiny_sd.predict_noise(x_t, torch.tensor([10]), emb), reference)
+    assert all(not s.module._forward_hooks for s in tiny_sd.value_sites())
+
+
+def test_baked_masks_match_the_hooks(tiny_sd_dir):
+    from dori.models import load_model
+
+    model = load_model(tiny_sd_dir)
+    emb = model.encode(["a cat"])
+    x_t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([100, 700])
+    site = model.value_sites()[0]
+    ffn = model.ffn_sites()[0]
+    weights = torch.rand(ffn.module.weight.shape, generator=torch.Generator().manual_seed(2)) < 0.1
+    for mitigation in (Mitigation("neurons", model.fingerprint(), neurons={site.name: [0, 5]}),
+                       Mitigation("weights", model.fingerprint(), weights={ffn.name: weights})):  # fmt: skip
+        if mitigation.kind == "neurons":
+            ctx = mask_neurons(model, neuron_scales(model, mitigation.neurons))
+        else:
+            ctx = mask_weights(model, mitigation.weights)
+        with ctx as handle:
+            hooked = model.predict_noise(x_t, t, emb.expand(2, -1, -1))
+        assert handle.total > 0
+        originals = bake(model, mitigation)
+        baked = model.predict_noise(x_t, t, emb.expand(2, -1, -1))
+        torch.testing.assert_close(baked, hooked, atol=1e-6, rtol=1e-5)
+        for name, weight in originals.items():  # restore for the next case
+            model.module(name).weight.data.copy_(weight)
+
+
+def test_mask_files_round_trip_and_refuse_another_model(tiny_sd, tiny_sd2_dir, tmp_path):
+    from dori.models import load_model
+
+    site = tiny_sd.value_sites()[1]
+    save_mask(Mitigation("neurons", tiny_sd.fingerprint(), neurons={site.name: [2]}, method="nemo"), tmp_path / "m")
+    loaded = load_mask(tmp_path / "m", tiny_sd)
+    assert loaded.neurons == {site.name: [2]} and loaded.method == "nemo"
+    with pytest.raises(DoriError, match="made for another model"):
+        load_mask(tmp_path / "m", load_model(tiny_sd2_dir))
+
+
+def test_nemo_selects_and_restores_under_a_calibrated_threshold(tiny_sd):
+    prompts = ["a cat", "a dog", "a bird", "a tree"]
+    stats = value_statistics(tiny_sd, prompts)
+    emb = tiny_sd.encode(["a red barn"])
+    assert [a.shape[1] for a in value_activations(tiny_sd, emb)] == [s.width for s in tiny_sd.value_sites()]
+    # A threshold below the unmasked score makes the prompt "memorized"; NeMo must then find a
+    # selection whose deactivation brings the score under it, or report that it could not.
+    from dori.measure.detection import consistency_scores
+
+    score = consistency_scores(tiny_sd, emb, seeds=list(range(4)), steps=5)[0]
+    result = nemo_localize(tiny_sd, emb, stats, threshold=score - 1e-4, config=NemoConfig(seeds=4, steps=5, max_rounds=6))[0]
+    assert result.memorized_before
+    if result.mitigated:
+        assert sum(len(v) for v in result.neurons.values()) >= 1
+        assert result.initial_size >= sum(len(v) for v in result.neurons.values())
+    not_memorized = nemo_localize(tiny_sd, emb, stats, threshold=2.0, config=NemoConfig(seeds=4, steps=5))[0]
+    assert not not_memorized.memorized_before and not_memorized.neurons == {}
+
+
+def test_wanda_prunes_about_ratio_of_each_row_at_most_per_step(tiny_sd):
+    emb = tiny_sd.encode(["a red barn", "a blue boat"])
+    config = WandaConfig(ratio=0.1, timesteps=2, seeds=1, steps=5)
+    mask = wanda_mask(tiny_sd, emb, config=config)
+    assert set(mask) == {s.name for s in tiny_sd.ffn_sites()}
+    for site in tiny_sd.ffn_sites():
+        per_row = mask[site.name].sum(1)
+        keep_k = max(1, round(0.1 * site.module.in_features))
+        assert per_row.max() <= keep_k * config.timesteps
+    assert sum(int(m.sum()) for m in mask.values()) > 0
