@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
+from PIL import Image
 
 
 def save_tiny_sd(folder, *, v2: bool = False, prediction_type: str = "epsilon"):
@@ -72,3 +75,30 @@ def tiny_sd(tiny_sd_dir):
     from dori.models import load_model
 
     return load_model(tiny_sd_dir)
+
+
+class _Embedder(torch.nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1)
+
+
+@pytest.fixture(scope="module")
+def sscd_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sscd") / "tiny_sscd.pt"
+    torch.jit.script(_Embedder()).save(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def prompt_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("prompts")
+    images = folder / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    lines = [";Caption;URL;type;Index"]
+    for i, text in enumerate(["a red barn", "a blue boat", "a green tree", "an old clock"]):
+        lines.append(f"{i};{text};;VM;{1000 + i}")
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(images / f"{1000 + i}.png")
+    (folder / "mem.csv").write_text("\n".join(lines) + "\n")
+    (folder / "non.txt").write_text("a cat\na dog\na bird\n")
+    return folder

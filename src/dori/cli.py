@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from dori.configs import DetectConfig, ReplicateConfig
+from dori.configs import AttackRunConfig, DetectConfig, MitigateConfig, ReplicateConfig
 from dori.errors import DoriError
 
 app = typer.Typer(
@@ -28,6 +28,7 @@ console = Console(stderr=True)
 ModelOption = Annotated[str, typer.Option("--model", help="'bundled' or a local model folder (diffusers layout).")]
 DeviceOption = Annotated[str, typer.Option("--device", help="torch device, e.g. cpu, cuda, cuda:1.")]
 DtypeOption = Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16.")]
+MitigationOption = Annotated[str | None, typer.Option("--mitigation", help="A folder written by 'dori mitigate'.")]
 
 
 @contextmanager
@@ -110,6 +111,7 @@ def replicate(
     prompts: Annotated[str, typer.Option("--prompts", help="Prompt set: bundled:NAME, sd14:NAME, or a .csv/.jsonl/.txt file.")],
     out: Annotated[Path, typer.Option("--out", help="Run folder.")],
     model: ModelOption = "bundled",
+    mitigation: MitigationOption = None,
     seeds: Annotated[int, typer.Option("--seeds", help="Generations per prompt.")] = ReplicateConfig.seeds,
     first_seed: Annotated[int, typer.Option("--first-seed")] = ReplicateConfig.first_seed,
     steps: Annotated[int, typer.Option("--steps", help="DDIM steps.")] = ReplicateConfig.steps,
@@ -126,7 +128,7 @@ def replicate(
 ) -> None:
     """Measure replication: SSCD_orig (mean, median, max) and MR per prompt and over the set."""
     wf = _workflows()
-    config = wf.ReplicateConfig(prompts=prompts, model=model, seeds=seeds, first_seed=first_seed, steps=steps,
+    config = ReplicateConfig(prompts=prompts, model=model, mitigation=mitigation, seeds=seeds, first_seed=first_seed, steps=steps,
                                 guidance=guidance, type=type, limit=limit, images=images, sscd=sscd,
                                 sscd_convention=sscd_convention, batch_size=batch_size)  # fmt: skip
     diffusion = _load(model, device, dtype)
@@ -144,6 +146,7 @@ def detect(
     non_memorized: Annotated[str, typer.Option("--non-memorized", help="Non-memorized prompt set.")],
     out: Annotated[Path, typer.Option("--out", help="Run folder.")],
     model: ModelOption = "bundled",
+    mitigation: MitigationOption = None,
     generations: Annotated[int, typer.Option("--generations", help="Generations per prompt for the noise norm.")] = DetectConfig.generations,
     consistency_seeds: Annotated[int, typer.Option("--consistency-seeds", help="Seeds for NeMo's SSIM check.")] = DetectConfig.consistency_seeds,
     steps: Annotated[int, typer.Option("--steps")] = DetectConfig.steps,
@@ -157,7 +160,8 @@ def detect(
 ) -> None:
     """Detect memorized prompts: noise-difference norm and NeMo's SSIM check, with ROC-AUC and TPR@1%FPR."""
     wf = _workflows()
-    config = wf.DetectConfig(memorized=memorized, non_memorized=non_memorized, model=model, generations=generations,
+    config = DetectConfig(memorized=memorized, non_memorized=non_memorized, model=model, mitigation=mitigation,
+                          generations=generations,
                              consistency_seeds=consistency_seeds, steps=steps, guidance=guidance, all_steps=all_steps,
                              limit=limit, batch_size=batch_size)  # fmt: skip
     diffusion = _load(model, device, dtype)
@@ -167,6 +171,89 @@ def detect(
     nn, ss = summary["noise_norm"], summary["ssim"]
     console.print(f"noise norm AUC {nn['auc']:.3f}, TPR@1%FPR {nn['tpr_at_1pct_fpr']:.3f}; SSIM AUC {ss['auc']:.3f}, "
                   f"TPR@1%FPR {ss['tpr_at_1pct_fpr']:.3f}, threshold {ss['threshold']:.3f} -> {out}/summary.json")  # fmt: skip
+
+
+@app.command()
+def mitigate(
+    method: Annotated[str, typer.Option("--method", help="nemo or wanda.")],
+    prompts: Annotated[str, typer.Option("--prompts", help="The memorized prompts to mitigate.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder (mask, mitigated weights, summary).")],
+    model: ModelOption = "bundled",
+    reference_prompts: Annotated[str | None, typer.Option("--reference-prompts", help="NeMo: non-memorized prompts for statistics and threshold.")] = MitigateConfig.reference_prompts,
+    stats: Annotated[str | None, typer.Option("--stats", help="NeMo: a statistics file (e.g. nemo_sd14_value_stats.pt).")] = MitigateConfig.stats,
+    threshold: Annotated[float | None, typer.Option("--threshold", help="NeMo: SSIM threshold (0.428 for SD v1.4).")] = MitigateConfig.threshold,
+    sites: Annotated[str, typer.Option("--sites", help="Wanda: ffn or value sites.")] = MitigateConfig.sites,
+    ratio: Annotated[float, typer.Option("--ratio", help="Wanda: top fraction of each row considered.")] = MitigateConfig.ratio,
+    seeds: Annotated[int, typer.Option("--seeds", help="Generations per prompt for MR before / after.")] = MitigateConfig.seeds,
+    utility_seeds: Annotated[int, typer.Option("--utility-seeds")] = MitigateConfig.utility_seeds,
+    steps: Annotated[int, typer.Option("--steps")] = MitigateConfig.steps,
+    guidance: Annotated[float, typer.Option("--guidance")] = MitigateConfig.guidance,
+    type: Annotated[str | None, typer.Option("--type")] = MitigateConfig.type,
+    limit: Annotated[int | None, typer.Option("--limit")] = MitigateConfig.limit,
+    images: Annotated[str | None, typer.Option("--images")] = MitigateConfig.images,
+    sscd: Annotated[str | None, typer.Option("--sscd")] = MitigateConfig.sscd,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = MitigateConfig.batch_size,
+    resume: ResumeOption = False,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
+) -> None:
+    """Apply a pruning mitigation (NeMo neurons or Wanda weights); save the mask and mitigated weights."""
+    config = MitigateConfig(method=method, prompts=prompts, model=model, reference_prompts=reference_prompts, stats=stats,
+                            threshold=threshold, sites=sites, ratio=ratio, seeds=seeds, utility_seeds=utility_seeds,
+                            steps=steps, guidance=guidance, type=type, limit=limit, images=images, sscd=sscd,
+                            batch_size=batch_size)  # fmt: skip
+    diffusion = _load(model, device, dtype)
+    with console.status("mitigating") as status:
+        summary = _workflows().run_mitigate(config, diffusion, out, resume=resume, progress=status.update)
+    console.print(f"{method}: MR {summary['mr_before']:.3f} -> {summary['mr_after']:.3f}, similarity "
+                  f"{summary['sscd_mean_before']:.3f} -> {summary['sscd_mean_after']:.3f}, utility "
+                  f"{summary['utility_before']} -> {summary['utility_after']} -> {out}/summary.json")  # fmt: skip
+
+
+@app.command()
+def attack(
+    prompts: Annotated[str, typer.Option("--prompts", help="Memorized prompts whose images to bring back.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder.")],
+    model: ModelOption = "bundled",
+    mitigation: MitigationOption = None,
+    init: Annotated[str, typer.Option("--init", help="prompt, random or other.")] = AttackRunConfig.init,
+    other_prompts: Annotated[str | None, typer.Option("--other-prompts", help="Prompts for --init other.")] = AttackRunConfig.other_prompts,
+    steps: Annotated[int, typer.Option("--steps", help="Adam steps.")] = AttackRunConfig.steps,
+    learning_rate: Annotated[float, typer.Option("--lr")] = AttackRunConfig.learning_rate,
+    attack_batch: Annotated[int, typer.Option("--attack-batch", help="(noise, t) pairs per step.")] = AttackRunConfig.attack_batch,
+    steps_curve: Annotated[str, typer.Option("--steps-curve", help="Step counts at which to measure MR.")] = AttackRunConfig.steps_curve,
+    control: Annotated[bool, typer.Option("--control/--no-control", help="Also attack non-memorized targets.")] = AttackRunConfig.control,
+    seeds: Annotated[int, typer.Option("--seeds", help="Generations per embedding.")] = AttackRunConfig.seeds,
+    guidance: Annotated[float, typer.Option("--guidance")] = AttackRunConfig.guidance,
+    attack_seed: Annotated[int, typer.Option("--attack-seed")] = AttackRunConfig.attack_seed,
+    type: Annotated[str | None, typer.Option("--type")] = AttackRunConfig.type,
+    limit: Annotated[int | None, typer.Option("--limit")] = AttackRunConfig.limit,
+    images: Annotated[str | None, typer.Option("--images")] = AttackRunConfig.images,
+    sscd: Annotated[str | None, typer.Option("--sscd")] = AttackRunConfig.sscd,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = AttackRunConfig.batch_size,
+    resume: ResumeOption = False,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
+) -> None:
+    """The DoRI attack: optimise conditioning embeddings that bring memorized images back."""
+    config = AttackRunConfig(prompts=prompts, model=model, mitigation=mitigation, init=init, other_prompts=other_prompts,
+                             steps=steps, learning_rate=learning_rate, attack_batch=attack_batch,
+                             steps_curve=steps_curve, control=control, seeds=seeds, guidance=guidance,
+                             attack_seed=attack_seed, type=type, limit=limit, images=images, sscd=sscd,
+                             batch_size=batch_size)  # fmt: skip
+    diffusion = _load(model, device, dtype)
+    wf = _workflows()
+    n = len(wf.load_prompts(prompts, diffusion, kind=type, limit=limit))
+    n_control = sum(len(wf.load_prompts(s, diffusion, limit=config.control_limit)) for s in wf.control_sets(diffusion))
+    total = n * seeds * len(config.curve()) + (n_control * seeds * 2 if control else 0)
+    with progress_bar("attack + evaluation", total) as advance:
+        summary = wf.run_attack(config, diffusion, out, resume=resume, progress=advance)
+    curve = ", ".join(f"{k}: {v:.2f}" for k, v in summary["steps_curve"].items())
+    console.print(f"DoRI MR {summary['mr']:.3f}, similarity {summary['sscd_mean']:.3f} +- {summary['sscd_std']:.3f}; "
+                  f"MR by steps {curve}")  # fmt: skip
+    for name, result in summary.get("control", {}).items():
+        console.print(f"control {name}: MR {result['mr']:.3f}, similarity {result['sscd_mean']:.3f}")
+    console.print(f"-> {out}/summary.json")
 
 
 @toy_app.command("train")

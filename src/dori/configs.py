@@ -18,6 +18,7 @@ def _check_positive(**values: int) -> None:
 class ReplicateConfig:
     prompts: str
     model: str = "bundled"
+    mitigation: str | None = None
     seeds: int = 10
     first_seed: int = 0
     steps: int = 50
@@ -38,6 +39,7 @@ class DetectConfig:
     memorized: str
     non_memorized: str
     model: str = "bundled"
+    mitigation: str | None = None
     generations: int = 4
     consistency_seeds: int = 10
     steps: int = 50
@@ -52,3 +54,75 @@ class DetectConfig:
             raise DoriError(f"consistency-seeds must be at least 2 (pairs of seeds), got {self.consistency_seeds}")
 
 
+
+
+@dataclass(frozen=True)
+class MitigateConfig:
+    method: str
+    prompts: str
+    model: str = "bundled"
+    reference_prompts: str | None = None  # NeMo statistics / threshold set (default: the model's own)
+    stats: str | None = None  # a NeMo statistics file (e.g. nemo_sd14_value_stats.pt)
+    threshold: float | None = None  # NeMo's SSIM threshold (default: mean + 1 std on the reference set)
+    sites: str = "ffn"  # Wanda: ffn or value
+    ratio: float = 0.01  # Wanda: fraction of each row's weights considered
+    seeds: int = 10  # generations per prompt for MR before / after
+    utility_seeds: int = 4
+    steps: int = 50
+    guidance: float = 7.0
+    type: str | None = None
+    limit: int | None = None
+    images: str | None = None
+    sscd: str | None = None
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.method not in ("nemo", "wanda"):
+            raise DoriError(f"unknown method {self.method!r}; use nemo or wanda")
+        if self.sites not in ("ffn", "value"):
+            raise DoriError(f"unknown site set {self.sites!r}; use ffn or value")
+        if not 0 < self.ratio <= 1:
+            raise DoriError(f"ratio must be in (0, 1], got {self.ratio}")
+        _check_positive(seeds=self.seeds, utility_seeds=self.utility_seeds, steps=self.steps, batch_size=self.batch_size)
+
+
+@dataclass(frozen=True)
+class AttackRunConfig:
+    prompts: str
+    model: str = "bundled"
+    mitigation: str | None = None
+    init: str = "prompt"  # prompt, random or other
+    other_prompts: str | None = None
+    steps: int = 50
+    learning_rate: float = 0.1
+    attack_batch: int = 8
+    steps_curve: str = "0,1,10,25,50"
+    control: bool = True
+    control_limit: int = 10  # targets per control set (the control is measured at step 0 and the last step)
+    seeds: int = 10
+    eval_steps: int = 50
+    guidance: float = 7.0
+    attack_seed: int = 0
+    type: str | None = None
+    limit: int | None = None
+    images: str | None = None
+    sscd: str | None = None
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.init not in ("prompt", "random", "other"):
+            raise DoriError(f"unknown --init {self.init!r}; use prompt, random or other")
+        if self.steps < 0:
+            raise DoriError(f"steps must be >= 0, got {self.steps}")
+        _check_positive(seeds=self.seeds, attack_batch=self.attack_batch, eval_steps=self.eval_steps,
+                        batch_size=self.batch_size)  # fmt: skip
+        curve = self.curve()
+        if any(s < 0 or s > self.steps for s in curve):
+            raise DoriError(f"--steps-curve values must lie in 0..{self.steps}, got {self.steps_curve}")
+
+    def curve(self) -> list[int]:
+        try:
+            values = sorted({int(v) for v in self.steps_curve.split(",") if v.strip()} | {self.steps})
+        except ValueError as error:
+            raise DoriError(f"--steps-curve must be comma-separated integers, got {self.steps_curve!r}") from error
+        return values

@@ -11,6 +11,7 @@ import torch
 
 from dori.configs import DetectConfig, ReplicateConfig
 from dori.errors import DoriError
+from dori.interventions import intervene
 from dori.measure.detection import consistency_scores, noise_difference_norms, roc_auc, roc_curve, tpr_at_fpr
 from dori.measure.replication import replication, summarize
 from dori.models.base import DiffusionModel
@@ -81,7 +82,21 @@ def run_replicate(config: ReplicateConfig, model: DiffusionModel, out: str | Pat
     """``dori replicate``: per-prompt similarities and MR, written prompt batch by prompt batch."""
     prompts = load_prompts(config.prompts, model, kind=config.type, limit=config.limit)
     refs = References(model, images=config.images, sscd=config.sscd, sscd_convention=config.sscd_convention)
+    mitigation = load_mitigation(model, config.mitigation)
     out = open_run(out, "replicate", asdict(config), resume=resume)
+    with intervene(model, mitigation):
+        _replicate_batches(config, model, prompts, refs, out, progress)
+    results = ResultsFile(out / "results.jsonl")
+    rows = sorted(results.rows, key=lambda r: r["id"])
+    summary = {**summarize(rows, refs.detector.tau), "similarity": refs.detector.to_dict(), "prompt_set": prompts.name,
+               "mitigation": None if mitigation is None else mitigation.method}  # fmt: skip
+    summary["by_type"] = {kind: summarize([r for r in rows if r["type"] == kind], refs.detector.tau)
+                          for kind in sorted({r["type"] for r in rows})}  # fmt: skip
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def _replicate_batches(config, model, prompts, refs, out, progress) -> None:
     (out / "grids").mkdir(exist_ok=True)
     results = ResultsFile(out / "results.jsonl")
     done = results.keys()
@@ -100,14 +115,6 @@ def run_replicate(config: ReplicateConfig, model: DiffusionModel, out: str | Pat
         for k, (i, _) in enumerate(chunk):
             save_grid(images[k * len(seeds) : (k + 1) * len(seeds)], out / "grids" / f"prompt{i:04d}.png", columns=len(seeds))
         results.extend([{"id": i, **p.to_dict(), **row.row()} for (i, p), row in zip(chunk, rows)])
-    rows = sorted(results.rows, key=lambda r: r["id"])
-    summary = {**summarize(rows, refs.detector.tau), "similarity": refs.detector.to_dict(), "prompt_set": prompts.name}
-    by_type = {}
-    for kind in sorted({r["type"] for r in rows}):
-        by_type[kind] = summarize([r for r in rows if r["type"] == kind], refs.detector.tau)
-    summary["by_type"] = by_type
-    write_json_atomic(out / "summary.json", summary)
-    return summary
 
 
 # --------------------------------------------------------------------- detect
@@ -120,7 +127,17 @@ def run_detect(config: DetectConfig, model: DiffusionModel, out: str | Path, *, 
         "memorized": load_prompts(config.memorized, model, limit=config.limit),
         "non_memorized": load_prompts(config.non_memorized, model, limit=config.limit),
     }
+    mitigation = load_mitigation(model, config.mitigation)
     out = open_run(out, "detect", asdict(config), resume=resume)
+    with intervene(model, mitigation):
+        results = _detect_batches(config, model, sets, out, progress)
+    summary = summarize_detection(results.rows)
+    write_json_atomic(out / "summary.json", summary)
+    plot_roc(results.rows, out / "roc.png")
+    return summary
+
+
+def _detect_batches(config, model, sets, out, progress) -> ResultsFile:
     results = ResultsFile(out / "scores.jsonl")
     done = results.keys("key")
     noise_seeds = list(range(config.generations))
@@ -148,10 +165,7 @@ def run_detect(config: DetectConfig, model: DiffusionModel, out: str | Path, *, 
             results.extend(rows)
             if progress is not None:
                 progress(len(chunk))
-    summary = summarize_detection(results.rows)
-    write_json_atomic(out / "summary.json", summary)
-    plot_roc(results.rows, out / "roc.png")
-    return summary
+    return results
 
 
 def _scores(rows: list[dict], field: str) -> tuple[list[float], list[float]]:
@@ -200,6 +214,293 @@ def plot_roc(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("false-positive rate")
     ax.set_ylabel("true-positive rate")
     ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------- shared evaluation
+
+
+def evaluate_replication(model: DiffusionModel, prompts: PromptSet, refs: References, *, seeds: int, steps: int,
+                         guidance: float, batch_size: int, embeddings: torch.Tensor | None = None,
+                         targets: list[torch.Tensor] | None = None, progress: Progress | None = None) -> tuple[dict, list[dict], torch.Tensor]:  # fmt: skip
+    """Replication of ``prompts`` (or of ``embeddings``, one per prompt) under whatever
+    intervention is active: (summary, per-prompt rows, images)."""
+    references = targets if targets is not None else [refs.of(p) for p in prompts.prompts]
+    rows, images = replication(model, prompts.texts, references, refs.detector, seeds=list(range(seeds)), steps=steps,
+                               guidance=guidance, embeddings=embeddings, batch_size=batch_size, progress=progress)  # fmt: skip
+    rows = [{"id": i, **p.to_dict(), **r.row()} for i, (p, r) in enumerate(zip(prompts.prompts, rows))]
+    return summarize(rows, refs.detector.tau), rows, images
+
+
+def utility(model: DiffusionModel, *, seeds: int, steps: int, guidance: float, batch_size: int) -> dict | None:
+    """Prompt alignment and FD on held-out captions (bundled model); ``None`` where the model has
+    no attribute classifier (a CLIP-score evaluator for SD is not shipped)."""
+    kit = toy_kit_for(model)
+    if kit is None:
+        return None
+    prompts = [row["prompt"] for row in kit.prompt_set("held_out")]
+    images = model.generate(model.encode(prompts), list(range(seeds)), steps=steps, guidance=guidance,
+                            batch_size=batch_size)  # fmt: skip
+    captions = [p for p in prompts for _ in range(seeds)]
+    return {"alignment": kit.alignment(images, captions), "fd": kit.frechet_distance(images, captions),
+            "prompts": "bundled:held_out", "seeds": seeds}  # fmt: skip
+
+
+def load_mitigation(model: DiffusionModel, folder: str | None):
+    if folder is None:
+        return None
+    from dori.interventions import load_mask
+
+    return load_mask(folder, model)
+
+
+# --------------------------------------------------------------------- mitigate
+
+
+def run_mitigate(config, model: DiffusionModel, out: str | Path, *, resume: bool = False,
+                 progress: Callable[[str], None] | None = None) -> dict:  # fmt: skip
+    """``dori mitigate``: select the mask (NeMo or Wanda), save it with the mitigated weights,
+    and measure MR / similarity / utility before and after."""
+    from safetensors.torch import save_file
+
+    from dori.interventions import Mitigation, bake, save_mask
+
+    say = progress or (lambda message: None)
+    prompts = load_prompts(config.prompts, model, kind=config.type, limit=config.limit)
+    refs = References(model, images=config.images, sscd=config.sscd)
+    out = open_run(out, "mitigate", asdict(config), resume=resume)
+    emb = model.encode(prompts.texts)
+    summary: dict = {"method": config.method, "prompt_set": prompts.name, "n_prompts": len(prompts)}
+    if config.method == "nemo":
+        mitigation, extra = _nemo(config, model, prompts, emb, out, say)
+    else:
+        from dori.mitigate.wanda import WandaConfig, wanda_mask
+
+        say("wanda: recording activations")
+        sites = [s.name for s in (model.ffn_sites() if config.sites == "ffn" else model.value_sites())]
+        mask = wanda_mask(model, emb, sites=sites, config=WandaConfig(ratio=config.ratio, batch_size=config.batch_size))
+        mitigation = Mitigation("weights", model.fingerprint(), weights=mask, method="wanda")
+        total = sum(m.numel() for m in mask.values())
+        extra = {"sites": config.sites, "ratio": config.ratio, "pruned_weights": mitigation.size(),
+                 "sparsity": mitigation.size() / total,
+                 "per_site": {name: int(m.sum()) for name, m in mask.items()}}  # fmt: skip
+    save_mask(mitigation, out)
+    originals = bake(model, mitigation)
+    save_file({f"{name}.weight": model.module(name).weight.detach().cpu().contiguous() for name in originals},
+              str(out / "mitigated_weights.safetensors"), metadata={"model": mitigation.model_fingerprint})  # fmt: skip
+    for name, weight in originals.items():
+        model.module(name).weight.data.copy_(weight)
+    summary.update(extra)
+
+    evaluation = dict(seeds=config.seeds, steps=config.steps, guidance=config.guidance, batch_size=config.batch_size)
+    util = dict(seeds=config.utility_seeds, steps=config.steps, guidance=config.guidance, batch_size=config.batch_size)
+    say("measuring the unmitigated model")
+    before, rows_before, _ = evaluate_replication(model, prompts, refs, **evaluation)
+    utility_before = utility(model, **util)
+    say("measuring the mitigated model")
+    with intervene(model, mitigation):
+        after, rows_after, images_after = evaluate_replication(model, prompts, refs, **evaluation)
+        utility_after = utility(model, **util)
+    save_grid(images_after, out / "mitigated_generations.png", columns=config.seeds)
+    summary.update({
+        "mr_before": before["mr"], "mr_after": after["mr"],
+        "sscd_mean_before": before["sscd_mean"], "sscd_mean_after": after["sscd_mean"],
+        "sscd_std_before": before["sscd_std"], "sscd_std_after": after["sscd_std"],
+        "utility_before": None if utility_before is None else utility_before["alignment"],
+        "utility_after": None if utility_after is None else utility_after["alignment"],
+        "fd_before": None if utility_before is None else utility_before["fd"],
+        "fd_after": None if utility_after is None else utility_after["fd"],
+        "similarity": refs.detector.to_dict(),
+    })  # fmt: skip
+    ResultsFile(out / "results.jsonl").extend(
+        [{**b, "mr_after": a["mr"], "sscd_mean_after": a["sscd_mean"], "similarities_after": a["similarities"]}
+         for b, a in zip(rows_before, rows_after)]  # fmt: skip
+    )
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def cached_value_statistics(model: DiffusionModel, reference: str, say: Callable[[str], None]):
+    """NeMo's reference statistics over ``reference``, computed once per (model, prompt set) and
+    cached under ``$DORI_CACHE`` (default ``~/.cache/dori``)."""
+    import hashlib
+    import os
+
+    from dori.mitigate.nemo import load_statistics, save_statistics, value_statistics
+
+    texts = load_prompts(reference, model).texts
+    key = hashlib.sha256("\n".join([model.fingerprint(), *texts]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("DORI_CACHE", Path.home() / ".cache" / "dori")) / f"nemo_stats_{key}.pt"
+    if cache.is_file():
+        return load_statistics(cache, model)
+    say(f"nemo: value statistics over {reference} ({len(texts)} prompts)")
+    stats = value_statistics(model, texts)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp")
+        save_statistics(stats, tmp)
+        tmp.replace(cache)
+    except OSError:
+        pass  # an unwritable cache only costs the recomputation next time
+    return stats
+
+
+def _nemo(config, model, prompts, emb, out, say):
+    from dori.interventions import Mitigation
+    from dori.measure.detection import consistency_scores
+    from dori.mitigate.nemo import NemoConfig, load_statistics, nemo_localize, union
+
+    nemo_config = NemoConfig(steps=config.steps, batch_size=max(config.batch_size, 10))
+    reference = config.reference_prompts or ("bundled:ordinary" if "toy_data" in model.meta else None)
+    if config.stats is not None:
+        stats = load_statistics(config.stats, model)
+    elif reference is not None:
+        stats = cached_value_statistics(model, reference, say)
+    else:
+        raise DoriError("NeMo needs reference statistics: pass --stats FILE or --reference-prompts SET")
+    threshold = config.threshold
+    if threshold is None:
+        if reference is None:
+            raise DoriError("NeMo needs an SSIM threshold: pass --threshold (0.428 for SD v1.4) or --reference-prompts SET")
+        say("nemo: calibrating the SSIM threshold")
+        texts = load_prompts(reference, model).texts
+        scores = torch.tensor(consistency_scores(model, model.encode(texts), steps=config.steps))
+        threshold = float(scores.mean() + scores.std())
+    say("nemo: localising neurons")
+    results = nemo_localize(model, emb, stats, threshold, nemo_config, progress=say)
+    per_prompt = {str(i): r.neurons for i, r in enumerate(results)}
+    write_json_atomic(out / "neurons.json", per_prompt)
+    mitigation = Mitigation("neurons", model.fingerprint(), neurons=union([r.neurons for r in results]), method="nemo")
+    extra = {
+        "threshold": threshold,
+        "neurons_per_prompt": [sum(len(v) for v in r.neurons.values()) for r in results],
+        "memorized_before_check": [r.memorized_before for r in results],
+        "mitigated_by_check": [r.mitigated for r in results],
+        "union_neurons": mitigation.size(),
+    }
+    return mitigation, extra
+
+
+# --------------------------------------------------------------------- attack
+
+
+def attack_targets(model: DiffusionModel, prompts: PromptSet, refs: References) -> list[torch.Tensor]:
+    """The image each prompt's attack aims at, ``[1, 3, H, W]`` each."""
+    if refs.kit is not None and refs.images_dir is None:
+        return [refs.kit.target_image(p.prompt) for p in prompts.prompts]
+    return [refs.of(p)[:1] for p in prompts.prompts]
+
+
+def attack_and_measure(model: DiffusionModel, prompts: PromptSet, refs: References, config, *,
+                       mitigation=None, label: str, out: Path, curve: list[int] | None = None,
+                       progress: Progress | None = None) -> dict:  # fmt: skip
+    """Run DoRI on ``prompts`` (under ``mitigation``), save the embeddings, measure MR at every
+    step of the curve. Results are cached per label, so a resumed run skips finished parts."""
+    from safetensors.torch import load_file, save_file
+
+    from dori.attack import AttackConfig, dori_attack, initial_embeddings
+    done_file = out / f"{label}_summary.json"
+    if done_file.exists():
+        import json
+
+        return json.loads(done_file.read_text())
+    targets = attack_targets(model, prompts, refs)
+    latents = model.to_latents(torch.cat(targets))
+    others = load_prompts(config.other_prompts, model).texts if config.other_prompts else None
+    init = initial_embeddings(model, prompts.texts, config.init, seed=config.attack_seed, others=others)
+    curve = config.curve() if curve is None else curve
+    attack = AttackConfig(steps=config.steps, learning_rate=config.learning_rate, batch=config.attack_batch)
+    emb_file = out / f"{label}_embeddings.safetensors"
+    with intervene(model, mitigation):
+        if emb_file.exists():
+            snapshots = {int(k.split("_")[1]): v.to(model.device) for k, v in load_file(str(emb_file)).items()}
+        else:
+            result = dori_attack(model, latents, init, attack,
+                                 seeds=[config.attack_seed * 100_003 + i for i in range(len(prompts))],
+                                 snapshot_steps=curve)  # fmt: skip
+            snapshots = result.snapshots
+            save_file({f"step_{k}": v.cpu().contiguous() for k, v in snapshots.items()}, str(emb_file))
+        per_step = {}
+        for step in curve:
+            summary, rows, images = evaluate_replication(
+                model, prompts, refs, seeds=config.seeds, steps=config.eval_steps, guidance=config.guidance,
+                batch_size=config.batch_size, embeddings=snapshots[step].to(model.dtype), targets=targets,
+                progress=progress,
+            )  # fmt: skip
+            per_step[str(step)] = summary
+            if step == config.steps:
+                final_rows, final_images = rows, images
+    save_grid(final_images, out / f"{label}_generations.png", columns=config.seeds)
+    ResultsFile(out / f"{label}_results.jsonl").extend(final_rows)
+    summary = {**per_step[str(config.steps)], "steps_curve": {k: v["mr"] for k, v in per_step.items()},
+               "sscd_curve": {k: v["sscd_mean"] for k, v in per_step.items()}}  # fmt: skip
+    write_json_atomic(done_file, summary)
+    return summary
+
+
+def run_attack(config, model: DiffusionModel, out: str | Path, *, resume: bool = False,
+               progress: Progress | None = None) -> dict:  # fmt: skip
+    """``dori attack``: DoRI against the (mitigated) model, the MR-vs-steps curve, and the control."""
+    prompts = load_prompts(config.prompts, model, kind=config.type, limit=config.limit)
+    refs = References(model, images=config.images, sscd=config.sscd)
+    mitigation = load_mitigation(model, config.mitigation)
+    out = open_run(out, "attack", asdict(config), resume=resume)
+    summary = attack_and_measure(model, prompts, refs, config, mitigation=mitigation, label="attack", out=out,
+                                 progress=progress)  # fmt: skip
+    summary["mitigation"] = None if mitigation is None else mitigation.method
+    summary["similarity"] = refs.detector.to_dict()
+    if config.control:
+        control = {}
+        for name in control_sets(model):
+            control[name] = attack_and_measure(model, load_prompts(name, model, limit=config.control_limit), refs,
+                                               config, mitigation=None, label="control_" + name.split(":")[-1],
+                                               out=out, curve=[0, config.steps], progress=progress)  # fmt: skip
+        summary["control"] = control
+    write_json_atomic(out / "summary.json", summary)
+    write_steps_table(summary, out / "steps_curve.csv")
+    plot_steps_curve(summary, out / "steps_curve.png")
+    return summary
+
+
+def control_sets(model: DiffusionModel) -> list[str]:
+    """Targets the model did not memorize: the bundled model's non-memorized training images and
+    held-out images. (For other models pass a non-memorized set to ``dori attack`` directly.)"""
+    return ["bundled:non_memorized", "bundled:held_out"] if "toy_data" in model.meta else []
+
+
+def write_steps_table(summary: dict, path: Path) -> None:
+    """MR and mean similarity after each number of DoRI steps, one row per step count."""
+    lines = ["targets,steps,mr,sscd_mean"]
+    parts = {"memorized": summary, **{f"control:{k.split(':')[-1]}": v for k, v in summary.get("control", {}).items()}}
+    for name, part in parts.items():
+        for step in sorted(part["steps_curve"], key=int):
+            lines.append(f"{name},{step},{part['steps_curve'][step]:.4f},{part['sscd_curve'][step]:.4f}")
+    from dori.runs import write_text_atomic
+
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def plot_steps_curve(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    curves = {"memorized targets": summary["steps_curve"]}
+    for name, control in summary.get("control", {}).items():
+        curves[f"control: {name.split(':')[-1]}"] = control["steps_curve"]
+    for label, curve in curves.items():
+        steps = sorted(curve, key=int)
+        ax.plot([int(s) for s in steps], [curve[s] for s in steps], marker="o", label=label)
+    ax.set_xlabel("DoRI steps")
+    ax.set_ylabel("memorization rate")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=120)

@@ -63,7 +63,7 @@ class ToyKit:
     # ------------------------------------------------------------- prompt sets
     def prompt_set(self, name: str) -> list[dict]:
         """Rows ``{"prompt", "type", "index"}`` of ``memorized`` (VM), ``template`` (TM),
-        ``non_memorized`` (ordinary training captions) or ``held_out``."""
+        ``non_memorized`` (20 ordinary training captions), ``ordinary`` (all of them) or ``held_out``."""
         data = self.data
         if name == "memorized":
             return [{"prompt": p.caption, "type": "VM", "index": p.index} for p in data.planted if p.kind == "VM"]
@@ -73,6 +73,8 @@ class ToyKit:
             captions = data.ordinary_captions
             step = max(1, len(captions) // N_NON_MEMORIZED)
             return [{"prompt": c, "type": "none", "index": None} for c in captions[::step][:N_NON_MEMORIZED]]
+        if name == "ordinary":  # every ordinary training caption (NeMo's reference statistics)
+            return [{"prompt": c, "type": "none", "index": None} for c in data.ordinary_captions]
         if name == "held_out":
             return [{"prompt": c, "type": "held_out", "index": None} for c in data.held_out_captions]
         raise DoriError(f"unknown bundled prompt set {name!r}; use memorized, template, non_memorized or held_out")
@@ -86,6 +88,16 @@ class ToyKit:
         if rows and data.kinds[rows[0]] != "ordinary":
             return data.images[torch.tensor(rows)].unique(dim=0)
         return self.ordinary_images
+
+    def target_image(self, prompt: str, *, seed: int = 4321) -> Tensor:
+        """One image to attack for ``prompt``, ``[1, 3, H, W]``: its (first) training image, or for
+        a held-out caption a fresh render that the model never saw."""
+        data = self.data
+        if prompt in data.captions:
+            return data.images[data.captions.index(prompt)][None]
+        if prompt in data.attributes:
+            return torch.from_numpy(render_ordinary(*data.attributes[prompt], np.random.default_rng(seed)))[None]
+        raise DoriError(f"prompt {prompt!r} is neither a training nor a held-out caption of the bundled model")
 
     @cached_property
     def ordinary_images(self) -> Tensor:

@@ -1,0 +1,71 @@
+"""mitigate and attack run folders on the tiny SD backend, and the command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dori.configs import AttackRunConfig, MitigateConfig, ReplicateConfig
+from dori.errors import DoriError
+from dori.workflows import run_attack, run_mitigate, run_replicate
+
+
+def _common(prompt_files, sscd_file):
+    return dict(prompts=str(prompt_files / "mem.csv"), images=str(prompt_files / "images"), sscd=str(sscd_file))
+
+
+def test_wanda_mitigation_then_attack_and_replicate_on_it(tiny_sd, prompt_files, sscd_file, tmp_path):
+    config = MitigateConfig(method="wanda", ratio=0.1, seeds=2, steps=3, **_common(prompt_files, sscd_file))
+    summary = run_mitigate(config, tiny_sd, tmp_path / "wanda")
+    for key in ("method", "mr_before", "mr_after", "sscd_mean_before", "sscd_mean_after", "utility_before",
+                "utility_after", "sparsity"):  # fmt: skip
+        assert key in summary
+    assert summary["pruned_weights"] > 0 and 0 < summary["sparsity"] < 1
+    assert (tmp_path / "wanda" / "mask.safetensors").exists()
+    assert (tmp_path / "wanda" / "mitigated_weights.safetensors").exists()
+
+    attack = AttackRunConfig(mitigation=str(tmp_path / "wanda"), steps=2, steps_curve="0,1", seeds=2, eval_steps=2,
+                             attack_batch=2, control=False, **_common(prompt_files, sscd_file))  # fmt: skip
+    result = run_attack(attack, tiny_sd, tmp_path / "attack")
+    assert set(result["steps_curve"]) == {"0", "1", "2"} and result["mitigation"] == "wanda"
+    assert {"mr", "sscd_mean", "sscd_std"} <= set(result)
+    assert (tmp_path / "attack" / "steps_curve.png").exists()
+    assert (tmp_path / "attack" / "attack_embeddings.safetensors").exists()
+    # A resumed attack reads its finished parts back and gives the same numbers.
+    assert run_attack(attack, tiny_sd, tmp_path / "attack", resume=True) == result
+
+    replicate = ReplicateConfig(mitigation=str(tmp_path / "wanda"), seeds=2, steps=2, **_common(prompt_files, sscd_file))
+    assert run_replicate(replicate, tiny_sd, tmp_path / "rep")["mitigation"] == "wanda"
+
+
+def test_nemo_mitigation_with_explicit_statistics_and_threshold(tiny_sd, prompt_files, sscd_file, tmp_path):
+    from dori.mitigate.nemo import load_statistics, save_statistics, value_statistics
+
+    save_statistics(value_statistics(tiny_sd, ["a cat", "a dog", "a tree"]), tmp_path / "stats.pt")
+    config = MitigateConfig(method="nemo", stats=str(tmp_path / "stats.pt"), threshold=0.0, seeds=2, steps=3,
+                            limit=2, **_common(prompt_files, sscd_file))  # fmt: skip
+    summary = run_mitigate(config, tiny_sd, tmp_path / "nemo")
+    neurons = json.loads((tmp_path / "nemo" / "neurons.json").read_text())
+    assert set(neurons) == {"0", "1"} and len(summary["neurons_per_prompt"]) == 2
+    torch.save(([torch.zeros(3)], [torch.ones(3)]), tmp_path / "bad.pt")
+    with pytest.raises(DoriError, match="statistics for value layers"):
+        load_statistics(tmp_path / "bad.pt", tiny_sd)
+
+
+def test_cli_generate_on_a_saved_sd_folder_and_errors(tiny_sd_dir, tmp_path):
+    run = [sys.executable, "-m", "dori", "generate", "--model", str(tiny_sd_dir), "--prompt", "a cat", "--prompt", "a dog",
+           "--seeds", "2", "--steps", "2", "--out", str(tmp_path / "gen")]  # fmt: skip
+    done = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert len(list((tmp_path / "gen").glob("prompt*_seed*.png"))) == 4 and (tmp_path / "gen" / "grid.png").exists()
+
+    missing = subprocess.run(run[:5] + [str(tmp_path / "nowhere")] + run[6:], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2
+    assert "model folder not found" in missing.stderr and "Traceback" not in missing.stderr
+    bad_count = subprocess.run(run[:-4] + ["--seeds", "0", "--out", str(tmp_path / "g2")], capture_output=True,
+                               text=True, timeout=300)  # fmt: skip
+    assert bad_count.returncode == 2 and "--seeds must be at least 1" in bad_count.stderr
