@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 
 import numpy as np
 
 import pytest
 import torch
 from PIL import Image
+
+
+# NeMo's statistics cache must not touch the user's home during tests.
+os.environ.setdefault("DORI_CACHE", tempfile.mkdtemp(prefix="dori-cache-"))
 
 
 def save_tiny_sd(folder, *, v2: bool = False, prediction_type: str = "epsilon"):

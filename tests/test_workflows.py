@@ -69,3 +69,35 @@ def test_cli_generate_on_a_saved_sd_folder_and_errors(tiny_sd_dir, tmp_path):
     bad_count = subprocess.run(run[:-4] + ["--seeds", "0", "--out", str(tmp_path / "g2")], capture_output=True,
                                text=True, timeout=300)  # fmt: skip
     assert bad_count.returncode == 2 and "--seeds must be at least 1" in bad_count.stderr
+
+
+def test_unlearn_fine_tunes_saves_a_loadable_model_and_resumes(tiny_sd_dir, prompt_files, sscd_file, tmp_path):
+    from dori.configs import UnlearnRunConfig
+    from dori.models import load_model
+    from dori.workflows import run_unlearn
+
+    model = load_model(tiny_sd_dir)
+    common = _common(prompt_files, sscd_file)
+    run_mitigate(MitigateConfig(method="wanda", ratio=0.1, seeds=1, steps=2, **common), model, tmp_path / "wanda")
+    original = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    config = UnlearnRunConfig(mitigation=str(tmp_path / "wanda"), retain_prompts=common["prompts"], steps=2,
+                              retain_batch=2, triggers_per_target=2, inner_steps=1, eval_attack_steps=1, seeds=2,
+                              eval_steps=2, checkpoint_every=1, limit=2, **common)  # fmt: skip
+    summary = run_unlearn(config, model, tmp_path / "unlearn")
+    for key in ("mr_attack_before", "mr_attack_after", "mr_prompt_after", "utility_before", "utility_after",
+                "fd_before", "fd_after", "seconds"):  # fmt: skip
+        assert key in summary
+    assert len(summary["history"]) == 2
+    changed = any(not torch.equal(v, original[k]) for k, v in model.unet.state_dict().items())
+    assert changed  # the U-Net was trained
+    tuned = load_model(tmp_path / "unlearn" / "model")
+    assert all(torch.equal(v, model.unet.state_dict()[k]) for k, v in tuned.unet.state_dict().items())
+    from dori.interventions import load_mask
+
+    with pytest.raises(DoriError, match="made for another model"):  # masks of the original do not apply
+        load_mask(tmp_path / "wanda", tuned)
+    # Resuming the finished run starts from its last checkpoint: no further training, same numbers.
+    again = run_unlearn(config, load_model(tiny_sd_dir), tmp_path / "unlearn", resume=True)
+    assert again["history"] == summary["history"]
+    assert {k: again[k] for k in ("mr_attack_after", "mr_prompt_after")} == {
+        k: summary[k] for k in ("mr_attack_after", "mr_prompt_after")}

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from dori.configs import AttackRunConfig, DetectConfig, MitigateConfig, ReplicateConfig
+from dori.configs import AttackRunConfig, DetectConfig, MitigateConfig, ReplicateConfig, UnlearnRunConfig
 from dori.errors import DoriError
 
 app = typer.Typer(
@@ -254,6 +254,48 @@ def attack(
     for name, result in summary.get("control", {}).items():
         console.print(f"control {name}: MR {result['mr']:.3f}, similarity {result['sscd_mean']:.3f}")
     console.print(f"-> {out}/summary.json")
+
+
+@app.command()
+def unlearn(
+    prompts: Annotated[str, typer.Option("--prompts", help="The memorized prompts to remove.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder (checkpoints, fine-tuned model in out/model).")],
+    model: ModelOption = "bundled",
+    mitigation: Annotated[str | None, typer.Option("--mitigation", help="Surrogates from this mitigated model (default: NeMo, run here).")] = UnlearnRunConfig.mitigation,
+    retain_prompts: Annotated[str | None, typer.Option("--retain-prompts", help="Real models: non-memorized pairs (with --images).")] = UnlearnRunConfig.retain_prompts,
+    steps: Annotated[int, typer.Option("--steps", help="Fine-tuning steps.")] = UnlearnRunConfig.steps,
+    learning_rate: Annotated[float, typer.Option("--lr")] = UnlearnRunConfig.learning_rate,
+    retain_batch: Annotated[int, typer.Option("--retain-batch")] = UnlearnRunConfig.retain_batch,
+    triggers_per_target: Annotated[int, typer.Option("--triggers")] = UnlearnRunConfig.triggers_per_target,
+    inner_steps: Annotated[int, typer.Option("--inner-steps", help="Attack steps per fine-tuning step (warm start).")] = UnlearnRunConfig.inner_steps,
+    warm_start: Annotated[bool, typer.Option("--warm-start/--fresh", help="Continue triggers, or a fresh search every step.")] = UnlearnRunConfig.warm_start,
+    fresh_steps: Annotated[int, typer.Option("--fresh-steps")] = UnlearnRunConfig.fresh_steps,
+    adv_weight: Annotated[float, typer.Option("--adv-weight")] = UnlearnRunConfig.adv_weight,
+    seeds: Annotated[int, typer.Option("--seeds")] = UnlearnRunConfig.seeds,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every")] = UnlearnRunConfig.checkpoint_every,
+    seed: Annotated[int, typer.Option("--seed")] = UnlearnRunConfig.seed,
+    type: Annotated[str | None, typer.Option("--type")] = UnlearnRunConfig.type,
+    limit: Annotated[int | None, typer.Option("--limit")] = UnlearnRunConfig.limit,
+    images: Annotated[str | None, typer.Option("--images")] = UnlearnRunConfig.images,
+    sscd: Annotated[str | None, typer.Option("--sscd")] = UnlearnRunConfig.sscd,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = UnlearnRunConfig.batch_size,
+    resume: ResumeOption = False,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
+) -> None:
+    """Adversarial fine-tuning: remove memorization for real, then attack the result again."""
+    config = UnlearnRunConfig(prompts=prompts, model=model, mitigation=mitigation, retain_prompts=retain_prompts,
+                              steps=steps, learning_rate=learning_rate, retain_batch=retain_batch,
+                              triggers_per_target=triggers_per_target, inner_steps=inner_steps, warm_start=warm_start,
+                              fresh_steps=fresh_steps, adv_weight=adv_weight, seeds=seeds,
+                              checkpoint_every=checkpoint_every, seed=seed, type=type, limit=limit, images=images,
+                              sscd=sscd, batch_size=batch_size)  # fmt: skip
+    diffusion = _load(model, device, dtype)
+    with console.status("unlearning") as status:
+        summary = _workflows().run_unlearn(config, diffusion, out, resume=resume, progress=status.update)
+    console.print(f"DoRI MR {summary['mr_attack_before']:.3f} -> {summary['mr_attack_after']:.3f}; plain prompts MR "
+                  f"{summary['mr_prompt_after']:.3f}; utility {summary['utility_before']} -> {summary['utility_after']}; "
+                  f"{summary['seconds']:.0f} s -> {out}/summary.json (model: {summary['model']})")  # fmt: skip
 
 
 @toy_app.command("train")

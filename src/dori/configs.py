@@ -126,3 +126,38 @@ class AttackRunConfig:
         except ValueError as error:
             raise DoriError(f"--steps-curve must be comma-separated integers, got {self.steps_curve!r}") from error
         return values
+
+
+@dataclass(frozen=True)
+class UnlearnRunConfig:
+    prompts: str
+    model: str = "bundled"
+    mitigation: str | None = None  # surrogates come from this mitigated model (default: NeMo, run here)
+    retain_prompts: str | None = None  # real models: non-memorized pairs for L_DM (with --images)
+    steps: int = 150
+    learning_rate: float = 2e-4
+    retain_batch: int = 32
+    triggers_per_target: int = 3
+    inner_steps: int = 5
+    warm_start: bool = True
+    fresh_steps: int = 50
+    adv_weight: float = 1.0
+    eval_attack_steps: int = 50
+    seeds: int = 10
+    utility_seeds: int = 4
+    eval_steps: int = 50
+    guidance: float = 7.0
+    checkpoint_every: int = 25
+    seed: int = 0
+    type: str | None = None
+    limit: int | None = None
+    images: str | None = None
+    sscd: str | None = None
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        _check_positive(steps=self.steps, retain_batch=self.retain_batch, triggers_per_target=self.triggers_per_target,
+                        seeds=self.seeds, utility_seeds=self.utility_seeds, eval_steps=self.eval_steps,
+                        checkpoint_every=self.checkpoint_every, batch_size=self.batch_size)  # fmt: skip
+        if self.learning_rate <= 0:
+            raise DoriError(f"learning rate must be positive, got {self.learning_rate}")

@@ -506,3 +506,157 @@ def plot_steps_curve(summary: dict, path: Path) -> None:
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)
+
+
+# --------------------------------------------------------------------- unlearn
+
+
+def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool = False,
+                progress: Callable[[str], None] | None = None) -> dict:  # fmt: skip
+    """``dori unlearn``: surrogates, adversarial fine-tuning with checkpoints, and the evaluation
+    (a fresh DoRI attack from the prompt and from random starts, plain prompts, utility)."""
+    import json
+    import time
+
+    from safetensors.torch import load_file, save_file
+
+    from dori.configs import AttackRunConfig, MitigateConfig
+    from dori.models.loading import save_model
+    from dori.unlearn.adversarial import UnlearnConfig, UnlearnState, adversarial_finetune
+
+    say = progress or (lambda message: None)
+    began = time.monotonic()
+    prompts = load_prompts(config.prompts, model, kind=config.type, limit=config.limit)
+    refs = References(model, images=config.images, sscd=config.sscd)
+    out = open_run(out, "unlearn", asdict(config), resume=resume)
+    common = dict(prompts=config.prompts, model=config.model, type=config.type, limit=config.limit,
+                  images=config.images, sscd=config.sscd, batch_size=config.batch_size)  # fmt: skip
+    attack_cfg = AttackRunConfig(steps=config.eval_attack_steps, steps_curve=str(config.eval_attack_steps),
+                                 seeds=config.seeds, eval_steps=config.eval_steps, guidance=config.guidance,
+                                 control=False, **common)  # fmt: skip
+    util = dict(seeds=config.utility_seeds, steps=config.eval_steps, guidance=config.guidance, batch_size=config.batch_size)
+    before_file = out / "before.json"
+    if before_file.exists():
+        before = json.loads(before_file.read_text())
+    else:
+        say("measuring the original model (DoRI attack, utility)")
+        attack_before = attack_and_measure(model, prompts, refs, attack_cfg, label="before_attack", out=out)
+        before = {"attack": attack_before, "utility": utility(model, **util)}
+        write_json_atomic(before_file, before)
+
+    # Surrogates: the mitigated model's generation from the original prompt, below the threshold.
+    targets = attack_targets(model, prompts, refs)
+    surrogate_file = out / "surrogates.safetensors"
+    if surrogate_file.exists():
+        surrogates = load_file(str(surrogate_file))["images"]
+    else:
+        mitigation = load_mitigation(model, config.mitigation)
+        if mitigation is None:
+            say("surrogates: running NeMo")
+            nemo_cfg = MitigateConfig(method="nemo", seeds=config.seeds, steps=config.eval_steps, **common)
+            mitigation, _ = _nemo(nemo_cfg, model, prompts, model.encode(prompts.texts), out, say)
+        surrogates, surrogate_sims = make_surrogates(model, prompts, targets, refs, mitigation,
+                                                     steps=config.eval_steps, guidance=config.guidance)  # fmt: skip
+        save_file({"images": surrogates.contiguous()}, str(surrogate_file))
+        write_json_atomic(out / "surrogates.json", {"similarity_to_training_image": surrogate_sims,
+                                                    "tau": refs.detector.tau})  # fmt: skip
+        save_grid(torch.cat([torch.cat(targets), surrogates]), out / "surrogates.png", columns=len(prompts))
+
+    retain_images, retain_captions = retained_pairs(model, config, refs)
+    unique = sorted(set(retain_captions))
+    retain_emb = torch.cat([model.encode(unique[i : i + 256]) for i in range(0, len(unique), 256)])
+    retain_index = torch.tensor([unique.index(c) for c in retain_captions])
+    checkpoint = out / "checkpoint.pt"
+    state, optimizer_state = None, None
+    if checkpoint.exists():
+        saved = torch.load(str(checkpoint), weights_only=True)
+        model.unet.load_state_dict(saved["unet"])
+        state = UnlearnState(int(saved["step"]), saved["triggers"].to(model.device), json.loads(saved["history"]))
+        optimizer_state = saved["optimizer"]
+        say(f"resumed fine-tuning at step {state.step}")
+    ft_config = UnlearnConfig(steps=config.steps, learning_rate=config.learning_rate, retain_batch=config.retain_batch,
+                              triggers_per_target=config.triggers_per_target, inner_steps=config.inner_steps,
+                              warm_start=config.warm_start, fresh_steps=config.fresh_steps,
+                              adv_weight=config.adv_weight, seed=config.seed)  # fmt: skip
+    ft_began = time.monotonic()
+
+    def on_step(current: UnlearnState, optimizer) -> None:
+        last = current.history[-1]
+        say(f"fine-tuning step {current.step}/{config.steps}: L_DM {last['loss_dm']:.4f}, L_adv {last['loss_adv']:.4f}")
+        if current.step % config.checkpoint_every == 0 or current.step == config.steps:
+            tmp = checkpoint.with_name("checkpoint.pt.tmp")
+            torch.save({"unet": model.unet.state_dict(), "optimizer": optimizer.state_dict(), "step": current.step,
+                        "triggers": current.triggers.cpu(), "history": json.dumps(current.history)}, str(tmp))  # fmt: skip
+            tmp.replace(checkpoint)
+
+    state = adversarial_finetune(
+        model, targets=model.to_latents(torch.cat(targets)), surrogates=model.to_latents(surrogates),
+        prompt_emb=model.encode(prompts.texts), retain_latents=model.to_latents(retain_images), retain_emb=retain_emb,
+        retain_index=retain_index, config=ft_config, state=state, optimizer_state=optimizer_state, on_step=on_step,
+    )  # fmt: skip
+    ft_seconds = time.monotonic() - ft_began
+    save_model(model, out / "model", meta={"unlearned_from": model.source})
+    model.source = str(out / "model")
+
+    say("evaluating the fine-tuned model")
+    after_prompt = attack_and_measure(model, prompts, refs, attack_cfg, label="after_attack_prompt", out=out)
+    random_cfg = AttackRunConfig(**{**asdict(attack_cfg), "init": "random", "attack_seed": 1})
+    after_random = attack_and_measure(model, prompts, refs, random_cfg, label="after_attack_random", out=out)
+    plain, _, plain_images = evaluate_replication(model, prompts, refs, seeds=config.seeds, steps=config.eval_steps,
+                                                  guidance=config.guidance, batch_size=config.batch_size)  # fmt: skip
+    save_grid(plain_images, out / "after_prompt_generations.png", columns=config.seeds)
+    utility_after = utility(model, **util)
+    ub, ua = before["utility"], utility_after
+    summary = {
+        "mr_attack_before": before["attack"]["mr"],
+        "sscd_attack_before": before["attack"]["sscd_mean"],
+        "mr_attack_after": max(after_prompt["mr"], after_random["mr"]),
+        "mr_attack_after_prompt_init": after_prompt["mr"],
+        "mr_attack_after_random_init": after_random["mr"],
+        "sscd_attack_after": after_prompt["sscd_mean"],
+        "sscd_attack_after_std": after_prompt["sscd_std"],
+        "mr_prompt_after": plain["mr"],
+        "sscd_prompt_after": plain["sscd_mean"],
+        "utility_before": None if ub is None else ub["alignment"],
+        "utility_after": None if ua is None else ua["alignment"],
+        "fd_before": None if ub is None else ub["fd"],
+        "fd_after": None if ua is None else ua["fd"],
+        "fine_tuning_seconds": ft_seconds,
+        "seconds": time.monotonic() - began,
+        "history": state.history,
+        "model": str(out / "model"),
+        "similarity": refs.detector.to_dict(),
+    }
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def make_surrogates(model, prompts: PromptSet, targets, refs: References, mitigation, *, steps: int, guidance: float,
+                    tries: int = 20) -> tuple[torch.Tensor, list[float]]:  # fmt: skip
+    """Per prompt, the first seed whose generation under ``mitigation`` stays below ``tau``
+    against the training image (the least similar of ``tries`` seeds if none does)."""
+    emb = model.encode(prompts.texts)
+    with intervene(model, mitigation):
+        images = model.generate(emb, list(range(tries)), steps=steps, guidance=guidance)
+    chosen, sims = [], []
+    for i, target in enumerate(targets):
+        candidates = images[i * tries : (i + 1) * tries]
+        sim = refs.detector.similarity(refs.detector.embed(candidates), refs.detector.embed(target))[:, 0]
+        below = torch.nonzero(sim < refs.detector.tau).flatten()
+        pick = int(below[0]) if len(below) else int(sim.argmin())
+        chosen.append(candidates[pick])
+        sims.append(float(sim[pick]))
+    return torch.stack(chosen), sims
+
+
+def retained_pairs(model: DiffusionModel, config, refs: References) -> tuple[torch.Tensor, list[str]]:
+    """Non-memorized training pairs for L_DM: the bundled model's ordinary pairs, or
+    ``--retain-prompts`` with their images for a real model."""
+    if config.retain_prompts is None:
+        if refs.kit is None:
+            raise DoriError("fine-tuning a real model needs retained pairs: pass --retain-prompts SET with --images DIR")
+        data = refs.kit.data
+        rows = [i for i, k in enumerate(data.kinds) if k == "ordinary"]
+        return data.images[torch.tensor(rows)], [data.captions[i] for i in rows]
+    retain = load_prompts(config.retain_prompts, model)
+    return torch.cat([refs.of(p)[:1] for p in retain.prompts]), retain.texts

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from importlib import resources
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from dori.errors import DoriError
 from dori.models.base import DiffusionModel
 
 MODEL_FILE = "dori_model.json"
+KIT_FILES = ("attribute_classifier.safetensors", "attribute_classifier.json", "copy_detector.json")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -157,7 +159,12 @@ def save_model(model: DiffusionModel, out_dir: str | os.PathLike, *, meta: dict 
     model.text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
     (out / "scheduler").mkdir(exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(model.scheduler_config, indent=2))
-    info = {"name": model.name, "pixel_space": model.vae is None}
+    info = {**model.meta, "name": model.name, "pixel_space": model.vae is None}
+    if model.source is not None:  # the bundled model's instruments travel with its weights
+        for extra in KIT_FILES:
+            src = Path(model.source) / extra
+            if src.is_file() and src.resolve() != (out / extra).resolve():
+                shutil.copyfile(src, out / extra)
     if model.vae is not None:
         model.vae.save_pretrained(out / "vae", safe_serialization=True)
     if model.token_map is not None:

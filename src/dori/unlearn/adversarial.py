@@ -1,0 +1,148 @@
+"""Adversarial fine-tuning that removes memorization (Kowalczuk et al., "Finding DoRI", stage 6).
+
+Every step, the DoRI attack (:func:`dori.attack.dori_attack`, the same function ``dori attack``
+uses) searches triggers ``y_adv`` for the memorized images against the *current* model; the U-Net
+is then trained on
+
+    L = L_DM + adv_weight * L_adv,
+    L_adv = || target(s, eps, t) - f_theta(noised surrogate s, t, y_adv) ||^2,
+
+where ``L_DM`` is the ordinary diffusion loss on retained (non-memorized) training pairs, so image
+quality stays, and ``s`` is a harmless surrogate image for each memorized one. The whole U-Net
+trains (LoRA was reported not to work); the text encoder stays frozen; AdamW.
+
+Triggers per target: one starts from the prompt's embedding, the others from N(0, I). With
+``warm_start`` (default) each step continues the previous step's triggers for ``inner_steps`` Adam
+steps instead of a fresh ``fresh_steps``-step search; ``warm_start=False`` restarts every step from
+the initial points (the expensive variant, for comparison).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dori.attack import AttackConfig, dori_attack
+from dori.errors import DoriError
+from dori.models.base import DiffusionModel
+
+
+@dataclass(frozen=True)
+class UnlearnConfig:
+    steps: int = 150
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.01
+    retain_batch: int = 32
+    adv_pairs: int = 2  # (noise, t) pairs per trigger, in the attack and in L_adv
+    triggers_per_target: int = 3
+    inner_steps: int = 5  # attack steps per fine-tuning step when warm-starting
+    warm_start: bool = True
+    fresh_steps: int = 50  # attack steps per fine-tuning step without warm start
+    attack_learning_rate: float = 0.1
+    adv_weight: float = 1.0
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "retain_batch", "adv_pairs", "triggers_per_target"):
+            if getattr(self, name) < 1:
+                raise DoriError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass
+class UnlearnState:
+    step: int
+    triggers: Tensor  # [T * k, L, D]
+    history: list[dict]
+
+
+def initial_triggers(model: DiffusionModel, prompt_emb: Tensor, k: int, seed: int) -> Tensor:
+    """``[T * k, L, D]``: per target, its prompt embedding then ``k - 1`` N(0, I) draws."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for emb in prompt_emb.float():
+        rows.append(emb[None].to(model.device))
+        if k > 1:
+            rows.append(torch.randn(k - 1, *emb.shape, generator=generator).to(model.device))
+    return torch.cat(rows)
+
+
+def adversarial_finetune(
+    model: DiffusionModel,
+    *,
+    targets: Tensor,
+    surrogates: Tensor,
+    prompt_emb: Tensor,
+    retain_latents: Tensor,
+    retain_emb: Tensor,
+    retain_index: Tensor,
+    config: UnlearnConfig = UnlearnConfig(),
+    state: UnlearnState | None = None,
+    optimizer_state: dict | None = None,
+    on_step: Callable[[UnlearnState, torch.optim.Optimizer], None] | None = None,
+) -> UnlearnState:
+    """Fine-tune ``model.unet`` in place. ``targets`` / ``surrogates`` ``[T, C, h, w]`` are latents of
+    the memorized images and their surrogates, ``prompt_emb`` ``[T, L, D]`` their prompts'
+    embeddings; the retained pairs are ``retain_latents[i]`` with ``retain_emb[retain_index[i]]``.
+    ``on_step`` sees the state after every step (checkpointing, progress)."""
+    k = config.triggers_per_target
+    n_targets = targets.shape[0]
+    if surrogates.shape != targets.shape or prompt_emb.shape[0] != n_targets:
+        raise DoriError("one surrogate and one prompt embedding per memorized target are needed")
+    starts = initial_triggers(model, prompt_emb, k, config.seed)
+    state = state or UnlearnState(0, starts.clone(), [])
+    unet = model.unet
+    unet.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    target_rows = targets.repeat_interleave(k, dim=0)
+    surrogate_rows = surrogates.repeat_interleave(k, dim=0).repeat_interleave(config.adv_pairs, dim=0)
+    try:
+        for step in range(state.step, config.steps):
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+            attack = AttackConfig(
+                steps=config.inner_steps if config.warm_start else config.fresh_steps,
+                learning_rate=config.attack_learning_rate,
+                batch=config.adv_pairs,
+            )
+            begin = state.triggers if config.warm_start else starts
+            seeds = [config.seed * 7919 + step * 1009 + i for i in range(len(begin))]
+            unet.requires_grad_(False)  # the attack differentiates the embedding only
+            triggers = dori_attack(model, target_rows, begin, attack, seeds=seeds).embeddings
+            unet.requires_grad_(True)
+
+            pick = torch.randint(len(retain_latents), (config.retain_batch,), generator=generator)
+            x0 = retain_latents[pick].to(model.device, model.dtype)
+            noise = torch.randn(x0.shape, generator=generator).to(model.device, model.dtype)
+            t = torch.randint(model.num_train_timesteps, (len(x0),), generator=generator).to(model.device)
+            loss_dm = model.diffusion_loss(x0, retain_emb[retain_index[pick]].to(model.device, model.dtype), noise, t).mean()
+
+            adv_noise = torch.randn(surrogate_rows.shape, generator=generator).to(model.device, model.dtype)
+            adv_t = torch.randint(model.num_train_timesteps, (len(surrogate_rows),), generator=generator).to(model.device)
+            adv_emb = triggers.to(model.dtype).repeat_interleave(config.adv_pairs, dim=0)
+            loss_adv = model.diffusion_loss(surrogate_rows.to(model.device, model.dtype), adv_emb, adv_noise, adv_t).mean()
+
+            loss = loss_dm + config.adv_weight * loss_adv
+            if not torch.isfinite(loss):
+                raise DoriError(f"fine-tuning produced a non-finite loss at step {step}; the last good checkpoint "
+                                "is kept; lower --lr and resume")  # fmt: skip
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
+            optimizer.step()
+            # The memorized images' own diffusion loss under the triggers: how well the attack still works.
+            with torch.no_grad():
+                attack_loss = model.diffusion_loss(target_rows.repeat_interleave(config.adv_pairs, dim=0).to(model.dtype),
+                                                   adv_emb, adv_noise, adv_t).mean()  # fmt: skip
+            state = UnlearnState(step + 1, triggers.detach(), state.history + [
+                {"step": step + 1, "loss_dm": loss_dm.item(), "loss_adv": loss_adv.item(),
+                 "attack_loss_on_memorized": attack_loss.item()}])  # fmt: skip
+            if on_step is not None:
+                on_step(state, optimizer)
+    finally:
+        unet.eval().requires_grad_(False)
+    return state
