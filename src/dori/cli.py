@@ -298,6 +298,35 @@ def unlearn(
                   f"{summary['seconds']:.0f} s -> {out}/summary.json (model: {summary['model']})")  # fmt: skip
 
 
+@app.command()
+def study(
+    out: Annotated[Path, typer.Option("--out", help="Study folder (stages/, summary.json, report.html).")],
+    model: ModelOption = "bundled",
+    memorized: Annotated[str, typer.Option("--memorized")] = "bundled:memorized",
+    non_memorized: Annotated[str, typer.Option("--non-memorized")] = "bundled:non_memorized",
+    stages: Annotated[str, typer.Option("--stages", help="Comma-separated subset of the stages.")] = ",".join(
+        ("detect", "replicate", "nemo", "wanda", "nemo_dori", "wanda_dori", "unlearn")),
+    quick: Annotated[bool, typer.Option("--quick", help="Reduced settings (for tests and a first look).")] = False,
+    images: Annotated[str | None, typer.Option("--images")] = None,
+    sscd: Annotated[str | None, typer.Option("--sscd")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+    resume: ResumeOption = False,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
+) -> None:
+    """The whole study: detect, replicate, NeMo / Wanda, DoRI on each, the control, adversarial fine-tuning, report."""
+    from dori.study import StudyConfig, run_study
+
+    config = StudyConfig(model=model, memorized=memorized, non_memorized=non_memorized, stages=stages, quick=quick,
+                         images=images, sscd=sscd, batch_size=batch_size)  # fmt: skip
+    diffusion = _load(model, device, dtype)
+    with console.status("study") as status:
+        summary = run_study(config, diffusion, out, resume=resume, progress=lambda m: status.update(f"study: {m}"))
+    for name, row in summary["table"].items():
+        console.print(f"{name:>20}: MR {row['mr']:.3f}, similarity {row['sscd_mean']:.3f}, utility {row['utility']}")
+    console.print(f"report: {out}/report.html")
+
+
 @toy_app.command("train")
 def toy_train(
     out: Annotated[Path, typer.Option("--out", help="Folder for checkpoints, weights and the model card.")],

@@ -617,6 +617,7 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
         "sscd_attack_after_std": after_prompt["sscd_std"],
         "mr_prompt_after": plain["mr"],
         "sscd_prompt_after": plain["sscd_mean"],
+        "sscd_prompt_after_std": plain["sscd_std"],
         "utility_before": None if ub is None else ub["alignment"],
         "utility_after": None if ua is None else ua["alignment"],
         "fd_before": None if ub is None else ub["fd"],

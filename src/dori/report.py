@@ -1,0 +1,133 @@
+"""The study's HTML report: one self-contained file (images inlined as base64 PNG)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+from PIL import Image
+
+from dori.report_images import grid_cell, to_pil
+from dori.runs import write_text_atomic
+
+# The paper's headline table (SD v1.4, VM prompts; METHOD.md): SSCD_orig mean, std, MR.
+PAPER = {
+    "memorized": (0.90, 0.04, 0.98),
+    "non_memorized": (0.17, 0.05, 0.00),
+    "non_memorized+dori": (0.48, 0.06, 0.00),
+    "nemo": (0.33, 0.18, 0.20),
+    "nemo+dori": (0.91, 0.03, 0.99),
+    "wanda": (0.20, 0.08, 0.00),
+    "wanda+dori": (0.76, 0.05, 0.72),
+    "adv_ft": (None, None, None),
+    "adv_ft+dori": (0.36, 0.14, 0.02),
+}
+PAPER_CURVES = {"nemo": [0.20, 0.73, 0.79, 0.94, 0.99], "wanda": [0.00, 0.02, 0.18, 0.49, 0.73]}
+STRIP = (
+    ("training image", None),
+    ("no mitigation", ("replicate", "grids/prompt{i:04d}.png", 0)),
+    ("NeMo", ("nemo", "mitigated_generations.png", None)),
+    ("NeMo + DoRI", ("nemo_dori", "attack_generations.png", None)),
+    ("Wanda", ("wanda", "mitigated_generations.png", None)),
+    ("Wanda + DoRI", ("wanda_dori", "attack_generations.png", None)),
+    ("adv. fine-tuning + DoRI", ("unlearn", "after_attack_prompt_generations.png", None)),
+)
+
+
+def _png(image: Image.Image, size: int | None = None) -> str:
+    if size is not None:
+        image = image.resize((size, size), Image.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _img(image: Image.Image | None, alt: str, size: int = 96) -> str:
+    if image is None:
+        return '<span class="missing">not run</span>'
+    return f'<img src="{_png(image, size)}" alt="{html.escape(alt)}" width="{size}" height="{size}">'
+
+
+def _file_img(path: Path, alt: str) -> str:
+    if not path.is_file():
+        return ""
+    return f'<img src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}" alt="{html.escape(alt)}">'
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def write_report(root: Path, summary: dict, results: dict, configs: dict, model) -> Path:
+    from dori import workflows as wf
+
+    stages = root / "stages"
+    rows = []
+    for name, (p_mean, p_std, p_mr) in PAPER.items():
+        ours = summary["table"].get(name)
+        ours_cells = (f"<td>{_fmt(ours['sscd_mean'])} ± {_fmt(ours['sscd_std'])}</td><td>{_fmt(ours['mr'])}</td>"
+                      f"<td>{_fmt(ours['utility'])}</td>") if ours else "<td colspan=3>not run</td>"  # fmt: skip
+        paper = f"<td>{_fmt(p_mean)} ± {_fmt(p_std)}</td><td>{_fmt(p_mr)}</td>" if p_mean is not None else \
+            f"<td>–</td><td>{_fmt(p_mr)}</td>"  # fmt: skip
+        rows.append(f"<tr><th>{html.escape(name)}</th>{ours_cells}{paper}</tr>")
+
+    strips = []
+    if "replicate" in configs:
+        prompts = wf.load_prompts(configs["replicate"].prompts, model, kind=configs["replicate"].type,
+                                  limit=configs["replicate"].limit)  # fmt: skip
+        height, width = model.image_size
+        try:
+            refs = wf.References(model, images=configs["replicate"].images, sscd=configs["replicate"].sscd)
+            targets = wf.attack_targets(model, prompts, refs)
+        except Exception:  # noqa: BLE001 - a report without training images still renders
+            targets = [None] * len(prompts)
+        for i, prompt in enumerate(prompts.prompts):
+            cells = []
+            for label, source in STRIP:
+                if source is None:
+                    image = None if targets[i] is None else to_pil(targets[i][0])
+                else:
+                    stage, pattern, row = source
+                    image = grid_cell(stages / stage / pattern.format(i=i), i if row is None else row, 0, height, width)
+                cells.append(f"<figure>{_img(image, label)}<figcaption>{html.escape(label)}</figcaption></figure>")
+            strips.append(f'<div class="strip"><p class="prompt">{html.escape(prompt.prompt)}</p>{"".join(cells)}</div>')
+
+    detection = summary.get("detection")
+    det_html = "<p>not run</p>" if detection is None else (
+        f"<p>noise-difference norm (first step): ROC-AUC {detection['auc']:.3f}, TPR@1%FPR "
+        f"{detection['tpr_at_1pct_fpr']:.3f}; NeMo's SSIM check: ROC-AUC {detection['ssim']['auc']:.3f}, threshold "
+        f"{detection['ssim']['threshold']:.3f}.</p>" + _file_img(stages / "detect" / "roc.png", "ROC curves"))  # fmt: skip
+    curves = "".join(
+        f"<h3>{m}</h3><p>ours: " + ", ".join(f"{k} steps: {v:.2f}" for k, v in sorted(c.items(), key=lambda kv: int(kv[0])))
+        + f"; paper (0/1/10/25/50): {', '.join(f'{v:.2f}' for v in PAPER_CURVES[m])}</p>"
+        + _file_img(stages / f"{m}_dori" / "steps_curve.png", f"MR against DoRI steps, {m}")
+        for m, c in summary.get("steps_curve", {}).items()
+    )  # fmt: skip
+    timing = "".join(f"<tr><th>{html.escape(k)}</th><td>{v:.0f} s</td></tr>" for k, v in summary["timing"].items())
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>dori study: {html.escape(model.name)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 1100px; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
+th {{ text-align: left; }} .strip {{ display: flex; flex-wrap: wrap; gap: 6px; align-items: flex-end;
+margin-bottom: 1em; }} .prompt {{ width: 100%; margin: 0; font-weight: 600; }}
+figure {{ margin: 0; text-align: center; font-size: 11px; }} img {{ image-rendering: pixelated; }}
+.missing {{ display: inline-block; width: 96px; height: 96px; background: #eee; font-size: 11px; }}
+</style></head><body>
+<h1>dori study: {html.escape(model.name)}</h1>
+<p>{"<b>Quick run (reduced settings): numbers are indicative only.</b>" if summary["quick"] else ""}
+Similarity: the model's copy detector (SSCD for real models); MR = fraction of generations above its threshold.
+Utility = prompt alignment on held-out captions (bundled model).</p>
+<h2>Results beside the paper (SD v1.4, VM prompts)</h2>
+<table><tr><th>setting</th><th>similarity (ours)</th><th>MR (ours)</th><th>utility (ours)</th>
+<th>SSCD_orig (paper)</th><th>MR (paper)</th></tr>{"".join(rows)}</table>
+<h2>Each memorized target</h2>{"".join(strips)}
+<h2>MR against DoRI steps</h2>{curves or "<p>not run</p>"}
+<h2>Detection</h2>{det_html}
+<h2>Locality</h2><p>Not part of this run (the non-locality analysis is not implemented yet).</p>
+<h2>Time per stage</h2><table>{timing}</table>
+</body></html>
+"""
+    return write_text_atomic(root / "report.html", page)

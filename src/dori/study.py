@@ -1,0 +1,167 @@
+"""``dori study``: the whole study in one command, stage by stage, resumable.
+
+detection -> replication (memorized, non-memorized) -> NeMo and Wanda -> DoRI on each (with the
+MR-vs-steps curve; the NeMo run also attacks the control targets) -> adversarial fine-tuning ->
+DoRI again -> the report. Each stage is an ordinary run folder under ``DIR/stages/``, written by the
+same workflow functions as the single commands; a stage whose ``summary.json`` exists is skipped
+on ``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dori.configs import AttackRunConfig, DetectConfig, MitigateConfig, ReplicateConfig, UnlearnRunConfig
+from dori.errors import DoriError
+from dori.models.base import DiffusionModel
+from dori.runs import open_run, write_json_atomic
+
+STAGES = ("detect", "replicate", "nemo", "wanda", "nemo_dori", "wanda_dori", "unlearn")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    model: str = "bundled"
+    memorized: str = "bundled:memorized"
+    non_memorized: str = "bundled:non_memorized"
+    stages: str = ",".join(STAGES)
+    quick: bool = False
+    images: str | None = None
+    sscd: str | None = None
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        unknown = set(self.stage_list()) - set(STAGES)
+        if unknown:
+            raise DoriError(f"unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
+
+    def stage_list(self) -> list[str]:
+        return [s.strip() for s in self.stages.split(",") if s.strip()]
+
+
+def stage_configs(config: StudyConfig, root: Path) -> dict:
+    """Each stage's own config (reduced settings with ``quick``)."""
+    q = config.quick
+    seeds = 2 if q else 10
+    limit = 3 if q else None
+    common = dict(model=config.model, images=config.images, sscd=config.sscd, batch_size=config.batch_size)
+    mem = dict(prompts=config.memorized, limit=limit, **common)
+    gen = dict(steps=20 if q else 50)
+    stages = root / "stages"
+    return {
+        "detect": DetectConfig(memorized=config.memorized, non_memorized=config.non_memorized, model=config.model,
+                               generations=2 if q else 4, consistency_seeds=4 if q else 10, limit=limit,
+                               batch_size=config.batch_size, **gen),  # fmt: skip
+        "replicate": ReplicateConfig(seeds=seeds, **mem, **gen),
+        "replicate_non_memorized": ReplicateConfig(**{**mem, "prompts": config.non_memorized}, seeds=seeds, **gen),
+        "nemo": MitigateConfig(method="nemo", seeds=seeds, utility_seeds=1 if q else 4, **mem, **gen),
+        "wanda": MitigateConfig(method="wanda", seeds=seeds, utility_seeds=1 if q else 4, **mem, **gen),
+        "nemo_dori": AttackRunConfig(mitigation=str(stages / "nemo"), steps=5 if q else 50,
+                                     steps_curve="0,1,5" if q else "0,1,10,25,50", seeds=seeds,
+                                     eval_steps=gen["steps"], control_limit=2 if q else 10, **mem),  # fmt: skip
+        "wanda_dori": AttackRunConfig(mitigation=str(stages / "wanda"), steps=5 if q else 50,
+                                      steps_curve="0,1,5" if q else "0,1,10,25,50", seeds=seeds,
+                                      eval_steps=gen["steps"], control=False, **mem),  # fmt: skip
+        "unlearn": UnlearnRunConfig(mitigation=str(stages / "nemo"), steps=3 if q else UnlearnRunConfig.steps,
+                                    eval_attack_steps=5 if q else 50, seeds=seeds, utility_seeds=1 if q else 4,
+                                    eval_steps=gen["steps"], **mem),  # fmt: skip
+    }
+
+
+def run_study(config: StudyConfig, model: DiffusionModel, out: str | Path, *, resume: bool = False,
+              progress: Callable[[str], None] | None = None) -> dict:  # fmt: skip
+    from dori import workflows as wf
+
+    say = progress or (lambda message: None)
+    root = open_run(out, "study", asdict(config), resume=resume)
+    configs = stage_configs(config, root)
+    timing_file = root / "timing.json"
+    timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
+    runners = {
+        "detect": [("detect", wf.run_detect)],
+        "replicate": [("replicate", wf.run_replicate), ("replicate_non_memorized", wf.run_replicate)],
+        "nemo": [("nemo", wf.run_mitigate)],
+        "wanda": [("wanda", wf.run_mitigate)],
+        "nemo_dori": [("nemo_dori", wf.run_attack)],
+        "wanda_dori": [("wanda_dori", wf.run_attack)],
+        "unlearn": [("unlearn", wf.run_unlearn)],
+    }
+    results = {}
+    for stage in STAGES:
+        for name, runner in runners[stage]:
+            folder = root / "stages" / name
+            done = folder / "summary.json"
+            if stage not in config.stage_list():
+                if done.exists():
+                    results[name] = json.loads(done.read_text())
+                continue
+            if done.exists():
+                results[name] = json.loads(done.read_text())
+                continue
+            say(f"stage {name}")
+            began = time.monotonic()
+            kwargs = {"progress": say} if runner in (wf.run_mitigate, wf.run_unlearn) else {}
+            results[name] = runner(configs[name], model, folder, resume=True, **kwargs)
+            timing[name] = timing.get(name, 0.0) + time.monotonic() - began
+            write_json_atomic(timing_file, timing)
+            if name == "unlearn":  # later stages must see the original model again
+                from dori.models.loading import load_model
+
+                original = load_model(config.model, device=model.device, dtype=model.dtype)
+                model.unet.load_state_dict(original.unet.state_dict())
+                model.source = original.source
+    summary = {"table": table(results), "detection": _detection(results), "timing": timing,
+               "quick": config.quick, "stages_run": config.stage_list(),
+               "locality": None, "steps_curve": _curves(results)}  # fmt: skip
+    write_json_atomic(root / "summary.json", summary)
+    from dori.report import write_report
+
+    write_report(root, summary, results, configs, model)
+    return summary
+
+
+def _row(mr, mean, std, utility):
+    return {"mr": mr, "sscd_mean": mean, "sscd_std": std, "utility": utility}
+
+
+def table(results: dict) -> dict:
+    """One row per setting, named as in the paper's table."""
+    rows = {}
+    util_before = next((results[m]["utility_before"] for m in ("nemo", "wanda") if m in results), None)
+    if "replicate" in results:
+        r = results["replicate"]
+        rows["memorized"] = _row(r["mr"], r["sscd_mean"], r["sscd_std"], util_before)
+    if "replicate_non_memorized" in results:
+        r = results["replicate_non_memorized"]
+        rows["non_memorized"] = _row(r["mr"], r["sscd_mean"], r["sscd_std"], util_before)
+    control = results.get("nemo_dori", {}).get("control", {})
+    non_mem = next((v for k, v in control.items() if k.endswith(":non_memorized")), None)
+    if non_mem is not None:
+        rows["non_memorized+dori"] = _row(non_mem["mr"], non_mem["sscd_mean"], non_mem["sscd_std"], util_before)
+    for method in ("nemo", "wanda"):
+        if method in results:
+            m = results[method]
+            rows[method] = _row(m["mr_after"], m["sscd_mean_after"], m["sscd_std_after"], m["utility_after"])
+            if f"{method}_dori" in results:
+                a = results[f"{method}_dori"]
+                rows[f"{method}+dori"] = _row(a["mr"], a["sscd_mean"], a["sscd_std"], m["utility_after"])
+    if "unlearn" in results:
+        u = results["unlearn"]
+        rows["adv_ft"] = _row(u["mr_prompt_after"], u["sscd_prompt_after"], u.get("sscd_prompt_after_std"), u["utility_after"])
+        rows["adv_ft+dori"] = _row(u["mr_attack_after"], u["sscd_attack_after"], u["sscd_attack_after_std"], u["utility_after"])
+    return rows
+
+
+def _detection(results: dict) -> dict | None:
+    if "detect" not in results:
+        return None
+    d = results["detect"]
+    return {"auc": d["noise_norm"]["auc"], "tpr_at_1pct_fpr": d["noise_norm"]["tpr_at_1pct_fpr"], "ssim": d["ssim"]}
+
+
+def _curves(results: dict) -> dict:
+    return {m: results[f"{m}_dori"]["steps_curve"] for m in ("nemo", "wanda") if f"{m}_dori" in results}
