@@ -8,14 +8,26 @@ from dataclasses import dataclass
 from dori.errors import DoriError
 
 
+@dataclass(frozen=True, kw_only=True)
+class Selection:
+    """What every prompt-set stage shares: which prompts, where their training images and copy
+    detector come from (real models), and the U-Net batch size."""
+
+    type: str | None = None  # keep only prompts of this type (VM, TM)
+    limit: int | None = None  # only the first N prompts
+    images: str | None = None  # training images named by prompt index (real models)
+    sscd: str | None = None  # an SSCD TorchScript file (real models)
+    batch_size: int = 64
+
+
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if value < 1:
             raise DoriError(f"{name.replace('_', '-')} must be at least 1, got {value}")
 
 
-@dataclass(frozen=True)
-class ReplicateConfig:
+@dataclass(frozen=True, kw_only=True)
+class ReplicateConfig(Selection):
     prompts: str
     model: str = "bundled"
     mitigation: str | None = None
@@ -23,12 +35,7 @@ class ReplicateConfig:
     first_seed: int = 0
     steps: int = 50
     guidance: float = 7.0
-    type: str | None = None
-    limit: int | None = None
-    images: str | None = None
-    sscd: str | None = None
     sscd_convention: str = "resize320"
-    batch_size: int = 64
 
     def __post_init__(self) -> None:
         _check_positive(seeds=self.seeds, steps=self.steps, batch_size=self.batch_size)
@@ -54,10 +61,8 @@ class DetectConfig:
             raise DoriError(f"consistency-seeds must be at least 2 (pairs of seeds), got {self.consistency_seeds}")
 
 
-
-
-@dataclass(frozen=True)
-class MitigateConfig:
+@dataclass(frozen=True, kw_only=True)
+class MitigateConfig(Selection):
     method: str
     prompts: str
     model: str = "bundled"
@@ -70,11 +75,6 @@ class MitigateConfig:
     utility_seeds: int = 4
     steps: int = 50
     guidance: float = 7.0
-    type: str | None = None
-    limit: int | None = None
-    images: str | None = None
-    sscd: str | None = None
-    batch_size: int = 64
 
     def __post_init__(self) -> None:
         if self.method not in ("nemo", "wanda"):
@@ -86,8 +86,8 @@ class MitigateConfig:
         _check_positive(seeds=self.seeds, utility_seeds=self.utility_seeds, steps=self.steps, batch_size=self.batch_size)
 
 
-@dataclass(frozen=True)
-class AttackRunConfig:
+@dataclass(frozen=True, kw_only=True)
+class AttackRunConfig(Selection):
     prompts: str
     model: str = "bundled"
     mitigation: str | None = None
@@ -103,11 +103,6 @@ class AttackRunConfig:
     eval_steps: int = 50
     guidance: float = 7.0
     attack_seed: int = 0
-    type: str | None = None
-    limit: int | None = None
-    images: str | None = None
-    sscd: str | None = None
-    batch_size: int = 64
 
     def __post_init__(self) -> None:
         if self.init not in ("prompt", "random", "other"):
@@ -128,8 +123,8 @@ class AttackRunConfig:
         return values
 
 
-@dataclass(frozen=True)
-class UnlearnRunConfig:
+@dataclass(frozen=True, kw_only=True)
+class UnlearnRunConfig(Selection):
     prompts: str
     model: str = "bundled"
     mitigation: str | None = None  # surrogates come from this mitigated model (default: NeMo, run here)
@@ -149,11 +144,6 @@ class UnlearnRunConfig:
     guidance: float = 7.0
     checkpoint_every: int = 25
     seed: int = 0
-    type: str | None = None
-    limit: int | None = None
-    images: str | None = None
-    sscd: str | None = None
-    batch_size: int = 64
 
     def __post_init__(self) -> None:
         _check_positive(steps=self.steps, retain_batch=self.retain_batch, triggers_per_target=self.triggers_per_target,
