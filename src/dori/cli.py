@@ -33,6 +33,7 @@ TypeOption = Annotated[str | None, typer.Option("--type", help="Keep only prompt
 LimitOption = Annotated[int | None, typer.Option("--limit", help="Only the first N prompts.")]
 ImagesOption = Annotated[str | None, typer.Option("--images", help="Training images, files named by prompt index (real models).")]
 SscdOption = Annotated[str | None, typer.Option("--sscd", help="SSCD TorchScript file (real models).")]
+GuidanceOption = Annotated[float | None, typer.Option("--guidance", help="Classifier-free guidance (default: the model's; 7.0, bundled 3.0).")]
 BatchOption = Annotated[int, typer.Option("--batch-size", help="Images per U-Net batch.")]
 
 
@@ -67,7 +68,7 @@ def generate(
     seeds: Annotated[int, typer.Option("--seeds", help="Images per prompt (seeds first-seed .. first-seed+N-1).")] = 4,
     first_seed: Annotated[int, typer.Option("--first-seed")] = 0,
     steps: Annotated[int, typer.Option("--steps", help="DDIM steps.")] = 50,
-    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 7.0,
+    guidance: Annotated[float | None, typer.Option("--guidance", help="Classifier-free guidance (default: the model's).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "float32",
@@ -120,7 +121,7 @@ def replicate(
     seeds: Annotated[int, typer.Option("--seeds", help="Generations per prompt.")] = ReplicateConfig.seeds,
     first_seed: Annotated[int, typer.Option("--first-seed")] = ReplicateConfig.first_seed,
     steps: Annotated[int, typer.Option("--steps", help="DDIM steps.")] = ReplicateConfig.steps,
-    guidance: Annotated[float, typer.Option("--guidance")] = ReplicateConfig.guidance,
+    guidance: GuidanceOption = ReplicateConfig.guidance,
     type: TypeOption = ReplicateConfig.type,
     limit: LimitOption = ReplicateConfig.limit,
     images: ImagesOption = ReplicateConfig.images,
@@ -155,7 +156,7 @@ def detect(
     generations: Annotated[int, typer.Option("--generations", help="Generations per prompt for the noise norm.")] = DetectConfig.generations,
     consistency_seeds: Annotated[int, typer.Option("--consistency-seeds", help="Seeds for NeMo's SSIM check.")] = DetectConfig.consistency_seeds,
     steps: Annotated[int, typer.Option("--steps")] = DetectConfig.steps,
-    guidance: Annotated[float, typer.Option("--guidance")] = DetectConfig.guidance,
+    guidance: GuidanceOption = DetectConfig.guidance,
     all_steps: Annotated[bool, typer.Option("--all-steps", help="Also average the noise norm over all steps.")] = DetectConfig.all_steps,
     limit: LimitOption = DetectConfig.limit,
     batch_size: BatchOption = DetectConfig.batch_size,
@@ -192,7 +193,7 @@ def mitigate(
     seeds: Annotated[int, typer.Option("--seeds", help="Generations per prompt for MR before / after.")] = MitigateConfig.seeds,
     utility_seeds: Annotated[int, typer.Option("--utility-seeds")] = MitigateConfig.utility_seeds,
     steps: Annotated[int, typer.Option("--steps")] = MitigateConfig.steps,
-    guidance: Annotated[float, typer.Option("--guidance")] = MitigateConfig.guidance,
+    guidance: GuidanceOption = MitigateConfig.guidance,
     type: TypeOption = MitigateConfig.type,
     limit: LimitOption = MitigateConfig.limit,
     images: ImagesOption = MitigateConfig.images,
@@ -229,7 +230,7 @@ def attack(
     steps_curve: Annotated[str, typer.Option("--steps-curve", help="Step counts at which to measure MR.")] = AttackRunConfig.steps_curve,
     control: Annotated[bool, typer.Option("--control/--no-control", help="Also attack non-memorized targets.")] = AttackRunConfig.control,
     seeds: Annotated[int, typer.Option("--seeds", help="Generations per embedding.")] = AttackRunConfig.seeds,
-    guidance: Annotated[float, typer.Option("--guidance")] = AttackRunConfig.guidance,
+    guidance: GuidanceOption = AttackRunConfig.guidance,
     attack_seed: Annotated[int, typer.Option("--attack-seed")] = AttackRunConfig.attack_seed,
     type: TypeOption = AttackRunConfig.type,
     limit: LimitOption = AttackRunConfig.limit,
@@ -359,7 +360,7 @@ def toy_train(
 
         train_bundled_model(config, out, resume=resume, progress=progress, log=bar.console.print)
         if not skip_card:
-            eval_total = 50 * _positive("--eval-seeds", eval_seeds)
+            eval_total = 60 * _positive("--eval-seeds", eval_seeds)
             task = bar.add_task("model card", total=eval_total)
             finish_bundled_model(out, seeds=eval_seeds, progress=lambda n: bar.advance(task, n),
                                  log=bar.console.print)  # fmt: skip

@@ -34,7 +34,7 @@ class ReplicateConfig(Selection):
     seeds: int = 10
     first_seed: int = 0
     steps: int = 50
-    guidance: float = 7.0
+    guidance: float | None = None  # None: the model's own default (7.0; the bundled model 3.0)
     sscd_convention: str = "resize320"
 
     def __post_init__(self) -> None:
@@ -50,7 +50,7 @@ class DetectConfig:
     generations: int = 4
     consistency_seeds: int = 10
     steps: int = 50
-    guidance: float = 7.0
+    guidance: float | None = None  # None: the model's own default (7.0; the bundled model 3.0)
     all_steps: bool = False
     limit: int | None = None
     batch_size: int = 64
@@ -74,7 +74,7 @@ class MitigateConfig(Selection):
     seeds: int = 10  # generations per prompt for MR before / after
     utility_seeds: int = 4
     steps: int = 50
-    guidance: float = 7.0
+    guidance: float | None = None  # None: the model's own default (7.0; the bundled model 3.0)
 
     def __post_init__(self) -> None:
         if self.method not in ("nemo", "wanda"):
@@ -101,7 +101,7 @@ class AttackRunConfig(Selection):
     control_limit: int = 10  # targets per control set (the control is measured at step 0 and the last step)
     seeds: int = 10
     eval_steps: int = 50
-    guidance: float = 7.0
+    guidance: float | None = None  # None: the model's own default (7.0; the bundled model 3.0)
     attack_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -141,7 +141,7 @@ class UnlearnRunConfig(Selection):
     seeds: int = 10
     utility_seeds: int = 4
     eval_steps: int = 50
-    guidance: float = 7.0
+    guidance: float | None = None  # None: the model's own default (7.0; the bundled model 3.0)
     checkpoint_every: int = 25
     seed: int = 0
 

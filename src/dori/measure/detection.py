@@ -23,7 +23,7 @@ def noise_difference_norms(
     *,
     seeds: Sequence[int] = (0, 1, 2, 3),
     steps: int = 50,
-    guidance: float = 7.0,
+    guidance: float | None = None,
     first_step_only: bool = True,
     batch_size: int = 64,
 ) -> dict[str, list[float]]:
@@ -59,7 +59,8 @@ def _first_step(model, emb, seeds, steps, guidance, batch_size, callback) -> Non
     noise = model.initial_noise(seeds).repeat(emb.shape[0], 1, 1, 1)
     for start in range(0, len(all_emb), batch_size):
         rows = slice(start, min(start + batch_size, len(all_emb)))
-        _, cond, uncond = model.guided_outputs(noise[rows], timestep, all_emb[rows], max(guidance, 1.0 + 1e-6))
+        # The norm needs both branches whatever the guidance; the scale itself does not enter it.
+        _, cond, uncond = model.guided_outputs(noise[rows], timestep, all_emb[rows], 2.0)
         callback(model.step_info(0, timestep, rows, noise[rows], cond, uncond))
 
 

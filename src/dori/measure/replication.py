@@ -66,7 +66,7 @@ def replication(
     *,
     seeds: Sequence[int],
     steps: int = 50,
-    guidance: float = 7.0,
+    guidance: float | None = None,
     embeddings: Tensor | None = None,
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,

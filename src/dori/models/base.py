@@ -107,6 +107,12 @@ class DiffusionModel:
         return str(self.noise_scheduler.config.prediction_type)
 
     @property
+    def default_guidance(self) -> float:
+        """The guidance scale this model samples at unless told otherwise (``dori_model.json``'s
+        ``default_guidance``; 7.0, Stable Diffusion's evaluation setting, for other models)."""
+        return float(self.meta.get("default_guidance", 7.0))
+
+    @property
     def max_length(self) -> int:
         return int(self.tokenizer.model_max_length)
 
@@ -246,7 +252,7 @@ class DiffusionModel:
         seeds: Sequence[int],
         *,
         steps: int = 50,
-        guidance: float = 7.0,
+        guidance: float | None = None,
         batch_size: int = 64,
         callback: Callable[[StepInfo], None] | None = None,
         progress: Callable[[int], None] | None = None,
@@ -255,13 +261,15 @@ class DiffusionModel:
 
         Returns ``[B * len(seeds), 3, H, W]`` images in ``[0, 1]``, prompt-major (all seeds of
         prompt 0 first). Each image's starting noise comes from its own seed, so one batch gives the
-        same images as one-by-one calls. ``guidance <= 1`` samples from the conditional model only.
+        same images as one-by-one calls. ``guidance <= 1`` samples from the conditional model only; ``None`` uses
+        :attr:`default_guidance`.
         ``progress`` is called with the number of images finished after each chunk.
         """
         if steps < 1:
             raise DoriError(f"steps must be at least 1, got {steps}")
         if len(seeds) == 0:
             raise DoriError("no seeds given: pass at least one seed")
+        guidance = self.default_guidance if guidance is None else guidance
         emb = emb.to(self.device, self.dtype)
         n_prompts, n_seeds = emb.shape[0], len(seeds)
         all_emb = emb.repeat_interleave(n_seeds, dim=0)
@@ -308,7 +316,7 @@ class DiffusionModel:
         latents: Tensor,
         *,
         steps: int,
-        guidance: float,
+        guidance: float | None,
         rows: slice | None = None,
         callback: Callable[[StepInfo], None] | None = None,
         stop_after: int | None = None,
@@ -316,6 +324,7 @@ class DiffusionModel:
         """The DDIM loop on one batch of starting latents; ``stop_after`` ends it after that many
         steps (the stages that record only the first denoising steps use it)."""
         scheduler = self.ddim_scheduler(steps)
+        guidance = self.default_guidance if guidance is None else guidance
         rows = slice(0, latents.shape[0]) if rows is None else rows
         for index, t in enumerate(scheduler.timesteps[:stop_after]):
             output, out_cond, out_uncond = self.guided_outputs(latents, t, emb, guidance)

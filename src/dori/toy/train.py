@@ -262,7 +262,10 @@ def train_bundled_model(
     else:
         seconds = float(torch.load(checkpoint_file, weights_only=True).get("seconds", float("nan")))
     train_info = {**asdict(config), "seconds": seconds}
-    save_model(model, out, meta={"toy_data": config.data_kwargs(), "train_config": train_info})
+    # Guidance 7 (SD's evaluation setting) oversaturates this small pixel-space model's colours;
+    # it samples at 3 unless told otherwise (see the model card for both).
+    save_model(model, out, meta={"toy_data": config.data_kwargs(), "train_config": train_info,
+                                 "default_guidance": 3.0})  # fmt: skip
     log(f"model written to {out}")
     return out
 
