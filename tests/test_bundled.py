@@ -61,4 +61,5 @@ def test_quick_study_end_to_end(tmp_path):
         assert 0.0 <= row["mr"] <= 1.0
     assert {"auc", "tpr_at_1pct_fpr"} <= set(summary["detection"])
     report = (tmp_path / "study" / "report.html").read_text()
-    assert report.count("<img") >= 9 * 3 and "not run</span>" not in report
+    # --quick: 3 targets x 7 strip images (training image .. fine-tuning + DoRI), ROC and two MR-vs-steps plots
+    assert report.count("<img") == 3 * 7 + 3 and "not run</span>" not in report
