@@ -107,9 +107,9 @@ def test_nemo_selects_and_restores_under_a_calibrated_threshold(tiny_sd):
     score = consistency_scores(tiny_sd, emb, seeds=list(range(4)), steps=5)[0]
     result = nemo_localize(tiny_sd, emb, stats, threshold=score - 1e-4, config=NemoConfig(seeds=4, steps=5, max_rounds=6))[0]
     assert result.memorized_before
-    if result.mitigated:
-        assert sum(len(v) for v in result.neurons.values()) >= 1
-        assert result.initial_size >= sum(len(v) for v in result.neurons.values())
+    # Mitigated or not, a memorized prompt ends with a non-empty selection that refinement only shrinks.
+    assert sum(len(v) for v in result.neurons.values()) >= 1
+    assert result.initial_size >= sum(len(v) for v in result.neurons.values())
     not_memorized = nemo_localize(tiny_sd, emb, stats, threshold=2.0, config=NemoConfig(seeds=4, steps=5))[0]
     assert not not_memorized.memorized_before and not_memorized.neurons == {}
 

@@ -360,9 +360,9 @@ def toy_train(
 
         train_bundled_model(config, out, resume=resume, progress=progress, log=bar.console.print)
         if not skip_card:
-            eval_total = 60 * _positive("--eval-seeds", eval_seeds)
-            task = bar.add_task("model card", total=eval_total)
-            finish_bundled_model(out, seeds=eval_seeds, progress=lambda n: bar.advance(task, n),
+            task = bar.add_task("model card", total=None)
+            finish_bundled_model(out, seeds=_positive("--eval-seeds", eval_seeds),
+                                 progress=lambda done, total: bar.update(task, completed=done, total=total),
                                  log=bar.console.print)  # fmt: skip
 
 

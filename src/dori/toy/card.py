@@ -75,6 +75,14 @@ def measure_bundled(
     return numbers, images
 
 
+def images_to_measure(kit: ToyKit, seeds: int, guidance: float) -> int:
+    """How many images :func:`measure_bundled` generates (for a progress bar)."""
+    total = sum(len(kit.prompt_set(name)) for name in SETS) * seeds
+    if guidance != 7.0:
+        total += len(kit.prompt_set("memorized")) * seeds
+    return total
+
+
 def _dist(values: list[float]) -> str:
     t = torch.tensor(values)
     q = [float(t.quantile(x)) for x in (0.0, 0.05, 0.5, 0.95, 1.0)]

@@ -274,12 +274,13 @@ def finish_bundled_model(
     out_dir: str | os.PathLike,
     *,
     seeds: int = 10,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Calibrate the copy detector on the training data, measure the model, write MODEL_CARD.md."""
+    """Calibrate the copy detector on the training data, measure the model, write MODEL_CARD.md.
+    ``progress(done, total)`` counts generated images."""
     from dori.models.loading import load_model
-    from dori.toy.card import calibrate, measure_bundled, write_card
+    from dori.toy.card import calibrate, images_to_measure, measure_bundled, write_card
     from dori.toy.kit import ToyKit
 
     out = Path(out_dir)
@@ -287,7 +288,10 @@ def finish_bundled_model(
     calibration = calibrate(kit)
     log(f"copy detector: tau {kit.detector.tau:.4f}, scale {kit.detector.scale:.4f}")
     model = load_model(out)
-    numbers, images = measure_bundled(model, kit, seeds=seeds, progress=progress)
+    total = images_to_measure(kit, seeds, model.default_guidance)
+    numbers, images = measure_bundled(
+        model, kit, seeds=seeds, progress=None if progress is None else _counter(lambda _, d, t: progress(d, t), "", total)
+    )
     train_info = json.loads((out / "dori_model.json").read_text())["train_config"]
     classifier_info = out / "attribute_classifier.json"
     if classifier_info.exists():
