@@ -45,14 +45,24 @@ def test_generation_is_deterministic_on_cpu(bundled):
     assert torch.equal(bundled.generate(emb, [5], steps=10), bundled.generate(emb, [5], steps=10))
 
 
-def test_quick_study_end_to_end(tmp_path):
+def _quick_study(folder):
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "dori", "study", "--quick", "--out", str(tmp_path / "study")],
+    done = subprocess.run([sys.executable, "-m", "dori", "study", "--quick", "--out", str(folder)],
                           capture_output=True, text=True, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads((tmp_path / "study" / "summary.json").read_text())
+    return json.loads((folder / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("study") / "study"
+    return folder, _quick_study(folder)
+
+
+def test_quick_study_end_to_end(quick_study):
+    folder, summary = quick_study
     expected = {"memorized", "non_memorized", "non_memorized+dori", "nemo", "nemo+dori", "wanda", "wanda+dori",
                 "adv_ft", "adv_ft+dori"}  # fmt: skip
     assert set(summary["table"]) == expected
@@ -60,6 +70,41 @@ def test_quick_study_end_to_end(tmp_path):
         assert {"sscd_mean", "sscd_std", "mr", "utility"} <= set(row)
         assert 0.0 <= row["mr"] <= 1.0
     assert {"auc", "tpr_at_1pct_fpr"} <= set(summary["detection"])
-    report = (tmp_path / "study" / "report.html").read_text()
-    # --quick: 3 targets x 7 strip images (training image .. fine-tuning + DoRI), ROC and two MR-vs-steps plots
-    assert report.count("<img") == 3 * 7 + 3 and "not run</span>" not in report
+    assert {"embedding", "activation", "weight_agreement"} <= set(summary["locality"])
+    assert set(summary["timing"]) >= {"detect", "replicate", "nemo", "wanda", "locality", "unlearn"}
+    report = (folder / "report.html").read_text()
+    # --quick: 3 targets x 7 strip images (training image .. fine-tuning + DoRI), ROC, two MR-vs-steps
+    # plots and four locality plots
+    assert report.count("<img") == 3 * 7 + 3 + 4 and "not run</span>" not in report
+
+
+def test_the_report_renders_every_image_in_headless_chromium(quick_study, tmp_path):
+    import shutil
+    import subprocess
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium package is not installed (apt-get install chromium)")
+    folder, _ = quick_study
+    page = (folder / "report.html").read_text()
+    probe = ("<script>window.addEventListener('load', () => { const all = [...document.images]; "
+             "document.body.setAttribute('data-rendered', all.filter(i => i.complete && i.naturalWidth > 0).length "
+             "+ '/' + all.length); });</script>")  # fmt: skip
+    (tmp_path / "report.html").write_text(page.replace("</body>", probe + "</body>"))
+    done = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom",
+                           (tmp_path / "report.html").as_uri()], capture_output=True, text=True, timeout=120)  # fmt: skip
+    total = page.count("<img")
+    assert f'data-rendered="{total}/{total}"' in done.stdout, done.stdout[-500:] + done.stderr[-1500:]
+
+
+def test_the_same_quick_study_twice_gives_the_same_numbers(quick_study, tmp_path):
+    _, first = quick_study
+    second = _quick_study(tmp_path / "again")
+
+    def numbers(summary: dict) -> dict:
+        drop = {"timing", "seconds"}
+        return json.loads(json.dumps(summary, sort_keys=True), object_hook=lambda d: {k: v for k, v in d.items() if k not in drop})
+
+    assert numbers(second) == numbers(first)

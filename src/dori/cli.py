@@ -12,7 +12,14 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from dori.configs import AttackRunConfig, DetectConfig, MitigateConfig, ReplicateConfig, UnlearnRunConfig
+from dori.configs import (
+    AttackRunConfig,
+    DetectConfig,
+    LocalityConfig,
+    MitigateConfig,
+    ReplicateConfig,
+    UnlearnRunConfig,
+)
 from dori.errors import DoriError
 
 app = typer.Typer(
@@ -55,15 +62,18 @@ def _positive(name: str, value: int) -> int:
 
 def _load(model: str, device: str, dtype: str):
     from dori.models.loading import load_model
+    from dori.parallel import device_for
 
     with console.status(f"loading model {model}"):
-        return load_model(model, device=device, dtype=dtype)
+        return load_model(model, device=device_for(device), dtype=dtype)
 
 
 @app.command()
 def generate(
-    prompt: Annotated[list[str], typer.Option("--prompt", help="A prompt; repeat for several.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="A prompt; repeat for several.")] = None,
+    embeddings: Annotated[Path | None, typer.Option("--embeddings", help="Generate from saved embeddings (safetensors, e.g. from dori attack).")] = None,
+    key: Annotated[str | None, typer.Option("--key", help="The tensor in --embeddings (default: the last attack step).")] = None,
     model: ModelOption = "bundled",
     seeds: Annotated[int, typer.Option("--seeds", help="Images per prompt (seeds first-seed .. first-seed+N-1).")] = 4,
     first_seed: Annotated[int, typer.Option("--first-seed")] = 0,
@@ -73,25 +83,31 @@ def generate(
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "float32",
 ) -> None:
-    """Generate images: one PNG per prompt and seed, and a grid (rows = prompts)."""
+    """Generate images from prompts or saved embeddings: one PNG per row and seed, and a grid."""
     from dori.report_images import save_grid, to_pil
     from dori.runs import prepare_out_dir, write_json_atomic, write_manifest
 
     _positive("--seeds", seeds)
     _positive("--steps", steps)
     _positive("--batch-size", batch_size)
-    if not prompt:
-        raise DoriError("no prompt given; pass --prompt TEXT (repeat for several)")
-    out = prepare_out_dir(out)
+    if bool(prompt) == (embeddings is not None):
+        raise DoriError("give either --prompt TEXT (repeat for several) or --embeddings FILE")
     diffusion = _load(model, device, dtype)
+    if embeddings is not None:
+        from dori.attack import load_embeddings
+
+        emb = load_embeddings(embeddings, diffusion, key)
+        prompt = [f"{embeddings.name}[{i}]" for i in range(emb.shape[0])]
+    else:
+        emb = diffusion.encode(prompt)
+    out = prepare_out_dir(out)
     seed_list = list(range(first_seed, first_seed + seeds))
-    config = {"model": model, "prompts": prompt, "seeds": seed_list, "steps": steps, "guidance": guidance}
+    config = {"model": model, "prompts": prompt, "embeddings": None if embeddings is None else str(embeddings),
+              "key": key, "seeds": seed_list, "steps": steps, "guidance": guidance}  # fmt: skip
     write_manifest(out, "generate", config)
     with progress_bar("generating", len(prompt) * seeds) as advance:
-        images = diffusion.generate(
-            diffusion.encode(prompt), seed_list, steps=steps, guidance=guidance, batch_size=batch_size,
-            progress=advance,
-        )  # fmt: skip
+        images = diffusion.generate(emb, seed_list, steps=steps, guidance=guidance, batch_size=batch_size,
+                                    progress=advance)  # fmt: skip
     files = []
     for i, p in enumerate(prompt):
         for j, seed in enumerate(seed_list):
@@ -263,6 +279,53 @@ def attack(
 
 
 @app.command()
+def locality(
+    prompts: Annotated[str, typer.Option("--prompts", help="Memorized prompts (Y_mem); the first --targets are attacked.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder (summary.json, triggers, plots).")],
+    model: ModelOption = "bundled",
+    mitigation: MitigationOption = None,
+    inits: Annotated[int, typer.Option("--inits", help="Random initialisations (triggers) per target.")] = LocalityConfig.inits,
+    targets: Annotated[int, typer.Option("--targets", help="Memorized images to attack.")] = LocalityConfig.targets,
+    non_memorized: Annotated[str | None, typer.Option("--non-memorized", help="Prompts whose embeddings give the distance scale.")] = LocalityConfig.non_memorized,
+    steps: Annotated[int, typer.Option("--steps", help="Attack steps.")] = LocalityConfig.steps,
+    learning_rate: Annotated[float, typer.Option("--lr")] = LocalityConfig.learning_rate,
+    attack_batch: Annotated[int, typer.Option("--attack-batch", help="(noise, t) pairs per trigger per step.")] = LocalityConfig.attack_batch,
+    seeds: Annotated[int, typer.Option("--seeds", help="Generations per trigger for its success check.")] = LocalityConfig.seeds,
+    agreement_triggers: Annotated[int, typer.Option("--agreement-triggers", help="Triggers per target given to NeMo and Wanda.")] = LocalityConfig.agreement_triggers,
+    wanda_sites: Annotated[str, typer.Option("--wanda-sites", help="ffn or value.")] = LocalityConfig.wanda_sites,
+    reference_prompts: Annotated[str | None, typer.Option("--reference-prompts", help="NeMo: non-memorized prompts for statistics and threshold.")] = LocalityConfig.reference_prompts,
+    stats: Annotated[str | None, typer.Option("--stats", help="NeMo: a statistics file.")] = LocalityConfig.stats,
+    threshold: Annotated[float | None, typer.Option("--threshold", help="NeMo: SSIM threshold.")] = LocalityConfig.threshold,
+    tsne: Annotated[bool, typer.Option("--tsne/--no-tsne", help="Also a t-SNE projection (besides PCA).")] = LocalityConfig.tsne,
+    guidance: GuidanceOption = LocalityConfig.guidance,
+    seed: Annotated[int, typer.Option("--seed")] = LocalityConfig.seed,
+    type: TypeOption = LocalityConfig.type,
+    limit: LimitOption = LocalityConfig.limit,
+    images: ImagesOption = LocalityConfig.images,
+    sscd: SscdOption = LocalityConfig.sscd,
+    batch_size: BatchOption = LocalityConfig.batch_size,
+    resume: ResumeOption = False,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
+) -> None:
+    """Non-locality: where the triggers of one image lie, what they activate, which weights they select."""
+    from dori.locality import run_locality
+
+    config = LocalityConfig(prompts=prompts, model=model, mitigation=mitigation, inits=inits, targets=targets,
+                            non_memorized=non_memorized, steps=steps, learning_rate=learning_rate,
+                            attack_batch=attack_batch, seeds=seeds, agreement_triggers=agreement_triggers,
+                            wanda_sites=wanda_sites, reference_prompts=reference_prompts, stats=stats,
+                            threshold=threshold, tsne=tsne, guidance=guidance, seed=seed, type=type, limit=limit,
+                            images=images, sscd=sscd, batch_size=batch_size)  # fmt: skip
+    diffusion = _load(model, device, dtype)
+    with console.status("locality") as status:
+        summary = run_locality(config, diffusion, out, resume=resume, progress=status.update)
+    for view, sentence in summary["verdicts"].items():
+        console.print(f"{view}: {sentence}")
+    console.print(f"{summary['seconds']:.0f} s -> {out}/summary.json")
+
+
+@app.command()
 def unlearn(
     prompts: Annotated[str, typer.Option("--prompts", help="The memorized prompts to remove.")],
     out: Annotated[Path, typer.Option("--out", help="Run folder (checkpoints, fine-tuned model in out/model).")],
@@ -311,7 +374,7 @@ def study(
     memorized: Annotated[str, typer.Option("--memorized")] = "bundled:memorized",
     non_memorized: Annotated[str, typer.Option("--non-memorized")] = "bundled:non_memorized",
     stages: Annotated[str, typer.Option("--stages", help="Comma-separated subset of the stages.")] = ",".join(
-        ("detect", "replicate", "nemo", "wanda", "nemo_dori", "wanda_dori", "unlearn")),
+        ("detect", "replicate", "nemo", "wanda", "nemo_dori", "wanda_dori", "locality", "unlearn")),
     quick: Annotated[bool, typer.Option("--quick", help="Reduced settings (for tests and a first look).")] = False,
     images: ImagesOption = None,
     sscd: SscdOption = None,
@@ -367,28 +430,15 @@ def toy_train(
 
 
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+    """Entry point: user errors become one line on stderr and exit code 2 (usage errors are
+    typer's own message, also exit 2); Ctrl-C exits 130 with a hint to resume."""
     try:
-        app(standalone_mode=False)
+        app()  # standalone: typer reports usage errors and turns Ctrl-C into exit code 130
     except DoriError as error:
         console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except typer.Abort:
-        console.print("aborted")
-        sys.exit(130)
-    except KeyboardInterrupt:
-        console.print("interrupted; rerun with --resume to continue")
-        sys.exit(130)
-    except Exception as error:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(error, click.exceptions.ClickException):
-            error.show()
-            sys.exit(error.exit_code)
-        if isinstance(error, click.exceptions.Exit):
-            sys.exit(error.exit_code)
+    except SystemExit as done:
+        if done.code == 130:
+            console.print("interrupted: finished results are saved; rerun the same command with --resume to continue",
+                          highlight=False, soft_wrap=True)  # fmt: skip
         raise
-
-
-if __name__ == "__main__":
-    main()

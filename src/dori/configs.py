@@ -75,6 +75,7 @@ class MitigateConfig(Selection):
     utility_seeds: int = 4
     steps: int = 50
     guidance: float | None = None  # None: the model's own default (7.0; the bundled model 3.0)
+    baseline: str | None = None  # a 'dori replicate' run of the same prompts and settings: its numbers are "before"
 
     def __post_init__(self) -> None:
         if self.method not in ("nemo", "wanda"):
@@ -151,3 +152,43 @@ class UnlearnRunConfig(Selection):
                         checkpoint_every=self.checkpoint_every, batch_size=self.batch_size)  # fmt: skip
         if self.learning_rate <= 0:
             raise DoriError(f"learning rate must be positive, got {self.learning_rate}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalityConfig(Selection):
+    """``dori locality``: Y_mem is the whole prompt set; the first ``targets`` of its images are
+    attacked from ``inits`` random initialisations each (the triggers, Y_adv)."""
+
+    prompts: str
+    model: str = "bundled"
+    mitigation: str | None = None  # attack (and check the triggers) against this mitigated model
+    non_memorized: str | None = None  # distances among these prompts' embeddings (default: the model's own set)
+    targets: int = 1
+    inits: int = 100
+    steps: int = 50
+    learning_rate: float = 0.1
+    attack_batch: int = 2  # (noise, timestep) pairs per trigger per step; 8 for a plain attack
+    seeds: int = 2  # generations per trigger that decide whether it succeeded
+    eval_steps: int = 50
+    guidance: float | None = None  # None: the model's own default (7.0; the bundled model 3.0)
+    agreement_triggers: int = 10  # successful triggers per target given to NeMo and Wanda
+    wanda_sites: str = "ffn"
+    ratio: float = 0.01
+    reference_prompts: str | None = None  # NeMo statistics / threshold (as in dori mitigate)
+    stats: str | None = None
+    threshold: float | None = None
+    tsne: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_positive(targets=self.targets, inits=self.inits, seeds=self.seeds, attack_batch=self.attack_batch,
+                        eval_steps=self.eval_steps, agreement_triggers=self.agreement_triggers,
+                        batch_size=self.batch_size)  # fmt: skip
+        if self.steps < 0:
+            raise DoriError(f"steps must be >= 0, got {self.steps}")
+        if self.inits < 2:
+            raise DoriError(f"inits must be at least 2 (distances need pairs), got {self.inits}")
+        if self.wanda_sites not in ("ffn", "value"):
+            raise DoriError(f"unknown site set {self.wanda_sites!r}; use ffn or value")
+        if not 0 < self.ratio <= 1:
+            raise DoriError(f"ratio must be in (0, 1], got {self.ratio}")

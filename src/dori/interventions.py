@@ -24,11 +24,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from dori.errors import DoriError
 from dori.models.base import DiffusionModel
+from dori.runs import save_tensors_atomic
 
 NeuronMask = dict[str, Tensor]  # site -> multipliers [width] or [batch, width]
 WeightMask = dict[str, Tensor]  # site -> bool [out, in], True = zeroed
@@ -179,7 +180,7 @@ def save_mask(mitigation: Mitigation, folder: str | os.PathLike) -> Path:
         (folder / "mask.json").write_text(json.dumps({**meta, "neurons": mitigation.neurons}, indent=1))
     else:
         tensors = {name: m.to(torch.uint8).cpu().contiguous() for name, m in mitigation.weights.items()}
-        save_file(tensors, str(folder / "mask.safetensors"), metadata=meta)
+        save_tensors_atomic(tensors, folder / "mask.safetensors", metadata=meta)
         (folder / "mask.json").write_text(json.dumps({**meta, "weights": "mask.safetensors"}, indent=1))
     return folder
 

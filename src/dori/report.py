@@ -105,6 +105,14 @@ def write_report(root: Path, summary: dict, results: dict, configs: dict, model)
         + _file_img(stages / f"{m}_dori" / "steps_curve.png", f"MR against DoRI steps, {m}")
         for m, c in summary.get("steps_curve", {}).items()
     )  # fmt: skip
+    locality = summary.get("locality")
+    loc_html = "<p>not run</p>" if locality is None else (
+        "<ul>" + "".join(f"<li><b>{html.escape(view)}</b>: {html.escape(text)}</li>"
+                         for view, text in locality["verdicts"].items()) + "</ul>"
+        + "".join(_file_img(stages / "locality" / name, alt) for name, alt in (
+            ("embedding_projection_0.png", "initialisations and triggers, 2-D projections"),
+            ("activation_discrepancy.png", "activation discrepancy per site"),
+            ("agreement_nemo.png", "NeMo agreement per site"), ("agreement_wanda.png", "Wanda agreement per site"))))  # fmt: skip
     timing = "".join(f"<tr><th>{html.escape(k)}</th><td>{v:.0f} s</td></tr>" for k, v in summary["timing"].items())
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>dori study: {html.escape(model.name)}</title>
@@ -126,8 +134,38 @@ Utility = prompt alignment on held-out captions (bundled model).</p>
 <h2>Each memorized target</h2>{"".join(strips)}
 <h2>MR against DoRI steps</h2>{curves or "<p>not run</p>"}
 <h2>Detection</h2>{det_html}
-<h2>Locality</h2><p>Not part of this run (the non-locality analysis is not implemented yet).</p>
+<h2>Locality</h2>{loc_html}
 <h2>Time per stage</h2><table>{timing}</table>
 </body></html>
 """
     return write_text_atomic(root / "report.html", page)
+
+
+def markdown_table(summary: dict) -> str:
+    """The study's table beside the paper's, as Markdown (``DIR/table.md``; the README's results
+    table is this file, copied by ``tools/readme_results.py``)."""
+    lines = ["| setting | similarity (ours) | MR (ours) | prompt alignment (ours) | SSCD_orig (paper) | MR (paper) |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for name, (p_mean, p_std, p_mr) in PAPER.items():
+        ours = summary["table"].get(name)
+        cells = (f"{_fmt(ours['sscd_mean'])} ± {_fmt(ours['sscd_std'])} | {_fmt(ours['mr'])} | {_fmt(ours['utility'])}"
+                 if ours else "not run | | ")  # fmt: skip
+        paper = f"{_fmt(p_mean)} ± {_fmt(p_std)} | {_fmt(p_mr)}" if p_mean is not None else f"– | {_fmt(p_mr)}"
+        lines.append(f"| {name} | {cells} | {paper} |")
+    detection = summary.get("detection")
+    if detection:
+        lines.append("")
+        lines.append(f"Detection (noise-difference norm, first step): ROC-AUC {detection['auc']:.3f}, "
+                     f"TPR@1%FPR {detection['tpr_at_1pct_fpr']:.3f}.")  # fmt: skip
+    curves = summary.get("steps_curve") or {}
+    for method, curve in curves.items():
+        ours = ", ".join(f"{k}: {v:.2f}" for k, v in sorted(curve.items(), key=lambda kv: int(kv[0])))
+        lines.append(f"{method} + DoRI, MR by attack steps: {ours} (paper {'/'.join(f'{v:.2f}' for v in PAPER_CURVES[method])}).")
+    locality = summary.get("locality")
+    if locality:
+        lines += [f"Locality, {view}: {text}." for view, text in locality["verdicts"].items()]
+    timing = summary.get("timing") or {}
+    if timing:
+        lines.append(f"Time: {sum(timing.values()) / 60:.1f} min in all ("
+                     + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items()) + ").")
+    return "\n".join(lines) + "\n"

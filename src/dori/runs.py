@@ -50,6 +50,21 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def save_tensors_atomic(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """``safetensors.torch.save_file`` through a temporary file and a rename (see ``write_text_atomic``)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise DoriError(f"could not write {path} ({error.strerror}); free disk space or choose another --out") from error
+    return path
+
+
 def write_json_atomic(path: str | os.PathLike, obj) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 

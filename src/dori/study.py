@@ -12,15 +12,22 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from dori.configs import AttackRunConfig, DetectConfig, MitigateConfig, ReplicateConfig, UnlearnRunConfig
+from dori.configs import (
+    AttackRunConfig,
+    DetectConfig,
+    LocalityConfig,
+    MitigateConfig,
+    ReplicateConfig,
+    UnlearnRunConfig,
+)
 from dori.errors import DoriError
 from dori.models.base import DiffusionModel
 from dori.runs import open_run, write_json_atomic
 
-STAGES = ("detect", "replicate", "nemo", "wanda", "nemo_dori", "wanda_dori", "unlearn")
+STAGES = ("detect", "replicate", "nemo", "wanda", "nemo_dori", "wanda_dori", "locality", "unlearn")
 
 
 @dataclass(frozen=True)
@@ -58,14 +65,21 @@ def stage_configs(config: StudyConfig, root: Path) -> dict:
                                batch_size=config.batch_size, **gen),  # fmt: skip
         "replicate": ReplicateConfig(seeds=seeds, **mem, **gen),
         "replicate_non_memorized": ReplicateConfig(**{**mem, "prompts": config.non_memorized}, seeds=seeds, **gen),
-        "nemo": MitigateConfig(method="nemo", seeds=seeds, utility_seeds=1 if q else 4, **mem, **gen),
-        "wanda": MitigateConfig(method="wanda", seeds=seeds, utility_seeds=1 if q else 4, **mem, **gen),
+        "nemo": MitigateConfig(method="nemo", seeds=seeds, utility_seeds=1 if q else 4, baseline=str(stages / "replicate"),
+                               **mem, **gen),  # fmt: skip
+        "wanda": MitigateConfig(method="wanda", seeds=seeds, utility_seeds=1 if q else 4,
+                                baseline=str(stages / "replicate"), **mem, **gen),  # fmt: skip
         "nemo_dori": AttackRunConfig(mitigation=str(stages / "nemo"), steps=5 if q else 50,
                                      steps_curve="0,1,5" if q else "0,1,10,25,50", seeds=seeds,
                                      eval_steps=gen["steps"], control_limit=2 if q else 10, **mem),  # fmt: skip
         "wanda_dori": AttackRunConfig(mitigation=str(stages / "wanda"), steps=5 if q else 50,
                                       steps_curve="0,1,5" if q else "0,1,10,25,50", seeds=seeds,
                                       eval_steps=gen["steps"], control=False, **mem),  # fmt: skip
+        "locality": LocalityConfig(prompts=config.memorized, non_memorized=config.non_memorized,
+                                   inits=4 if q else LocalityConfig.inits, steps=5 if q else LocalityConfig.steps,
+                                   seeds=1 if q else LocalityConfig.seeds, eval_steps=gen["steps"],
+                                   agreement_triggers=2 if q else LocalityConfig.agreement_triggers, tsne=not q,
+                                   **common),  # fmt: skip
         "unlearn": UnlearnRunConfig(mitigation=str(stages / "nemo"), steps=3 if q else UnlearnRunConfig.steps,
                                     eval_attack_steps=5 if q else 50, seeds=seeds, utility_seeds=1 if q else 4,
                                     eval_steps=gen["steps"], **mem),  # fmt: skip
@@ -75,6 +89,7 @@ def stage_configs(config: StudyConfig, root: Path) -> dict:
 def run_study(config: StudyConfig, model: DiffusionModel, out: str | Path, *, resume: bool = False,
               progress: Callable[[str], None] | None = None) -> dict:  # fmt: skip
     from dori import workflows as wf
+    from dori.locality import run_locality
 
     say = progress or (lambda message: None)
     root = open_run(out, "study", asdict(config), resume=resume)
@@ -88,6 +103,7 @@ def run_study(config: StudyConfig, model: DiffusionModel, out: str | Path, *, re
         "wanda": [("wanda", wf.run_mitigate)],
         "nemo_dori": [("nemo_dori", wf.run_attack)],
         "wanda_dori": [("wanda_dori", wf.run_attack)],
+        "locality": [("locality", run_locality)],
         "unlearn": [("unlearn", wf.run_unlearn)],
     }
     results = {}
@@ -104,8 +120,11 @@ def run_study(config: StudyConfig, model: DiffusionModel, out: str | Path, *, re
                 continue
             say(f"stage {name}")
             began = time.monotonic()
-            kwargs = {"progress": say} if runner in (wf.run_mitigate, wf.run_unlearn) else {}
-            results[name] = runner(configs[name], model, folder, resume=True, **kwargs)
+            kwargs = {"progress": say} if runner in (wf.run_mitigate, wf.run_unlearn, run_locality) else {}
+            stage_config = configs[name]
+            if getattr(stage_config, "baseline", None) and not (Path(stage_config.baseline) / "summary.json").exists():
+                stage_config = replace(stage_config, baseline=None)  # no replicate run to reuse: measure "before"
+            results[name] = runner(stage_config, model, folder, resume=True, **kwargs)
             timing[name] = timing.get(name, 0.0) + time.monotonic() - began
             write_json_atomic(timing_file, timing)
             if name == "unlearn":  # later stages must see the original model again
@@ -116,10 +135,12 @@ def run_study(config: StudyConfig, model: DiffusionModel, out: str | Path, *, re
                 model.source = original.source
     summary = {"table": table(results), "detection": _detection(results), "timing": timing,
                "quick": config.quick, "stages_run": config.stage_list(),
-               "locality": None, "steps_curve": _curves(results)}  # fmt: skip
+               "locality": _locality(results), "steps_curve": _curves(results)}  # fmt: skip
     write_json_atomic(root / "summary.json", summary)
-    from dori.report import write_report
+    from dori.report import markdown_table, write_report
+    from dori.runs import write_text_atomic
 
+    write_text_atomic(root / "table.md", markdown_table(summary))
     write_report(root, summary, results, configs, model)
     return summary
 
@@ -165,3 +186,19 @@ def _detection(results: dict) -> dict | None:
 
 def _curves(results: dict) -> dict:
     return {m: results[f"{m}_dori"]["steps_curve"] for m in ("nemo", "wanda") if f"{m}_dori" in results}
+
+
+def _locality(results: dict) -> dict | None:
+    """The three views in brief (the full numbers stay in ``stages/locality/summary.json``)."""
+    if "locality" not in results:
+        return None
+    loc = results["locality"]
+    brief = lambda rows: {r["site"]: {"adv": r["adv"], "mem": r["mem"]} for r in rows}  # noqa: E731
+    return {
+        "embedding": loc["embedding"]["mean"],
+        "activation": {"ratio_median": loc["activation"]["ratio_median"], "sites": brief(loc["activation"]["sites"])},
+        "weight_agreement": {"nemo": brief(loc["weight_agreement"]["nemo"]["sites"]),
+                             "wanda": brief(loc["weight_agreement"]["wanda"]["sites"])},
+        "verdicts": loc["verdicts"],
+        "seconds": loc["seconds"],
+    }  # fmt: skip

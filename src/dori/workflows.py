@@ -15,9 +15,10 @@ from dori.interventions import intervene
 from dori.measure.detection import consistency_scores, noise_difference_norms, roc_auc, roc_curve, tpr_at_fpr
 from dori.measure.replication import replication, summarize
 from dori.models.base import DiffusionModel
+from dori.parallel import Shards
 from dori.prompts import Prompt, PromptSet, load_prompt_set, training_image_path
 from dori.report_images import save_grid
-from dori.runs import ResultsFile, open_run, write_json_atomic
+from dori.runs import ResultsFile, open_run, save_tensors_atomic, write_json_atomic
 
 Progress = Callable[[int], None]
 
@@ -83,24 +84,26 @@ def run_replicate(config: ReplicateConfig, model: DiffusionModel, out: str | Pat
     prompts = load_prompts(config.prompts, model, kind=config.type, limit=config.limit)
     refs = References(model, images=config.images, sscd=config.sscd, sscd_convention=config.sscd_convention)
     mitigation = load_mitigation(model, config.mitigation)
-    out = open_run(out, "replicate", asdict(config), resume=resume)
+    shards = Shards()
+    out = shards.open_run(out, "replicate", asdict(config), resume=resume)
     with intervene(model, mitigation):
-        _replicate_batches(config, model, prompts, refs, out, progress)
-    results = ResultsFile(out / "results.jsonl")
+        _replicate_batches(config, model, prompts, refs, out, progress, shards)
+    results = shards.merge(out, "results.jsonl", "id")
     rows = sorted(results.rows, key=lambda r: r["id"])
     summary = {**summarize(rows, refs.detector.tau), "similarity": refs.detector.to_dict(), "prompt_set": prompts.name,
                "mitigation": None if mitigation is None else mitigation.method}  # fmt: skip
     summary["by_type"] = {kind: summarize([r for r in rows if r["type"] == kind], refs.detector.tau)
                           for kind in sorted({r["type"] for r in rows})}  # fmt: skip
-    write_json_atomic(out / "summary.json", summary)
+    if shards.main:
+        write_json_atomic(out / "summary.json", summary)
     return summary
 
 
-def _replicate_batches(config, model, prompts, refs, out, progress) -> None:
+def _replicate_batches(config, model, prompts, refs, out, progress, shards) -> None:
     (out / "grids").mkdir(exist_ok=True)
-    results = ResultsFile(out / "results.jsonl")
-    done = results.keys()
-    todo = [(i, p) for i, p in enumerate(prompts.prompts) if i not in done]
+    results = shards.results(out, "results.jsonl")
+    done = shards.done_keys(out, "results.jsonl", "id")
+    todo = shards.mine([(i, p) for i, p in enumerate(prompts.prompts) if i not in done])
     if progress is not None:
         progress(len(done) * config.seeds)
     seeds = list(range(config.first_seed, config.first_seed + config.seeds))
@@ -128,22 +131,25 @@ def run_detect(config: DetectConfig, model: DiffusionModel, out: str | Path, *, 
         "non_memorized": load_prompts(config.non_memorized, model, limit=config.limit),
     }
     mitigation = load_mitigation(model, config.mitigation)
-    out = open_run(out, "detect", asdict(config), resume=resume)
+    shards = Shards()
+    out = shards.open_run(out, "detect", asdict(config), resume=resume)
     with intervene(model, mitigation):
-        results = _detect_batches(config, model, sets, out, progress)
-    summary = summarize_detection(results.rows)
-    write_json_atomic(out / "summary.json", summary)
-    plot_roc(results.rows, out / "roc.png")
+        _detect_batches(config, model, sets, out, progress, shards)
+    rows = shards.merge(out, "scores.jsonl", "key", order=lambda r: (r["set"] != "memorized", r["id"])).rows
+    summary = summarize_detection(rows)
+    if shards.main:
+        write_json_atomic(out / "summary.json", summary)
+        plot_roc(rows, out / "roc.png")
     return summary
 
 
-def _detect_batches(config, model, sets, out, progress) -> ResultsFile:
-    results = ResultsFile(out / "scores.jsonl")
-    done = results.keys("key")
+def _detect_batches(config, model, sets, out, progress, shards) -> None:
+    results = shards.results(out, "scores.jsonl")
+    done = shards.done_keys(out, "scores.jsonl", "key")
     noise_seeds = list(range(config.generations))
     per_batch = max(1, config.batch_size // max(config.generations, config.consistency_seeds))
     for set_name, prompts in sets.items():
-        todo = [(i, p) for i, p in enumerate(prompts.prompts) if f"{set_name}/{i}" not in done]
+        todo = shards.mine([(i, p) for i, p in enumerate(prompts.prompts) if f"{set_name}/{i}" not in done])
         if progress is not None:
             progress(len(prompts) - len(todo))
         for start in range(0, len(todo), per_batch):
@@ -165,7 +171,6 @@ def _detect_batches(config, model, sets, out, progress) -> ResultsFile:
             results.extend(rows)
             if progress is not None:
                 progress(len(chunk))
-    return results
 
 
 def _scores(rows: list[dict], field: str) -> tuple[list[float], list[float]]:
@@ -236,18 +241,31 @@ def evaluate_replication(model: DiffusionModel, prompts: PromptSet, refs: Refere
     return summarize(rows, refs.detector.tau), rows, images
 
 
+_UTILITY_MEMO: dict[tuple, dict] = {}
+
+
 def utility(model: DiffusionModel, *, seeds: int, steps: int, guidance: float, batch_size: int) -> dict | None:
     """Prompt alignment and FD on held-out captions (bundled model); ``None`` where the model has
-    no attribute classifier (a CLIP-score evaluator for SD is not shipped)."""
+    no attribute classifier (a CLIP-score evaluator for SD is not shipped).
+
+    The unmitigated model's numbers are remembered for the process (keyed by its weights'
+    fingerprint and the settings), so a study measures them once, not once per stage."""
     kit = toy_kit_for(model)
     if kit is None:
         return None
+    hooked = any(module._forward_hooks for module in model.unet.modules())  # an intervention is active
+    key = (model.fingerprint(), seeds, steps, guidance)
+    if not hooked and key in _UTILITY_MEMO:
+        return dict(_UTILITY_MEMO[key])
     prompts = [row["prompt"] for row in kit.prompt_set("held_out")]
     images = model.generate(model.encode(prompts), list(range(seeds)), steps=steps, guidance=guidance,
                             batch_size=batch_size)  # fmt: skip
     captions = [p for p in prompts for _ in range(seeds)]
-    return {"alignment": kit.alignment(images, captions), "fd": kit.frechet_distance(images, captions),
-            "prompts": "bundled:held_out", "seeds": seeds}  # fmt: skip
+    result = {"alignment": kit.alignment(images, captions), "fd": kit.frechet_distance(images, captions),
+              "prompts": "bundled:held_out", "seeds": seeds}  # fmt: skip
+    if not hooked:
+        _UTILITY_MEMO[key] = dict(result)
+    return result
 
 
 def load_mitigation(model: DiffusionModel, folder: str | None):
@@ -265,8 +283,6 @@ def run_mitigate(config, model: DiffusionModel, out: str | Path, *, resume: bool
                  progress: Callable[[str], None] | None = None) -> dict:  # fmt: skip
     """``dori mitigate``: select the mask (NeMo or Wanda), save it with the mitigated weights,
     and measure MR / similarity / utility before and after."""
-    from safetensors.torch import save_file
-
     from dori.interventions import Mitigation, bake, save_mask
 
     say = progress or (lambda message: None)
@@ -290,16 +306,19 @@ def run_mitigate(config, model: DiffusionModel, out: str | Path, *, resume: bool
                  "per_site": {name: int(m.sum()) for name, m in mask.items()}}  # fmt: skip
     save_mask(mitigation, out)
     originals = bake(model, mitigation)
-    save_file({f"{name}.weight": model.module(name).weight.detach().cpu().contiguous() for name in originals},
-              str(out / "mitigated_weights.safetensors"), metadata={"model": mitigation.model_fingerprint})  # fmt: skip
+    save_tensors_atomic({f"{name}.weight": model.module(name).weight for name in originals},
+                        out / "mitigated_weights.safetensors", metadata={"model": mitigation.model_fingerprint})  # fmt: skip
     for name, weight in originals.items():
         model.module(name).weight.data.copy_(weight)
     summary.update(extra)
 
     evaluation = dict(seeds=config.seeds, steps=config.steps, guidance=config.guidance, batch_size=config.batch_size)
     util = dict(seeds=config.utility_seeds, steps=config.steps, guidance=config.guidance, batch_size=config.batch_size)
-    say("measuring the unmitigated model")
-    before, rows_before, _ = evaluate_replication(model, prompts, refs, **evaluation)
+    if config.baseline is not None:
+        before, rows_before = _baseline(config, model, prompts, refs)
+    else:
+        say("measuring the unmitigated model")
+        before, rows_before, _ = evaluate_replication(model, prompts, refs, **evaluation)
     utility_before = utility(model, **util)
     say("measuring the mitigated model")
     with intervene(model, mitigation):
@@ -322,6 +341,27 @@ def run_mitigate(config, model: DiffusionModel, out: str | Path, *, resume: bool
     )
     write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+def _baseline(config, model: DiffusionModel, prompts: PromptSet, refs: References) -> tuple[dict, list[dict]]:
+    """The "before" numbers from a finished ``dori replicate`` run of the same prompts and settings."""
+    import json
+
+    folder = Path(config.baseline)
+    try:
+        manifest = json.loads((folder / "config.json").read_text())
+        rows = sorted(ResultsFile(folder / "results.jsonl").rows, key=lambda r: r["id"])
+    except (OSError, json.JSONDecodeError) as error:
+        raise DoriError(f"--baseline {folder} is not a finished 'dori replicate' run; drop --baseline") from error
+    theirs = manifest.get("config", {})
+    wanted = {"prompts": config.prompts, "type": config.type, "limit": config.limit, "seeds": config.seeds,
+              "first_seed": 0, "steps": config.steps, "guidance": config.guidance, "mitigation": None,
+              "images": config.images, "sscd": config.sscd}  # fmt: skip
+    differ = sorted(k for k, v in wanted.items() if theirs.get(k) != v)
+    if manifest.get("command") != "replicate" or differ or [r["prompt"] for r in rows] != prompts.texts:
+        raise DoriError(f"--baseline {folder} was run with other settings ({', '.join(differ) or 'prompts'}); "
+                        "drop --baseline or point it at a matching replicate run")  # fmt: skip
+    return summarize(rows, refs.detector.tau), rows
 
 
 def cached_value_statistics(model: DiffusionModel, reference: str, say: Callable[[str], None]):
@@ -349,27 +389,37 @@ def cached_value_statistics(model: DiffusionModel, reference: str, say: Callable
     return stats
 
 
-def _nemo(config, model, prompts, emb, out, say):
-    from dori.interventions import Mitigation
+def nemo_reference(model: DiffusionModel, *, reference_prompts: str | None, stats: str | None,
+                   threshold: float | None, steps: int, say: Callable[[str], None]):  # fmt: skip
+    """NeMo's two inputs: the value statistics and the SSIM threshold (mean + 1 std of the
+    consistency scores over the reference prompts), from files or flags where given."""
     from dori.measure.detection import consistency_scores
-    from dori.mitigate.nemo import NemoConfig, load_statistics, nemo_localize, union
+    from dori.mitigate.nemo import load_statistics
 
-    nemo_config = NemoConfig(steps=config.steps, batch_size=max(config.batch_size, 10))
-    reference = config.reference_prompts or ("bundled:ordinary" if "toy_data" in model.meta else None)
-    if config.stats is not None:
-        stats = load_statistics(config.stats, model)
+    reference = reference_prompts or ("bundled:ordinary" if "toy_data" in model.meta else None)
+    if stats is not None:
+        statistics = load_statistics(stats, model)
     elif reference is not None:
-        stats = cached_value_statistics(model, reference, say)
+        statistics = cached_value_statistics(model, reference, say)
     else:
         raise DoriError("NeMo needs reference statistics: pass --stats FILE or --reference-prompts SET")
-    threshold = config.threshold
     if threshold is None:
         if reference is None:
             raise DoriError("NeMo needs an SSIM threshold: pass --threshold (0.428 for SD v1.4) or --reference-prompts SET")
         say("nemo: calibrating the SSIM threshold")
         texts = load_prompts(reference, model).texts
-        scores = torch.tensor(consistency_scores(model, model.encode(texts), steps=config.steps))
+        scores = torch.tensor(consistency_scores(model, model.encode(texts), steps=steps))
         threshold = float(scores.mean() + scores.std())
+    return statistics, threshold
+
+
+def _nemo(config, model, prompts, emb, out, say):
+    from dori.interventions import Mitigation
+    from dori.mitigate.nemo import NemoConfig, nemo_localize, union
+
+    nemo_config = NemoConfig(steps=config.steps, batch_size=max(config.batch_size, 10))
+    stats, threshold = nemo_reference(model, reference_prompts=config.reference_prompts, stats=config.stats,
+                                      threshold=config.threshold, steps=config.steps, say=say)  # fmt: skip
     say("nemo: localising neurons")
     results = nemo_localize(model, emb, stats, threshold, nemo_config, progress=say)
     per_prompt = {str(i): r.neurons for i, r in enumerate(results)}
@@ -399,46 +449,74 @@ def attack_and_measure(model: DiffusionModel, prompts: PromptSet, refs: Referenc
                        mitigation=None, label: str, out: Path, curve: list[int] | None = None,
                        progress: Progress | None = None) -> dict:  # fmt: skip
     """Run DoRI on ``prompts`` (under ``mitigation``), save the embeddings, measure MR at every
-    step of the curve. Results are cached per label, so a resumed run skips finished parts."""
-    from safetensors.torch import load_file, save_file
+    step of the curve. Results are cached per label, so a resumed run skips finished parts.
+    Under ``accelerate launch`` each process attacks and measures every ``world``-th prompt."""
+    import json
+
+    from safetensors.torch import load_file
 
     from dori.attack import AttackConfig, dori_attack, initial_embeddings
+    shards = Shards()
     done_file = out / f"{label}_summary.json"
     if done_file.exists():
-        import json
-
         return json.loads(done_file.read_text())
-    targets = attack_targets(model, prompts, refs)
-    latents = model.to_latents(torch.cat(targets))
-    others = load_prompts(config.other_prompts, model).texts if config.other_prompts else None
-    init = initial_embeddings(model, prompts.texts, config.init, seed=config.attack_seed, others=others)
     curve = config.curve() if curve is None else curve
-    attack = AttackConfig(steps=config.steps, learning_rate=config.learning_rate, batch=config.attack_batch)
     emb_file = out / f"{label}_embeddings.safetensors"
-    with intervene(model, mitigation):
-        if emb_file.exists():
-            snapshots = {int(k.split("_")[1]): v.to(model.device) for k, v in load_file(str(emb_file)).items()}
+    mine = shards.mine(range(len(prompts)))
+    if emb_file.exists():
+        saved = load_file(str(emb_file))
+        snapshots = {int(k.split("_")[1]): v[mine].to(model.device) for k, v in saved.items()}
+    else:
+        others = load_prompts(config.other_prompts, model).texts if config.other_prompts else None
+        init = initial_embeddings(model, prompts.texts, config.init, seed=config.attack_seed, others=others)[mine]
+        attack = AttackConfig(steps=config.steps, learning_rate=config.learning_rate, batch=config.attack_batch)
+        if mine:
+            mine_set = PromptSet(prompts.name, tuple(prompts.prompts[i] for i in mine))
+            latents = model.to_latents(torch.cat(attack_targets(model, mine_set, refs)))
+            with intervene(model, mitigation):
+                snapshots = dori_attack(model, latents, init, attack,
+                                        seeds=[config.attack_seed * 100_003 + i for i in mine],
+                                        snapshot_steps=curve).snapshots  # fmt: skip
         else:
-            result = dori_attack(model, latents, init, attack,
-                                 seeds=[config.attack_seed * 100_003 + i for i in range(len(prompts))],
-                                 snapshot_steps=curve)  # fmt: skip
-            snapshots = result.snapshots
-            save_file({f"step_{k}": v.cpu().contiguous() for k, v in snapshots.items()}, str(emb_file))
-        per_step = {}
+            snapshots = {k: init[:0] for k in curve}
+        parts = shards.gather((mine, {k: v.cpu() for k, v in snapshots.items()}))
+        if shards.main:
+            full = {k: torch.zeros(len(prompts), *model.embedding_shape) for k in curve}
+            for rows, part in parts:
+                for k in curve:
+                    full[k][rows] = part[k].float()
+            save_tensors_atomic({f"step_{k}": v for k, v in full.items()}, emb_file)
+    mine_set = PromptSet(prompts.name, tuple(prompts.prompts[i] for i in mine))
+    targets = attack_targets(model, mine_set, refs)
+    per_step_rows, final_images = {}, torch.zeros(0, 3, *model.image_size)
+    with intervene(model, mitigation):
         for step in curve:
-            summary, rows, images = evaluate_replication(
-                model, prompts, refs, seeds=config.seeds, steps=config.eval_steps, guidance=config.guidance,
+            if not mine:
+                per_step_rows[step] = []
+                continue
+            _, rows, images = evaluate_replication(
+                model, mine_set, refs, seeds=config.seeds, steps=config.eval_steps, guidance=config.guidance,
                 batch_size=config.batch_size, embeddings=snapshots[step].to(model.dtype), targets=targets,
                 progress=progress,
             )  # fmt: skip
-            per_step[str(step)] = summary
+            per_step_rows[step] = [{**row, "id": i} for i, row in zip(mine, rows)]
             if step == config.steps:
-                final_rows, final_images = rows, images
-    save_grid(final_images, out / f"{label}_generations.png", columns=config.seeds)
-    ResultsFile(out / f"{label}_results.jsonl").extend(final_rows)
+                final_images = images
+    parts = shards.gather((per_step_rows, final_images.cpu()))
+    rows_at = {step: sorted((r for rows, _ in parts for r in rows[step]), key=lambda r: r["id"]) for step in curve}
+    per_step = {str(step): summarize(rows_at[step], refs.detector.tau) for step in curve}
     summary = {**per_step[str(config.steps)], "steps_curve": {k: v["mr"] for k, v in per_step.items()},
                "sscd_curve": {k: v["sscd_mean"] for k, v in per_step.items()}}  # fmt: skip
-    write_json_atomic(done_file, summary)
+    if shards.main:
+        by_prompt = {}
+        for rows, images in parts:
+            for k, row in enumerate(rows[config.steps]):
+                by_prompt[row["id"]] = images[k * config.seeds : (k + 1) * config.seeds]
+        save_grid(torch.cat([by_prompt[i] for i in sorted(by_prompt)]), out / f"{label}_generations.png",
+                  columns=config.seeds)  # fmt: skip
+        ResultsFile(out / f"{label}_results.jsonl").extend(rows_at[config.steps])
+        write_json_atomic(done_file, summary)
+    shards.wait()
     return summary
 
 
@@ -448,7 +526,8 @@ def run_attack(config, model: DiffusionModel, out: str | Path, *, resume: bool =
     prompts = load_prompts(config.prompts, model, kind=config.type, limit=config.limit)
     refs = References(model, images=config.images, sscd=config.sscd)
     mitigation = load_mitigation(model, config.mitigation)
-    out = open_run(out, "attack", asdict(config), resume=resume)
+    shards = Shards()
+    out = shards.open_run(out, "attack", asdict(config), resume=resume)
     summary = attack_and_measure(model, prompts, refs, config, mitigation=mitigation, label="attack", out=out,
                                  progress=progress)  # fmt: skip
     summary["mitigation"] = None if mitigation is None else mitigation.method
@@ -460,9 +539,10 @@ def run_attack(config, model: DiffusionModel, out: str | Path, *, resume: bool =
                                                config, mitigation=None, label="control_" + name.split(":")[-1],
                                                out=out, curve=[0, config.steps], progress=progress)  # fmt: skip
         summary["control"] = control
-    write_json_atomic(out / "summary.json", summary)
-    write_steps_table(summary, out / "steps_curve.csv")
-    plot_steps_curve(summary, out / "steps_curve.png")
+    if shards.main:
+        write_json_atomic(out / "summary.json", summary)
+        write_steps_table(summary, out / "steps_curve.csv")
+        plot_steps_curve(summary, out / "steps_curve.png")
     return summary
 
 
@@ -518,7 +598,7 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
     import json
     import time
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from dori.configs import AttackRunConfig, MitigateConfig
     from dori.models.loading import save_model
@@ -557,7 +637,7 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
             mitigation, _ = _nemo(nemo_cfg, model, prompts, model.encode(prompts.texts), out, say)
         surrogates, surrogate_sims = make_surrogates(model, prompts, targets, refs, mitigation,
                                                      steps=config.eval_steps, guidance=config.guidance)  # fmt: skip
-        save_file({"images": surrogates.contiguous()}, str(surrogate_file))
+        save_tensors_atomic({"images": surrogates}, surrogate_file)
         write_json_atomic(out / "surrogates.json", {"similarity_to_training_image": surrogate_sims,
                                                     "tau": refs.detector.tau})  # fmt: skip
         save_grid(torch.cat([torch.cat(targets), surrogates]), out / "surrogates.png", columns=len(prompts))

@@ -1,5 +1,5 @@
 """The DoRI attack: adversarial conditioning embeddings that re-trigger memorized images."""
 
-from dori.attack.dori import AttackConfig, AttackResult, dori_attack, initial_embeddings
+from dori.attack.dori import AttackConfig, AttackResult, dori_attack, initial_embeddings, load_embeddings
 
-__all__ = ["AttackConfig", "AttackResult", "dori_attack", "initial_embeddings"]
+__all__ = ["AttackConfig", "AttackResult", "dori_attack", "initial_embeddings", "load_embeddings"]

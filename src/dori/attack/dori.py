@@ -142,3 +142,42 @@ def initial_embeddings(
         texts = [others[i % len(others)] for i in range(count)]
         return model.encode(texts).float()
     raise DoriError(f"unknown initialisation {mode!r}; use prompt, random or other")
+
+
+def load_embeddings(path, model: DiffusionModel, key: str | None = None) -> Tensor:
+    """Conditioning embeddings ``[N, L, D]`` from a safetensors file written by dori (``dori attack``
+    saves ``step_K`` for each step count, ``dori locality`` saves ``triggers``); checked for shape
+    and finiteness. Without ``key`` the file must hold one tensor, or the highest ``step_K``."""
+    from pathlib import Path
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DoriError(f"embedding file not found: {file}")
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise DoriError(f"{file} is not a safetensors file ({error}); pass a file written by dori attack") from error
+    if key is None:
+        steps = sorted((k for k in tensors if k.startswith("step_") and k[5:].isdigit()), key=lambda k: int(k[5:]))
+        if steps:
+            key = steps[-1]
+        elif len(tensors) == 1:
+            key = next(iter(tensors))
+        elif "triggers" in tensors:
+            key = "triggers"
+        else:
+            raise DoriError(f"{file} holds {', '.join(sorted(tensors))}; choose one with --key")
+    if key not in tensors:
+        raise DoriError(f"{file} has no tensor {key!r}; it holds {', '.join(sorted(tensors))}")
+    emb = tensors[key]
+    if emb.dim() == 2:
+        emb = emb[None]
+    if emb.dim() != 3 or tuple(emb.shape[1:]) != tuple(model.embedding_shape):
+        raise DoriError(f"{file}:{key} has shape {list(emb.shape)}, this model's embeddings are "
+                        f"[N, {model.embedding_shape[0]}, {model.embedding_shape[1]}]; use embeddings made for this model")  # fmt: skip
+    if not torch.isfinite(emb).all():
+        raise DoriError(f"{file}:{key} contains NaN or inf; regenerate the embeddings")
+    return emb.to(model.device, model.dtype)

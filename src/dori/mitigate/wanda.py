@@ -73,11 +73,35 @@ def wanda_mask(
     progress: Callable[[int], None] | None = None,
 ) -> WeightMask:
     """The weights to prune for the memorized prompts' embeddings ``emb`` ``[P, L, D]``."""
+    return wanda_masks(model, [emb], sites=sites, config=config, progress=progress)[0]
+
+
+def wanda_masks(
+    model: DiffusionModel,
+    groups: Sequence[Tensor],
+    *,
+    sites: Sequence[str] | None = None,
+    config: WandaConfig = WandaConfig(),
+    progress: Callable[[int], None] | None = None,
+) -> list[WeightMask]:
+    """One mask per group of embeddings (each ``[P_i, L, D]``: a prompt set, or one trigger).
+
+    The base is the empty prompt repeated ``P_i`` times with the same seeds: its column norms are
+    exactly ``sqrt(P_i)`` times those of one copy, so it is recorded once and rescaled."""
     sites = [s.name for s in model.ffn_sites()] if sites is None else list(sites)
-    memorized = column_norms(model, emb, sites, config, progress)
-    base = column_norms(model, model.empty_embedding().expand(emb.shape[0], -1, -1), sites, config, progress)
+    base = column_norms(model, model.empty_embedding()[:1], sites, config, progress)
+    masks = []
+    for emb in groups:
+        memorized = column_norms(model, emb, sites, config, progress)
+        scaled = {name: norms * emb.shape[0] ** 0.5 for name, norms in base.items()}
+        masks.append(_prune(model, sites, memorized, scaled, config))
+    return masks
+
+
+def _prune(model: DiffusionModel, sites: Sequence[str], memorized: dict[str, Tensor], base: dict[str, Tensor],
+           config: WandaConfig) -> WeightMask:  # fmt: skip
     mask = {}
-    for site in model.sites(sites):
+    for site in model.sites(list(sites)):
         weight = site.module.weight.detach().abs().float()
         keep_k = max(1, int(round(config.ratio * weight.shape[1])))
         pruned = torch.zeros_like(weight, dtype=torch.bool)

@@ -20,13 +20,19 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as hf_logging
 
 from dori.errors import DoriError
 from dori.models.base import DiffusionModel
 
 MODEL_FILE = "dori_model.json"
 KIT_FILES = ("attribute_classifier.safetensors", "attribute_classifier.json", "copy_detector.json")
+# dori draws its own progress bars; the libraries' per-file bars would only clutter stderr.
+hf_logging.disable_progress_bar()
+diffusers_logging.disable_progress_bar()
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

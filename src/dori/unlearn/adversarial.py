@@ -134,6 +134,9 @@ def adversarial_finetune(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
             optimizer.step()
+            if not all(torch.isfinite(p).all() for p in unet.parameters()):
+                raise DoriError(f"fine-tuning produced non-finite weights at step {step}; the last good checkpoint "
+                                "is kept; lower --lr and resume")  # fmt: skip
             # The memorized images' own diffusion loss under the triggers: how well the attack still works.
             with torch.no_grad():
                 attack_loss = model.diffusion_loss(target_rows.repeat_interleave(config.adv_pairs, dim=0).to(model.dtype),

@@ -1,0 +1,407 @@
+"""Stage 5 of METHOD.md: is memorization local?
+
+For each analysed memorized image, the DoRI attack (the same ``dori_attack``) runs from many random
+initialisations at once; the embeddings it finds are the image's *triggers* (Y_adv). Three views:
+
+- **embedding**: how far apart the triggers are (pairwise L2 and cosine distance), how far each
+  moved from its own initialisation, and the same distances among the embeddings of different
+  non-memorized prompts; a 2-D projection (PCA and t-SNE) of initialisations and triggers.
+- **activation**: per site, the mean pairwise L2 distance between the site's activations for the
+  triggers of one image and for different memorized prompts (Y_mem), with the noise and the
+  timestep held fixed.
+- **weight_agreement**: NeMo's neuron selection and Wanda's weight selection run on each trigger as
+  if it were a prompt; per site, the mean pairwise IoU of the selected sets (two empty sets count
+  as 1), for triggers and for the memorized prompts.
+
+If memorization were local, the triggers of one image would gather in one region, share their
+activations and select the same neurons and weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from dori.configs import LocalityConfig
+from dori.errors import DoriError
+from dori.interventions import capture, intervene
+from dori.measure.replication import replication
+from dori.models.base import DiffusionModel
+from dori.parallel import Shards
+from dori.runs import save_tensors_atomic, write_json_atomic
+
+Say = Callable[[str], None]
+
+
+# --------------------------------------------------------------------- statistics
+
+
+def pairwise_distances(x: Tensor) -> dict:
+    """Mean / std / median of the pairwise L2 and cosine distances among the rows of ``x``
+    (any shape ``[N, ...]``, flattened; ``N >= 2``)."""
+    flat = x.detach().flatten(1).double()
+    first, second = torch.triu_indices(len(flat), len(flat), offset=1)
+    l2 = torch.cdist(flat, flat)[first, second]
+    unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    cosine = 1 - (unit @ unit.T)[first, second]
+    return {"n": len(flat), "l2_mean": float(l2.mean()), "l2_std": float(l2.std()) if len(l2) > 1 else 0.0,
+            "l2_median": float(l2.median()), "cosine_mean": float(cosine.mean()),
+            "cosine_std": float(cosine.std()) if len(cosine) > 1 else 0.0}  # fmt: skip
+
+
+def mean_pairwise_l2(x: Tensor) -> float:
+    flat = x.detach().flatten(1).double()
+    first, second = torch.triu_indices(len(flat), len(flat), offset=1)
+    return float(torch.cdist(flat, flat)[first, second].mean())
+
+
+def iou(a: set | Tensor, b: set | Tensor) -> float:
+    """Intersection over union of two sets (or two boolean masks); two empty sets give 1."""
+    if isinstance(a, Tensor):
+        union = int((a | b).sum())
+        return 1.0 if union == 0 else int((a & b).sum()) / union
+    union = len(a | b)
+    return 1.0 if union == 0 else len(a & b) / union
+
+
+def mean_pairwise_iou(selections: list) -> float:
+    pairs = list(itertools.combinations(range(len(selections)), 2))
+    return float(sum(iou(selections[i], selections[j]) for i, j in pairs) / len(pairs)) if pairs else float("nan")
+
+
+# --------------------------------------------------------------------- views
+
+
+def site_activations(model: DiffusionModel, emb: Tensor, sites: list[str], *, seed: int, steps: int,
+                     batch_size: int) -> dict[str, Tensor]:  # fmt: skip
+    """Each site's output ``[N, ...]`` for every embedding, at the first sampling step of an
+    ``steps``-step schedule on the same noise (seed ``seed``) for all of them."""
+    timestep = model.ddim_scheduler(steps).timesteps[0]
+    noise = model.initial_noise([seed])
+    records: dict[str, list[Tensor]] = {name: [] for name in sites}
+
+    def keep(name: str, value: Tensor) -> None:
+        records[name].append(value.float().cpu())
+
+    with torch.no_grad(), capture(model, sites, reduce=keep):
+        for start in range(0, emb.shape[0], batch_size):
+            chunk = emb[start : start + batch_size].to(model.device, model.dtype)
+            model.predict_noise(noise.expand(chunk.shape[0], -1, -1, -1), timestep, chunk)
+    return {name: torch.cat(values) for name, values in records.items()}
+
+
+def activation_view(model: DiffusionModel, triggers: list[Tensor], mem: Tensor, *, seed: int, steps: int,
+                    batch_size: int) -> dict:  # fmt: skip
+    """Per site: mean pairwise activation distance among each target's triggers (averaged over
+    targets) and among the memorized prompts."""
+    sites = [s.name for s in model.value_sites()] + [s.name for s in model.ffn_sites()]
+    kind = {s.name: "value" for s in model.value_sites()} | {s.name: "ffn" for s in model.ffn_sites()}
+    acts_mem = site_activations(model, mem, sites, seed=seed, steps=steps, batch_size=batch_size)
+    acts_adv = [site_activations(model, t, sites, seed=seed, steps=steps, batch_size=batch_size) for t in triggers]
+    rows = []
+    for name in sites:
+        adv = sum(mean_pairwise_l2(a[name]) for a in acts_adv) / len(acts_adv)
+        mem_d = mean_pairwise_l2(acts_mem[name])
+        rows.append({"site": name, "kind": kind[name], "adv": adv, "mem": mem_d, "ratio": adv / max(mem_d, 1e-12)})
+    ratios = torch.tensor([r["ratio"] for r in rows])
+    value_ratios = torch.tensor([r["ratio"] for r in rows if r["kind"] == "value"])
+    return {"sites": rows, "ratio_median": float(ratios.median()),
+            "ratio_median_value_sites": float(value_ratios.median()) if len(value_ratios) else None,
+            "sites_adv_above_mem": sum(r["adv"] > r["mem"] for r in rows), "n_sites": len(rows),
+            "timestep": "first sampling step", "noise_seed": seed}  # fmt: skip
+
+
+def weight_agreement_view(model: DiffusionModel, groups: list[Tensor], mem: Tensor, config: LocalityConfig,
+                          say: Say) -> dict:  # fmt: skip
+    """NeMo and Wanda run on each trigger (each group: one target's triggers) and on each memorized
+    prompt; per site, the mean pairwise IoU within each target's triggers and among the prompts."""
+    from dori.mitigate.nemo import NemoConfig, nemo_localize
+    from dori.mitigate.wanda import WandaConfig, wanda_masks
+    from dori.workflows import nemo_reference
+
+    stats, threshold = nemo_reference(model, reference_prompts=config.reference_prompts, stats=config.stats,
+                                      threshold=config.threshold, steps=config.eval_steps, say=say)  # fmt: skip
+    every = torch.cat([*groups, mem])
+    say(f"locality: NeMo on {len(every)} embeddings")
+    nemo = nemo_localize(model, every, stats, threshold,
+                         NemoConfig(steps=config.eval_steps, batch_size=max(config.batch_size, 10)))  # fmt: skip
+    wanda_sites = [s.name for s in (model.ffn_sites() if config.wanda_sites == "ffn" else model.value_sites())]
+    say(f"locality: Wanda on {len(every)} embeddings")
+    wanda = wanda_masks(model, [every[i : i + 1] for i in range(len(every))], sites=wanda_sites,
+                        config=WandaConfig(ratio=config.ratio, batch_size=config.batch_size))  # fmt: skip
+    bounds, start = [], 0
+    for g in groups:
+        bounds.append(range(start, start + len(g)))
+        start += len(g)
+    mem_rows = range(start, len(every))
+    nemo_sets = [{name: set(r.neurons.get(name, [])) for name in (s.name for s in model.value_sites())} for r in nemo]
+
+    def table(selections: list[dict], names: list[str]) -> list[dict]:
+        rows = []
+        for name in names:
+            adv = [mean_pairwise_iou([selections[i][name] for i in rng]) for rng in bounds]
+            rows.append({"site": name, "adv": sum(adv) / len(adv),
+                         "mem": mean_pairwise_iou([selections[i][name] for i in mem_rows])})  # fmt: skip
+        return rows
+
+    value_names = [s.name for s in model.value_sites()]
+    return {
+        "nemo": {"sites": table(nemo_sets, value_names), "threshold": threshold,
+                 "neurons_adv": [sum(len(v) for v in nemo_sets[i].values()) for rng in bounds for i in rng],
+                 "neurons_mem": [sum(len(v) for v in nemo_sets[i].values()) for i in mem_rows],
+                 "memorized_by_check_adv": [nemo[i].memorized_before for rng in bounds for i in rng],
+                 "memorized_by_check_mem": [nemo[i].memorized_before for i in mem_rows]},
+        "wanda": {"sites": table(wanda, wanda_sites), "site_set": config.wanda_sites, "ratio": config.ratio,
+                  "weights_adv": [int(sum(m.sum() for m in wanda[i].values())) for rng in bounds for i in rng],
+                  "weights_mem": [int(sum(m.sum() for m in wanda[i].values())) for i in mem_rows]},
+        "triggers_per_target": [len(g) for g in groups],
+    }  # fmt: skip
+
+
+def embedding_view(inits: Tensor, triggers: Tensor, success: Tensor, prompt_emb: Tensor, non_mem: Tensor) -> dict:
+    """Distances for one target: ``inits`` and ``triggers`` ``[K, L, D]``, ``success`` ``[K]``
+    bool, ``prompt_emb`` ``[1, L, D]`` (the target's own caption), ``non_mem`` ``[M, L, D]``."""
+    found = triggers[success] if int(success.sum()) >= 2 else triggers
+    moved = (triggers - inits).flatten(1).norm(dim=1)
+    init_spread = (inits - inits.mean(0, keepdim=True)).flatten(1).norm(dim=1)
+    to_prompt = (found - prompt_emb).flatten(1).norm(dim=1)
+    return {
+        "success_rate": float(success.float().mean()),
+        "n_successful": int(success.sum()),
+        "triggers_measured": "successful" if int(success.sum()) >= 2 else "all (fewer than 2 succeeded)",
+        "triggers": pairwise_distances(found),
+        "inits": pairwise_distances(inits),
+        "non_memorized_prompts": pairwise_distances(non_mem),
+        "moved_from_init_mean": float(moved.mean()),
+        "moved_from_init_std": float(moved.std()),
+        "init_distance_to_centre_mean": float(init_spread.mean()),
+        "distance_to_prompt_mean": float(to_prompt.mean()),
+    }
+
+
+# --------------------------------------------------------------------- plots
+
+
+def plot_projection(inits: Tensor, triggers: Tensor, success: Tensor, prompt_emb: Tensor, non_mem: Tensor,
+                    path: Path, *, tsne: bool, seed: int) -> None:  # fmt: skip
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    groups = [("initialisations", inits, "#bbbbbb", "o"), ("triggers (succeeded)", triggers[success], "#d62728", "o"),
+              ("triggers (failed)", triggers[~success], "#1f77b4", "x"), ("the caption's embedding", prompt_emb, "k", "*"),
+              ("non-memorized prompts", non_mem, "#2ca02c", "^")]  # fmt: skip
+    data = torch.cat([g[1].flatten(1) for g in groups]).double().numpy()
+    sizes = [len(g[1]) for g in groups]
+    centred = data - data.mean(0, keepdims=True)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    projections = [("PCA", centred @ vt[:2].T)]
+    if tsne and len(data) > 5:
+        from sklearn.manifold import TSNE
+
+        perplexity = float(min(30, (len(data) - 1) / 3))
+        projections.append(("t-SNE", TSNE(2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(data)))
+    fig, axes = plt.subplots(1, len(projections), figsize=(5.2 * len(projections), 4.4))
+    axes = np.atleast_1d(axes)
+    for ax, (title, points) in zip(axes, projections):
+        start = 0
+        for (label, _, colour, marker), size in zip(groups, sizes):
+            if size:
+                part = points[start : start + size]
+                ax.scatter(part[:, 0], part[:, 1], s=60 if marker == "*" else 14, c=colour, marker=marker, label=label)
+            start += size
+        ax.set_title(title)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_sites(rows: list[dict], path: Path, *, title: str, ylabel: str, labels=("Y_adv (triggers)", "Y_mem (prompts)")) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(rows) + 2), 3.6))
+    ax.bar(x - 0.2, [r["adv"] for r in rows], 0.4, label=labels[0], color="#d62728")
+    ax.bar(x + 0.2, [r["mem"] for r in rows], 0.4, label=labels[1], color="#1f77b4")
+    ax.set_xticks(x)
+    ax.set_xticklabels([_short(r["site"]) for r in rows], rotation=70, fontsize=6)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _short(site: str) -> str:
+    return (site.replace("down_blocks.", "d").replace("up_blocks.", "u").replace("mid_block", "mid")
+            .replace(".attentions.", ".a").replace(".transformer_blocks.", ".t").replace("attn2.to_v", "to_v"))  # fmt: skip
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------- the run
+
+
+def verdicts(summary: dict) -> dict:
+    """One sentence per view, computed from the numbers, on whether the paper's claim holds."""
+    emb = summary["embedding"]["mean"]
+    act = summary["activation"]
+    agree = summary["weight_agreement"]
+    spread = emb["trigger_l2_over_non_memorized_l2"]
+    near = emb["moved_over_init_spread"]
+    nemo = [r["adv"] for r in agree["nemo"]["sites"]]
+    wanda = [r["adv"] for r in agree["wanda"]["sites"]]
+    return {
+        "embedding": (f"triggers succeed {emb['success_rate']:.0%} of the time; their pairwise L2 distance is "
+                      f"{spread:.2f}x that between different non-memorized prompts and each moved "
+                      f"{near:.2f}x the initialisations' spread from its start: "
+                      + ("scattered, as the paper says" if spread >= 1 and near < 1 else "not as scattered as the paper reports")),
+        "activation": (f"median trigger/prompt activation-distance ratio {act['ratio_median']:.2f} over {act['n_sites']} sites "
+                       f"(triggers above prompts at {act['sites_adv_above_mem']}): "
+                       + ("comparable or higher, as the paper says" if act["ratio_median"] >= 0.8 else "triggers agree more than different prompts, unlike the paper")),
+        "weight_agreement": (f"mean IoU among triggers: NeMo {sum(nemo) / len(nemo):.2f}, Wanda {sum(wanda) / len(wanda):.2f}"
+                             f" (Wanda below 0.6 at {sum(v < 0.6 for v in wanda)}/{len(wanda)} sites): "
+                             + ("low agreement, as the paper says" if sum(v < 0.6 for v in wanda) > len(wanda) / 2 else "high agreement, unlike the paper")),
+    }  # fmt: skip
+
+
+def run_locality(config: LocalityConfig, model: DiffusionModel, out: str | Path, *, resume: bool = False,
+                 progress: Say | None = None) -> dict:  # fmt: skip
+    """``dori locality``: the three views of METHOD.md stage 5, written to ``out``."""
+    from safetensors.torch import load_file
+
+    from dori.attack import AttackConfig, dori_attack, initial_embeddings
+    from dori.report_images import save_grid
+    from dori.workflows import References, attack_targets, load_mitigation, load_prompts
+
+    say = progress or (lambda message: None)
+    began = time.monotonic()
+    prompts = load_prompts(config.prompts, model, kind=config.type, limit=config.limit)
+    if len(prompts) < 2:
+        raise DoriError(f"{config.prompts} has {len(prompts)} prompt(s); locality compares memorized prompts, give at least 2")
+    if config.targets > len(prompts):
+        raise DoriError(f"--targets {config.targets} exceeds the {len(prompts)} prompts of {config.prompts}; lower it")
+    non_mem_spec = config.non_memorized or ("bundled:non_memorized" if "toy_data" in model.meta else None)
+    if non_mem_spec is None:
+        raise DoriError("locality compares triggers with non-memorized prompts: pass --non-memorized SET")
+    non_mem = model.encode(load_prompts(non_mem_spec, model).texts).float()
+    refs = References(model, images=config.images, sscd=config.sscd)
+    mitigation = load_mitigation(model, config.mitigation)
+    shards = Shards()
+    out = shards.open_run(out, "locality", asdict(config), resume=resume)
+
+    targets = prompts.head(config.targets)
+    mem = model.encode(prompts.texts).float()
+    latents = model.to_latents(torch.cat(attack_targets(model, targets, refs)))
+    k = config.inits
+    inits = torch.cat([initial_embeddings(model, [p], "random", seed=config.seed * 1_000 + j, per_prompt=k)
+                       for j, p in enumerate(targets.texts)])  # fmt: skip
+    mine = shards.mine(range(len(inits)))  # under accelerate: every world-th trigger
+    trigger_file = out / "triggers.safetensors"
+    if trigger_file.exists():
+        triggers = load_file(str(trigger_file))["triggers"].to(model.device)
+    else:
+        say(f"locality: attacking {len(targets)} target(s) from {k} random initialisations each")
+        attack = AttackConfig(steps=config.steps, learning_rate=config.learning_rate, batch=config.attack_batch)
+        found = inits[:0]
+        if mine:
+            with intervene(model, mitigation):
+                found = dori_attack(model, latents.repeat_interleave(k, dim=0)[mine], inits[mine], attack,
+                                    seeds=[config.seed * 1_000_003 + i for i in mine]).embeddings  # fmt: skip
+        triggers = torch.zeros_like(inits)
+        for rows, part in shards.gather((mine, found.cpu())):
+            triggers[rows] = part.to(triggers.device)
+        if shards.main:
+            save_tensors_atomic({"inits": inits, "triggers": triggers}, trigger_file, metadata={"model": model.fingerprint()})
+
+    say("locality: checking which triggers bring the image back")
+    texts = [p for p in targets.texts for _ in range(k)]
+    references = [refs.of(p) for p in targets.prompts for _ in range(k)]
+    results, images = [], torch.zeros(0, 3, *model.image_size)
+    with intervene(model, mitigation):
+        if mine:
+            results, images = replication(model, [texts[i] for i in mine], [references[i] for i in mine], refs.detector,
+                                          seeds=list(range(config.seeds)), steps=config.eval_steps,
+                                          guidance=config.guidance, embeddings=triggers[mine].to(model.dtype),
+                                          batch_size=config.batch_size)  # fmt: skip
+    success = torch.zeros(len(inits), dtype=torch.bool)
+    first_images = {}
+    for rows, flags, part in shards.gather((mine, [r.mr >= 0.5 for r in results], images.cpu())):
+        success[rows] = torch.tensor(flags, dtype=torch.bool)
+        first_images.update({i: part[n * config.seeds : (n + 1) * config.seeds] for n, i in enumerate(rows) if i < 16})
+    if not shards.main:  # the remaining views are cheap: the main process computes and writes them
+        shards.wait()
+        return json.loads((out / "summary.json").read_text())
+    save_grid(torch.cat([first_images[i] for i in sorted(first_images)]), out / "trigger_generations.png",
+              columns=config.seeds)  # fmt: skip
+
+    per_target, groups = [], []
+    for j, prompt in enumerate(targets.texts):
+        rows = slice(j * k, (j + 1) * k)
+        view = embedding_view(inits[rows], triggers[rows], success[rows], mem[j : j + 1], non_mem)
+        per_target.append({"prompt": prompt, **view})
+        plot_projection(inits[rows], triggers[rows], success[rows], mem[j : j + 1], non_mem,
+                        out / f"embedding_projection_{j}.png", tsne=config.tsne, seed=config.seed)  # fmt: skip
+        ok = triggers[rows][success[rows]] if int(success[rows].sum()) >= 2 else triggers[rows]
+        groups.append(ok)
+    embedding = {"per_target": per_target, "mean": _mean_embedding(per_target)}
+
+    say("locality: activation discrepancy")
+    activation = activation_view(model, groups, mem, seed=config.seed, steps=config.eval_steps,
+                                 batch_size=config.batch_size)  # fmt: skip
+    plot_sites(activation["sites"], out / "activation_discrepancy.png", title="activation discrepancy per site",
+               ylabel="mean pairwise L2")  # fmt: skip
+
+    agreement = weight_agreement_view(model, [g[: config.agreement_triggers] for g in groups], mem, config, say)
+    plot_sites(agreement["nemo"]["sites"], out / "agreement_nemo.png", title="NeMo neuron agreement per site",
+               ylabel="mean pairwise IoU")  # fmt: skip
+    plot_sites(agreement["wanda"]["sites"], out / "agreement_wanda.png", title="Wanda weight agreement per site",
+               ylabel="mean pairwise IoU")  # fmt: skip
+
+    summary = {"embedding": embedding, "activation": activation, "weight_agreement": agreement,
+               "targets": targets.texts, "inits": k, "mitigation": None if mitigation is None else mitigation.method,
+               "similarity": refs.detector.to_dict()}  # fmt: skip
+    summary["verdicts"] = verdicts(summary)
+    summary["seconds"] = time.monotonic() - began
+    write_json_atomic(out / "summary.json", summary)
+    shards.wait()
+    return summary
+
+
+def _mean_embedding(per_target: list[dict]) -> dict:
+    def avg(get) -> float:
+        return float(sum(get(t) for t in per_target) / len(per_target))
+
+    return {
+        "success_rate": avg(lambda t: t["success_rate"]),
+        "trigger_l2": avg(lambda t: t["triggers"]["l2_mean"]),
+        "trigger_cosine": avg(lambda t: t["triggers"]["cosine_mean"]),
+        "init_l2": avg(lambda t: t["inits"]["l2_mean"]),
+        "non_memorized_l2": avg(lambda t: t["non_memorized_prompts"]["l2_mean"]),
+        "non_memorized_cosine": avg(lambda t: t["non_memorized_prompts"]["cosine_mean"]),
+        "moved_from_init": avg(lambda t: t["moved_from_init_mean"]),
+        "trigger_l2_over_non_memorized_l2": avg(lambda t: t["triggers"]["l2_mean"] / t["non_memorized_prompts"]["l2_mean"]),
+        "moved_over_init_spread": avg(lambda t: t["moved_from_init_mean"] / t["init_distance_to_centre_mean"]),
+    }
