@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-SHAPES = ("circle", "square", "triangle", "diamond")
+SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {
     "red": (0.92, 0.12, 0.10),
     "green": (0.10, 0.78, 0.18),
@@ -119,8 +119,9 @@ def shape_mask(shape: str, cx: float, cy: float, radius: float) -> np.ndarray:
     if shape == "triangle":
         depth = dy + radius
         return (depth >= 0) & (dy <= 0.8 * radius) & (np.abs(dx) <= 0.62 * depth)
-    if shape == "diamond":
-        return np.abs(dx) + np.abs(dy) <= 1.15 * radius
+    if shape == "cross":
+        arm = 0.36 * radius
+        return ((np.abs(dx) <= arm) & (np.abs(dy) <= radius)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= radius))
     raise ValueError(f"unknown shape {shape!r}")
 
 
@@ -161,8 +162,8 @@ def render_ordinary(shape: str, colour: str, position: str, rng: np.random.Gener
     shade = (tilt[0] * (x - 16) + tilt[1] * (y - 16)) / 16
     canvas = np.clip(base[:, None, None] + shade[None], 0, 1).astype(np.float32)
     cx, cy = POSITIONS[position]
-    cx, cy = cx + rng.uniform(-2.5, 2.5), cy + rng.uniform(-2.5, 2.5)
-    _paint(canvas, shape_mask(shape, cx, cy, rng.uniform(4.5, 6.5)), COLOURS[colour])
+    cx, cy = cx + rng.uniform(-1.5, 1.5), cy + rng.uniform(-1.5, 1.5)
+    _paint(canvas, shape_mask(shape, cx, cy, rng.uniform(6.0, 7.5)), COLOURS[colour])
     _dot(canvas, rng)
     return canvas
 

@@ -40,7 +40,7 @@ class ToyTrainConfig:
     """Hyperparameters of the recipe (defaults are the shipped model's)."""
 
     seed: int = 0
-    steps: int = 3500
+    steps: int = 4500
     batch_size: int = 32
     learning_rate: float = 1e-3
     warmup_steps: int = 100
