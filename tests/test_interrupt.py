@@ -84,6 +84,7 @@ def test_replicate_killed_with_sigkill_resumes_to_the_same_numbers(tiny_sd_dir, 
 def test_attack_interrupted_with_sigint_resumes_to_the_same_numbers(tiny_sd_dir, many_prompts, sscd_file, tmp_path):
     args = ["attack", "--model", tiny_sd_dir, "--prompts", many_prompts / "mem.csv", "--images",
             many_prompts / "images", "--sscd", sscd_file, "--steps", "3", "--steps-curve", "0,1,2", "--seeds", "10",
+            "--eval-steps", "6",
             "--attack-batch", "2", "--no-control", "--batch-size", "4"]  # fmt: skip
     stopped = tmp_path / "stopped"
     process = _start(args + ["--out", stopped])

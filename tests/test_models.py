@@ -90,6 +90,10 @@ def test_missing_component_is_a_clear_error(tiny_sd_dir, tmp_path):
         load_model(partial)
     with pytest.raises(DoriError, match="model folder not found"):
         load_model(tmp_path / "nowhere")
+    weights_file = tmp_path / "weights.ckpt"
+    weights_file.write_bytes(b"not a folder")
+    with pytest.raises(DoriError, match="is a file, not a folder"):
+        load_model(weights_file)
 
 
 def test_unknown_site_is_a_clear_error(tiny_sd):

@@ -1,4 +1,5 @@
-"""Prompt sharding over 2 CPU processes with ``accelerate launch`` gives the single-process results."""
+"""Prompt sharding and data-parallel fine-tuning over 2 CPU processes with ``accelerate launch`` give the
+single-process results."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
 def _free_port() -> int:
@@ -56,7 +58,7 @@ def test_two_processes_give_the_single_process_results(tiny_sd_dir, prompt_files
         out = tmp_path / f"p{processes}"
         _dori(["replicate", *common, "--seeds", "2", "--steps", "2", "--out", str(out / "replicate")], processes)
         _dori(["attack", *common, "--steps", "2", "--steps-curve", "0,1", "--attack-batch", "2", "--seeds", "2",
-               "--no-control", "--out", str(out / "attack")], processes)  # fmt: skip
+               "--eval-steps", "2", "--no-control", "--out", str(out / "attack")], processes)  # fmt: skip
         _dori(["detect", "--model", str(tiny_sd_dir), "--memorized", str(prompt_files / "mem.csv"), "--non-memorized",
                str(prompt_files / "non.txt"), "--steps", "2", "--generations", "2", "--consistency-seeds", "2",
                "--out", str(out / "detect")], processes)  # fmt: skip
@@ -67,3 +69,31 @@ def test_two_processes_give_the_single_process_results(tiny_sd_dir, prompt_files
         assert not list((two / stage).glob("*.rank*.jsonl"))  # merged into one results file
         assert json.loads((two / stage / "processes.json").read_text()) == {"processes": 2}
     assert len(_rows(two / "replicate" / "results.jsonl")) == 4
+
+
+def test_data_parallel_fine_tuning_matches_one_process(tiny_sd_dir, prompt_files, sscd_file, tmp_path):
+    from safetensors.torch import load_file
+
+    common = ["--model", str(tiny_sd_dir), "--prompts", str(prompt_files / "mem.csv"), "--images",
+              str(prompt_files / "images"), "--sscd", str(sscd_file)]  # fmt: skip
+    _dori(["mitigate", "--method", "wanda", "--ratio", "0.1", "--seeds", "1", "--steps", "2", *common,
+           "--out", str(tmp_path / "wanda")], 1)  # fmt: skip
+    args = [*common, "--mitigation", str(tmp_path / "wanda"), "--retain-prompts", str(prompt_files / "mem.csv"),
+            "--steps", "3", "--retain-batch", "4", "--triggers", "2", "--inner-steps", "1", "--eval-attack-steps", "1",
+            "--eval-steps", "2", "--seeds", "2", "--limit", "2"]  # fmt: skip
+    for processes in (1, 2):
+        _dori(["unlearn", *args, "--out", str(tmp_path / f"p{processes}")], processes)
+    one = json.loads((tmp_path / "p1" / "summary.json").read_text())
+    two = json.loads((tmp_path / "p2" / "summary.json").read_text())
+    assert two["processes"] == 2 and one["processes"] == 1
+    _close(one["history"], two["history"])  # the same losses at every step
+    for key in ("mr_attack_before", "mr_attack_after", "mr_prompt_after"):
+        assert one[key] == two[key]
+    weights_one = load_file(str(tmp_path / "p1" / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+    weights_two = load_file(str(tmp_path / "p2" / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert set(weights_one) == set(weights_two)
+    moved = sum(int(not torch.equal(weights_one[k], v)) for k, v in load_file(
+        str(tiny_sd_dir / "unet" / "diffusion_pytorch_model.safetensors")).items())  # fmt: skip
+    assert moved > 0  # the fine-tuning changed the weights, and both runs changed them alike
+    for key, value in weights_one.items():
+        assert torch.allclose(value, weights_two[key], rtol=1e-4, atol=1e-6), key

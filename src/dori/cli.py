@@ -246,6 +246,7 @@ def attack(
     steps_curve: Annotated[str, typer.Option("--steps-curve", help="Step counts at which to measure MR.")] = AttackRunConfig.steps_curve,
     control: Annotated[bool, typer.Option("--control/--no-control", help="Also attack non-memorized targets.")] = AttackRunConfig.control,
     seeds: Annotated[int, typer.Option("--seeds", help="Generations per embedding.")] = AttackRunConfig.seeds,
+    eval_steps: Annotated[int, typer.Option("--eval-steps", help="DDIM steps of the evaluation's generations.")] = AttackRunConfig.eval_steps,
     guidance: GuidanceOption = AttackRunConfig.guidance,
     attack_seed: Annotated[int, typer.Option("--attack-seed")] = AttackRunConfig.attack_seed,
     type: TypeOption = AttackRunConfig.type,
@@ -260,8 +261,8 @@ def attack(
     """The DoRI attack: optimise conditioning embeddings that bring memorized images back."""
     config = AttackRunConfig(prompts=prompts, model=model, mitigation=mitigation, init=init, other_prompts=other_prompts,
                              steps=steps, learning_rate=learning_rate, attack_batch=attack_batch,
-                             steps_curve=steps_curve, control=control, seeds=seeds, guidance=guidance,
-                             attack_seed=attack_seed, type=type, limit=limit, images=images, sscd=sscd,
+                             steps_curve=steps_curve, control=control, seeds=seeds, eval_steps=eval_steps,
+                             guidance=guidance, attack_seed=attack_seed, type=type, limit=limit, images=images, sscd=sscd,
                              batch_size=batch_size)  # fmt: skip
     diffusion = _load(model, device, dtype)
     wf = _workflows()
@@ -340,7 +341,10 @@ def unlearn(
     warm_start: Annotated[bool, typer.Option("--warm-start/--fresh", help="Continue triggers, or a fresh search every step.")] = UnlearnRunConfig.warm_start,
     fresh_steps: Annotated[int, typer.Option("--fresh-steps")] = UnlearnRunConfig.fresh_steps,
     adv_weight: Annotated[float, typer.Option("--adv-weight")] = UnlearnRunConfig.adv_weight,
-    seeds: Annotated[int, typer.Option("--seeds")] = UnlearnRunConfig.seeds,
+    seeds: Annotated[int, typer.Option("--seeds", help="Generations per prompt in the evaluation.")] = UnlearnRunConfig.seeds,
+    eval_attack_steps: Annotated[int, typer.Option("--eval-attack-steps", help="Steps of the evaluation's DoRI attack.")] = UnlearnRunConfig.eval_attack_steps,
+    eval_steps: Annotated[int, typer.Option("--eval-steps", help="Sampling steps in the evaluation.")] = UnlearnRunConfig.eval_steps,
+    utility_seeds: Annotated[int, typer.Option("--utility-seeds")] = UnlearnRunConfig.utility_seeds,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every")] = UnlearnRunConfig.checkpoint_every,
     seed: Annotated[int, typer.Option("--seed")] = UnlearnRunConfig.seed,
     type: TypeOption = UnlearnRunConfig.type,
@@ -357,6 +361,7 @@ def unlearn(
                               steps=steps, learning_rate=learning_rate, retain_batch=retain_batch,
                               triggers_per_target=triggers_per_target, inner_steps=inner_steps, warm_start=warm_start,
                               fresh_steps=fresh_steps, adv_weight=adv_weight, seeds=seeds,
+                              eval_attack_steps=eval_attack_steps, eval_steps=eval_steps, utility_seeds=utility_seeds,
                               checkpoint_every=checkpoint_every, seed=seed, type=type, limit=limit, images=images,
                               sscd=sscd, batch_size=batch_size)  # fmt: skip
     diffusion = _load(model, device, dtype)
@@ -379,6 +384,8 @@ def study(
     images: ImagesOption = None,
     sscd: SscdOption = None,
     batch_size: BatchOption = 64,
+    seeds: Annotated[int | None, typer.Option("--seeds", help="Generations per prompt (default: 10; bundled model 5).")] = None,
+    sampling_steps: Annotated[int | None, typer.Option("--sampling-steps", help="DDIM steps (default: 50; bundled model 25).")] = None,
     resume: ResumeOption = False,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "float32",
@@ -387,7 +394,8 @@ def study(
     from dori.study import StudyConfig, run_study
 
     config = StudyConfig(model=model, memorized=memorized, non_memorized=non_memorized, stages=stages, quick=quick,
-                         images=images, sscd=sscd, batch_size=batch_size)  # fmt: skip
+                         images=images, sscd=sscd, batch_size=batch_size, seeds=seeds,
+                         sampling_steps=sampling_steps)  # fmt: skip
     diffusion = _load(model, device, dtype)
     with console.status("study") as status:
         summary = run_study(config, diffusion, out, resume=resume, progress=lambda m: status.update(f"study: {m}"))

@@ -9,8 +9,10 @@ Each process takes every ``world``-th prompt (all randomness is per prompt and p
 prompt's numbers do not depend on which process ran it), writes its rows to its own results file
 ``NAME.rankR.jsonl`` as it goes, and the main process merges them into ``NAME`` once all are done.
 Small per-stage results (an attack's embeddings and rows) travel with ``accelerate``'s
-``gather_object``. Outside ``accelerate launch`` (``WORLD_SIZE`` unset) every helper is a no-op
-for one process.
+``gather_object``. Fine-tuning (``dori unlearn``) is data-parallel instead: every process holds the
+whole model, computes the gradient of its share of each step's batch, and the gradients are summed
+over the process group that ``accelerate`` set up. Outside ``accelerate launch`` (``WORLD_SIZE``
+unset) every helper is a no-op for one process.
 """
 
 from __future__ import annotations
@@ -55,6 +57,15 @@ class Shards:
         from accelerate.utils import gather_object
 
         return gather_object([obj])
+
+    def sum_(self, tensors: Sequence) -> None:
+        """Sum each tensor over the processes, in place (gradients of a data-parallel step)."""
+        if self._state is None:
+            return
+        import torch.distributed as dist
+
+        for tensor in tensors:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
     def open_run(self, path, command: str, config: dict, *, resume: bool) -> Path:
         """``runs.open_run`` once on the main process; the others join the folder it prepared."""

@@ -40,8 +40,17 @@ class StudyConfig:
     images: str | None = None
     sscd: str | None = None
     batch_size: int = 64
+    # Generations per prompt and DDIM steps in every evaluation. None: the paper's 10 and 50 for a
+    # real model; 5 and 25 for the bundled model, so that its whole study fits in 15 minutes on 2
+    # CPU cores (its model card reports 10 seeds at 50 steps).
+    seeds: int | None = None
+    sampling_steps: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("seeds", "sampling_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise DoriError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         unknown = set(self.stage_list()) - set(STAGES)
         if unknown:
             raise DoriError(f"unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
@@ -53,11 +62,12 @@ class StudyConfig:
 def stage_configs(config: StudyConfig, root: Path) -> dict:
     """Each stage's own config (reduced settings with ``quick``)."""
     q = config.quick
-    seeds = 2 if q else 10
+    bundled = config.model == "bundled"
+    seeds = config.seeds or (2 if q else 5 if bundled else 10)
     limit = 3 if q else None
     common = dict(model=config.model, images=config.images, sscd=config.sscd, batch_size=config.batch_size)
     mem = dict(prompts=config.memorized, limit=limit, **common)
-    gen = dict(steps=20 if q else 50)
+    gen = dict(steps=config.sampling_steps or (20 if q else 25 if bundled else 50))
     stages = root / "stages"
     return {
         "detect": DetectConfig(memorized=config.memorized, non_memorized=config.non_memorized, model=config.model,
@@ -71,16 +81,19 @@ def stage_configs(config: StudyConfig, root: Path) -> dict:
                                 baseline=str(stages / "replicate"), **mem, **gen),  # fmt: skip
         "nemo_dori": AttackRunConfig(mitigation=str(stages / "nemo"), steps=5 if q else 50,
                                      steps_curve="0,1,5" if q else "0,1,10,25,50", seeds=seeds,
-                                     eval_steps=gen["steps"], control_limit=2 if q else 10, **mem),  # fmt: skip
+                                     eval_steps=gen["steps"], control_limit=2 if q else 5 if bundled else 10, **mem),  # fmt: skip
         "wanda_dori": AttackRunConfig(mitigation=str(stages / "wanda"), steps=5 if q else 50,
                                       steps_curve="0,1,5" if q else "0,1,10,25,50", seeds=seeds,
                                       eval_steps=gen["steps"], control=False, **mem),  # fmt: skip
         "locality": LocalityConfig(prompts=config.memorized, non_memorized=config.non_memorized,
                                    inits=4 if q else LocalityConfig.inits, steps=5 if q else LocalityConfig.steps,
                                    seeds=1 if q else LocalityConfig.seeds, eval_steps=gen["steps"],
-                                   agreement_triggers=2 if q else LocalityConfig.agreement_triggers, tsne=not q,
+                                   agreement_triggers=2 if q else 5 if bundled else LocalityConfig.agreement_triggers,
+                                   tsne=not q,
                                    **common),  # fmt: skip
-        "unlearn": UnlearnRunConfig(mitigation=str(stages / "nemo"), steps=3 if q else UnlearnRunConfig.steps,
+        "unlearn": UnlearnRunConfig(mitigation=str(stages / "nemo"),
+                                    steps=3 if q else 60 if bundled else UnlearnRunConfig.steps,
+                                    triggers_per_target=2 if q or bundled else UnlearnRunConfig.triggers_per_target,
                                     eval_attack_steps=5 if q else 50, seeds=seeds, utility_seeds=1 if q else 4,
                                     eval_steps=gen["steps"], **mem),  # fmt: skip
     }

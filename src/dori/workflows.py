@@ -608,7 +608,8 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
     began = time.monotonic()
     prompts = load_prompts(config.prompts, model, kind=config.type, limit=config.limit)
     refs = References(model, images=config.images, sscd=config.sscd)
-    out = open_run(out, "unlearn", asdict(config), resume=resume)
+    shards = Shards()  # data-parallel fine-tuning; the attacks shard their prompts
+    out = shards.open_run(out, "unlearn", asdict(config), resume=resume)
     common = dict(prompts=config.prompts, model=config.model, type=config.type, limit=config.limit,
                   images=config.images, sscd=config.sscd, batch_size=config.batch_size)  # fmt: skip
     attack_cfg = AttackRunConfig(steps=config.eval_attack_steps, steps_curve=str(config.eval_attack_steps),
@@ -622,25 +623,26 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
         say("measuring the original model (DoRI attack, utility)")
         attack_before = attack_and_measure(model, prompts, refs, attack_cfg, label="before_attack", out=out)
         before = {"attack": attack_before, "utility": utility(model, **util)}
-        write_json_atomic(before_file, before)
+        if shards.main:
+            write_json_atomic(before_file, before)
 
     # Surrogates: the mitigated model's generation from the original prompt, below the threshold.
     targets = attack_targets(model, prompts, refs)
     surrogate_file = out / "surrogates.safetensors"
-    if surrogate_file.exists():
-        surrogates = load_file(str(surrogate_file))["images"]
-    else:
+    if not surrogate_file.exists() and shards.main:  # the other processes wait and read the file
         mitigation = load_mitigation(model, config.mitigation)
         if mitigation is None:
             say("surrogates: running NeMo")
             nemo_cfg = MitigateConfig(method="nemo", seeds=config.seeds, steps=config.eval_steps, **common)
             mitigation, _ = _nemo(nemo_cfg, model, prompts, model.encode(prompts.texts), out, say)
-        surrogates, surrogate_sims = make_surrogates(model, prompts, targets, refs, mitigation,
-                                                     steps=config.eval_steps, guidance=config.guidance)  # fmt: skip
-        save_tensors_atomic({"images": surrogates}, surrogate_file)
+        made, surrogate_sims = make_surrogates(model, prompts, targets, refs, mitigation,
+                                               steps=config.eval_steps, guidance=config.guidance)  # fmt: skip
+        save_tensors_atomic({"images": made}, surrogate_file)
         write_json_atomic(out / "surrogates.json", {"similarity_to_training_image": surrogate_sims,
                                                     "tau": refs.detector.tau})  # fmt: skip
-        save_grid(torch.cat([torch.cat(targets), surrogates]), out / "surrogates.png", columns=len(prompts))
+        save_grid(torch.cat([torch.cat(targets), made]), out / "surrogates.png", columns=len(prompts))
+    shards.wait()
+    surrogates = load_file(str(surrogate_file))["images"]
 
     retain_images, retain_captions = retained_pairs(model, config, refs)
     unique = sorted(set(retain_captions))
@@ -663,7 +665,7 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
     def on_step(current: UnlearnState, optimizer) -> None:
         last = current.history[-1]
         say(f"fine-tuning step {current.step}/{config.steps}: L_DM {last['loss_dm']:.4f}, L_adv {last['loss_adv']:.4f}")
-        if current.step % config.checkpoint_every == 0 or current.step == config.steps:
+        if shards.main and (current.step % config.checkpoint_every == 0 or current.step == config.steps):
             tmp = checkpoint.with_name("checkpoint.pt.tmp")
             torch.save({"unet": model.unet.state_dict(), "optimizer": optimizer.state_dict(), "step": current.step,
                         "triggers": current.triggers.cpu(), "history": json.dumps(current.history)}, str(tmp))  # fmt: skip
@@ -673,9 +675,12 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
         model, targets=model.to_latents(torch.cat(targets)), surrogates=model.to_latents(surrogates),
         prompt_emb=model.encode(prompts.texts), retain_latents=model.to_latents(retain_images), retain_emb=retain_emb,
         retain_index=retain_index, config=ft_config, state=state, optimizer_state=optimizer_state, on_step=on_step,
+        shards=shards,
     )  # fmt: skip
     ft_seconds = time.monotonic() - ft_began
-    save_model(model, out / "model", meta={"unlearned_from": model.source})
+    if shards.main:
+        save_model(model, out / "model", meta={"unlearned_from": model.source})
+    shards.wait()
     model.source = str(out / "model")
 
     say("evaluating the fine-tuned model")
@@ -684,7 +689,8 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
     after_random = attack_and_measure(model, prompts, refs, random_cfg, label="after_attack_random", out=out)
     plain, _, plain_images = evaluate_replication(model, prompts, refs, seeds=config.seeds, steps=config.eval_steps,
                                                   guidance=config.guidance, batch_size=config.batch_size)  # fmt: skip
-    save_grid(plain_images, out / "after_prompt_generations.png", columns=config.seeds)
+    if shards.main:
+        save_grid(plain_images, out / "after_prompt_generations.png", columns=config.seeds)
     utility_after = utility(model, **util)
     ub, ua = before["utility"], utility_after
     summary = {
@@ -707,8 +713,11 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
         "history": state.history,
         "model": str(out / "model"),
         "similarity": refs.detector.to_dict(),
+        "processes": shards.world,
     }
-    write_json_atomic(out / "summary.json", summary)
+    if shards.main:
+        write_json_atomic(out / "summary.json", summary)
+    shards.wait()
     return summary
 
 

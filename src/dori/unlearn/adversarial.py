@@ -15,6 +15,12 @@ Triggers per target: one starts from the prompt's embedding, the others from N(0
 ``warm_start`` (default) each step continues the previous step's triggers for ``inner_steps`` Adam
 steps instead of a fresh ``fresh_steps``-step search; ``warm_start=False`` restarts every step from
 the initial points (the expensive variant, for comparison).
+
+Data-parallel: given ``shards`` (:class:`dori.parallel.Shards` under ``accelerate launch``), each
+process searches every ``world``-th trigger and takes every ``world``-th retained pair of the same
+global batch (all draws come from the shared per-step generator), the gradients are summed over
+the processes, and every process applies the same AdamW step, so the weights stay identical on all
+of them and equal (up to float summation order) to a one-process run.
 """
 
 from __future__ import annotations
@@ -83,15 +89,21 @@ def adversarial_finetune(
     state: UnlearnState | None = None,
     optimizer_state: dict | None = None,
     on_step: Callable[[UnlearnState, torch.optim.Optimizer], None] | None = None,
+    shards=None,
 ) -> UnlearnState:
     """Fine-tune ``model.unet`` in place. ``targets`` / ``surrogates`` ``[T, C, h, w]`` are latents of
     the memorized images and their surrogates, ``prompt_emb`` ``[T, L, D]`` their prompts'
     embeddings; the retained pairs are ``retain_latents[i]`` with ``retain_emb[retain_index[i]]``.
-    ``on_step`` sees the state after every step (checkpointing, progress)."""
+    ``on_step`` sees the state after every step (checkpointing, progress); ``shards`` splits each
+    step over processes (see the module docstring)."""
+    rank, world = (shards.rank, shards.world) if shards is not None else (0, 1)
     k = config.triggers_per_target
     n_targets = targets.shape[0]
     if surrogates.shape != targets.shape or prompt_emb.shape[0] != n_targets:
         raise DoriError("one surrogate and one prompt embedding per memorized target are needed")
+    if world > min(n_targets * k, config.retain_batch):
+        raise DoriError(f"{world} processes but only {n_targets * k} triggers and {config.retain_batch} retained pairs "
+                        "per step; launch fewer processes or raise --triggers-per-target / --retain-batch")  # fmt: skip
     starts = initial_triggers(model, prompt_emb, k, config.seed)
     state = state or UnlearnState(0, starts.clone(), [])
     unet = model.unet
@@ -111,20 +123,29 @@ def adversarial_finetune(
             )
             begin = state.triggers if config.warm_start else starts
             seeds = [config.seed * 7919 + step * 1009 + i for i in range(len(begin))]
+            mine = list(range(rank, len(begin), world))  # this process's triggers
             unet.requires_grad_(False)  # the attack differentiates the embedding only
-            triggers = dori_attack(model, target_rows, begin, attack, seeds=seeds).embeddings
+            found = dori_attack(model, target_rows[mine], begin[mine], attack, seeds=[seeds[i] for i in mine]).embeddings
             unet.requires_grad_(True)
+            triggers = _assemble(found, mine, len(begin), shards)
 
+            # One global batch, drawn identically by every process; each process takes its share.
             pick = torch.randint(len(retain_latents), (config.retain_batch,), generator=generator)
-            x0 = retain_latents[pick].to(model.device, model.dtype)
-            noise = torch.randn(x0.shape, generator=generator).to(model.device, model.dtype)
-            t = torch.randint(model.num_train_timesteps, (len(x0),), generator=generator).to(model.device)
-            loss_dm = model.diffusion_loss(x0, retain_emb[retain_index[pick]].to(model.device, model.dtype), noise, t).mean()
-
-            adv_noise = torch.randn(surrogate_rows.shape, generator=generator).to(model.device, model.dtype)
-            adv_t = torch.randint(model.num_train_timesteps, (len(surrogate_rows),), generator=generator).to(model.device)
-            adv_emb = triggers.to(model.dtype).repeat_interleave(config.adv_pairs, dim=0)
-            loss_adv = model.diffusion_loss(surrogate_rows.to(model.device, model.dtype), adv_emb, adv_noise, adv_t).mean()
+            noise = torch.randn((config.retain_batch, *retain_latents.shape[1:]), generator=generator)
+            t = torch.randint(model.num_train_timesteps, (config.retain_batch,), generator=generator)
+            adv_noise = torch.randn(surrogate_rows.shape, generator=generator)
+            adv_t = torch.randint(model.num_train_timesteps, (len(surrogate_rows),), generator=generator)
+            part = slice(rank, None, world)
+            x0 = retain_latents[pick[part]].to(model.device, model.dtype)
+            emb = retain_emb[retain_index[pick[part]]].to(model.device, model.dtype)
+            loss_dm = model.diffusion_loss(x0, emb, noise[part].to(model.device, model.dtype),
+                                           t[part].to(model.device)).sum() / config.retain_batch  # fmt: skip
+            adv_mine = torch.tensor(mine, dtype=torch.long).repeat_interleave(config.adv_pairs) * config.adv_pairs
+            adv_mine = adv_mine + torch.arange(config.adv_pairs).repeat(len(mine))
+            adv_emb = found.to(model.dtype).repeat_interleave(config.adv_pairs, dim=0)
+            adv_noise_mine, adv_t_mine = adv_noise[adv_mine].to(model.device, model.dtype), adv_t[adv_mine].to(model.device)
+            loss_adv = model.diffusion_loss(surrogate_rows[adv_mine].to(model.device, model.dtype), adv_emb,
+                                            adv_noise_mine, adv_t_mine).sum() / len(surrogate_rows)  # fmt: skip
 
             loss = loss_dm + config.adv_weight * loss_adv
             if not torch.isfinite(loss):
@@ -132,6 +153,8 @@ def adversarial_finetune(
                                 "is kept; lower --lr and resume")  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if shards is not None and world > 1:
+                shards.sum_([p.grad for p in unet.parameters() if p.grad is not None])
             torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
             optimizer.step()
             if not all(torch.isfinite(p).all() for p in unet.parameters()):
@@ -139,13 +162,29 @@ def adversarial_finetune(
                                 "is kept; lower --lr and resume")  # fmt: skip
             # The memorized images' own diffusion loss under the triggers: how well the attack still works.
             with torch.no_grad():
-                attack_loss = model.diffusion_loss(target_rows.repeat_interleave(config.adv_pairs, dim=0).to(model.dtype),
-                                                   adv_emb, adv_noise, adv_t).mean()  # fmt: skip
+                attack_loss = model.diffusion_loss(target_rows[torch.tensor(mine)].repeat_interleave(config.adv_pairs, dim=0)
+                                                   .to(model.device, model.dtype), adv_emb, adv_noise_mine,
+                                                   adv_t_mine).sum() / len(surrogate_rows)  # fmt: skip
+            logged = torch.stack([loss_dm.detach(), loss_adv.detach(), attack_loss]).float()
+            if shards is not None and world > 1:
+                shards.sum_([logged])
             state = UnlearnState(step + 1, triggers.detach(), state.history + [
-                {"step": step + 1, "loss_dm": loss_dm.item(), "loss_adv": loss_adv.item(),
-                 "attack_loss_on_memorized": attack_loss.item()}])  # fmt: skip
+                {"step": step + 1, "loss_dm": logged[0].item(), "loss_adv": logged[1].item(),
+                 "attack_loss_on_memorized": logged[2].item()}])  # fmt: skip
             if on_step is not None:
                 on_step(state, optimizer)
     finally:
         unet.eval().requires_grad_(False)
     return state
+
+
+def _assemble(found: Tensor, mine: list[int], total: int, shards) -> Tensor:
+    """All processes' triggers in their global order (this process's own rows as computed)."""
+    if shards is None or shards.world == 1:
+        return found
+    full = torch.empty(total, *found.shape[1:], dtype=found.dtype)
+    for rows, part in shards.gather((mine, found.detach().cpu())):
+        full[rows] = part
+    full = full.to(found.device)
+    full[mine] = found  # keep the autograd-free local copy bit-identical
+    return full
