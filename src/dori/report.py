@@ -152,20 +152,20 @@ def markdown_table(summary: dict) -> str:
                  if ours else "not run | | ")  # fmt: skip
         paper = f"{_fmt(p_mean)} ± {_fmt(p_std)} | {_fmt(p_mr)}" if p_mean is not None else f"– | {_fmt(p_mr)}"
         lines.append(f"| {name} | {cells} | {paper} |")
+    notes = []  # each its own paragraph below the table
     detection = summary.get("detection")
     if detection:
-        lines.append("")
-        lines.append(f"Detection (noise-difference norm, first step): ROC-AUC {detection['auc']:.3f}, "
+        notes.append(f"Detection (noise-difference norm, first step): ROC-AUC {detection['auc']:.3f}, "
                      f"TPR@1%FPR {detection['tpr_at_1pct_fpr']:.3f}.")  # fmt: skip
     curves = summary.get("steps_curve") or {}
     for method, curve in curves.items():
         ours = ", ".join(f"{k}: {v:.2f}" for k, v in sorted(curve.items(), key=lambda kv: int(kv[0])))
-        lines.append(f"{method} + DoRI, MR by attack steps: {ours} (paper {'/'.join(f'{v:.2f}' for v in PAPER_CURVES[method])}).")
+        notes.append(f"{method} + DoRI, MR by attack steps: {ours} (paper {'/'.join(f'{v:.2f}' for v in PAPER_CURVES[method])}).")
     locality = summary.get("locality")
     if locality:
-        lines += [f"Locality, {view}: {text}." for view, text in locality["verdicts"].items()]
+        notes += [f"Locality, {view}: {text}." for view, text in locality["verdicts"].items()]
     timing = summary.get("timing") or {}
     if timing:
-        lines.append(f"Time: {sum(timing.values()) / 60:.1f} min in all ("
+        notes.append(f"Time: {sum(timing.values()) / 60:.1f} min in all ("
                      + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items()) + ").")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + "".join(f"\n{note}\n" for note in notes)
