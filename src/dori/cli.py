@@ -292,6 +292,7 @@ def locality(
     learning_rate: Annotated[float, typer.Option("--lr")] = LocalityConfig.learning_rate,
     attack_batch: Annotated[int, typer.Option("--attack-batch", help="(noise, t) pairs per trigger per step.")] = LocalityConfig.attack_batch,
     seeds: Annotated[int, typer.Option("--seeds", help="Generations per trigger for its success check.")] = LocalityConfig.seeds,
+    eval_steps: Annotated[int, typer.Option("--eval-steps", help="DDIM steps of the success check's generations.")] = LocalityConfig.eval_steps,
     agreement_triggers: Annotated[int, typer.Option("--agreement-triggers", help="Triggers per target given to NeMo and Wanda.")] = LocalityConfig.agreement_triggers,
     wanda_sites: Annotated[str, typer.Option("--wanda-sites", help="ffn or value.")] = LocalityConfig.wanda_sites,
     reference_prompts: Annotated[str | None, typer.Option("--reference-prompts", help="NeMo: non-memorized prompts for statistics and threshold.")] = LocalityConfig.reference_prompts,
@@ -314,7 +315,8 @@ def locality(
 
     config = LocalityConfig(prompts=prompts, model=model, mitigation=mitigation, inits=inits, targets=targets,
                             non_memorized=non_memorized, steps=steps, learning_rate=learning_rate,
-                            attack_batch=attack_batch, seeds=seeds, agreement_triggers=agreement_triggers,
+                            attack_batch=attack_batch, seeds=seeds, eval_steps=eval_steps,
+                            agreement_triggers=agreement_triggers,
                             wanda_sites=wanda_sites, reference_prompts=reference_prompts, stats=stats,
                             threshold=threshold, tsne=tsne, guidance=guidance, seed=seed, type=type, limit=limit,
                             images=images, sscd=sscd, batch_size=batch_size)  # fmt: skip
@@ -384,8 +386,8 @@ def study(
     images: ImagesOption = None,
     sscd: SscdOption = None,
     batch_size: BatchOption = 64,
-    seeds: Annotated[int | None, typer.Option("--seeds", help="Generations per prompt (default: 10; bundled model 5).")] = None,
-    sampling_steps: Annotated[int | None, typer.Option("--sampling-steps", help="DDIM steps (default: 50; bundled model 25).")] = None,
+    seeds: Annotated[int | None, typer.Option("--seeds", help="Generations per prompt (default: 10; bundled model 4).")] = None,
+    sampling_steps: Annotated[int | None, typer.Option("--sampling-steps", help="DDIM steps (default: 50; bundled model 20).")] = None,
     resume: ResumeOption = False,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "float32",

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from dori.errors import DoriError
 from dori.models.base import DiffusionModel
-from dori.runs import save_tensors_atomic
+from dori.runs import save_tensors_atomic, write_json_atomic
 
 NeuronMask = dict[str, Tensor]  # site -> multipliers [width] or [batch, width]
 WeightMask = dict[str, Tensor]  # site -> bool [out, in], True = zeroed
@@ -177,11 +177,11 @@ def save_mask(mitigation: Mitigation, folder: str | os.PathLike) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"kind": mitigation.kind, "model": mitigation.model_fingerprint, "method": mitigation.method}
     if mitigation.kind == "neurons":
-        (folder / "mask.json").write_text(json.dumps({**meta, "neurons": mitigation.neurons}, indent=1))
+        write_json_atomic(folder / "mask.json", {**meta, "neurons": mitigation.neurons})
     else:
         tensors = {name: m.to(torch.uint8).cpu().contiguous() for name, m in mitigation.weights.items()}
         save_tensors_atomic(tensors, folder / "mask.safetensors", metadata=meta)
-        (folder / "mask.json").write_text(json.dumps({**meta, "weights": "mask.safetensors"}, indent=1))
+        write_json_atomic(folder / "mask.json", {**meta, "weights": "mask.safetensors"})
     return folder
 
 

@@ -41,8 +41,10 @@ class StudyConfig:
     sscd: str | None = None
     batch_size: int = 64
     # Generations per prompt and DDIM steps in every evaluation. None: the paper's 10 and 50 for a
-    # real model; 5 and 25 for the bundled model, so that its whole study fits in 15 minutes on 2
-    # CPU cores (its model card reports 10 seeds at 50 steps).
+    # real model; 4 and 20 for the bundled model, so that its whole study fits in 15 minutes on 2
+    # CPU cores (its model card reports 10 seeds at 50 steps). On the bundled model the study's
+    # locality stage also starts from 32 random inits per target (the command's default: 100), and
+    # fine-tuning warm-starts its triggers with 3 attack steps per step (the command's default: 5).
     seeds: int | None = None
     sampling_steps: int | None = None
 
@@ -63,11 +65,11 @@ def stage_configs(config: StudyConfig, root: Path) -> dict:
     """Each stage's own config (reduced settings with ``quick``)."""
     q = config.quick
     bundled = config.model == "bundled"
-    seeds = config.seeds or (2 if q else 5 if bundled else 10)
+    seeds = config.seeds or (2 if q else 4 if bundled else 10)
     limit = 3 if q else None
     common = dict(model=config.model, images=config.images, sscd=config.sscd, batch_size=config.batch_size)
     mem = dict(prompts=config.memorized, limit=limit, **common)
-    gen = dict(steps=config.sampling_steps or (20 if q else 25 if bundled else 50))
+    gen = dict(steps=config.sampling_steps or (20 if q or bundled else 50))
     stages = root / "stages"
     return {
         "detect": DetectConfig(memorized=config.memorized, non_memorized=config.non_memorized, model=config.model,
@@ -86,7 +88,8 @@ def stage_configs(config: StudyConfig, root: Path) -> dict:
                                       steps_curve="0,1,5" if q else "0,1,10,25,50", seeds=seeds,
                                       eval_steps=gen["steps"], control=False, **mem),  # fmt: skip
         "locality": LocalityConfig(prompts=config.memorized, non_memorized=config.non_memorized,
-                                   inits=4 if q else LocalityConfig.inits, steps=5 if q else LocalityConfig.steps,
+                                   inits=4 if q else 32 if bundled else LocalityConfig.inits,
+                                   steps=5 if q else LocalityConfig.steps,
                                    seeds=1 if q else LocalityConfig.seeds, eval_steps=gen["steps"],
                                    agreement_triggers=2 if q else 5 if bundled else LocalityConfig.agreement_triggers,
                                    tsne=not q,
@@ -94,6 +97,7 @@ def stage_configs(config: StudyConfig, root: Path) -> dict:
         "unlearn": UnlearnRunConfig(mitigation=str(stages / "nemo"),
                                     steps=3 if q else 60 if bundled else UnlearnRunConfig.steps,
                                     triggers_per_target=2 if q or bundled else UnlearnRunConfig.triggers_per_target,
+                                    inner_steps=3 if bundled else UnlearnRunConfig.inner_steps,
                                     eval_attack_steps=5 if q else 50, seeds=seeds, utility_seeds=1 if q else 4,
                                     eval_steps=gen["steps"], **mem),  # fmt: skip
     }

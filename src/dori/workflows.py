@@ -3,6 +3,7 @@ as they come (atomically), resume, summarise. Library functions do the computing
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -283,7 +284,7 @@ def run_mitigate(config, model: DiffusionModel, out: str | Path, *, resume: bool
                  progress: Callable[[str], None] | None = None) -> dict:  # fmt: skip
     """``dori mitigate``: select the mask (NeMo or Wanda), save it with the mitigated weights,
     and measure MR / similarity / utility before and after."""
-    from dori.interventions import Mitigation, bake, save_mask
+    from dori.interventions import bake, load_mask, save_mask
 
     say = progress or (lambda message: None)
     prompts = load_prompts(config.prompts, model, kind=config.type, limit=config.limit)
@@ -291,20 +292,14 @@ def run_mitigate(config, model: DiffusionModel, out: str | Path, *, resume: bool
     out = open_run(out, "mitigate", asdict(config), resume=resume)
     emb = model.encode(prompts.texts)
     summary: dict = {"method": config.method, "prompt_set": prompts.name, "n_prompts": len(prompts)}
-    if config.method == "nemo":
-        mitigation, extra = _nemo(config, model, prompts, emb, out, say)
+    selection_file = out / "selection.json"  # written after the mask: a resumed run skips the search
+    if selection_file.exists():
+        say("resuming: the mask is already selected")
+        mitigation, extra = load_mask(out, model), json.loads(selection_file.read_text())
     else:
-        from dori.mitigate.wanda import WandaConfig, wanda_mask
-
-        say("wanda: recording activations")
-        sites = [s.name for s in (model.ffn_sites() if config.sites == "ffn" else model.value_sites())]
-        mask = wanda_mask(model, emb, sites=sites, config=WandaConfig(ratio=config.ratio, batch_size=config.batch_size))
-        mitigation = Mitigation("weights", model.fingerprint(), weights=mask, method="wanda")
-        total = sum(m.numel() for m in mask.values())
-        extra = {"sites": config.sites, "ratio": config.ratio, "pruned_weights": mitigation.size(),
-                 "sparsity": mitigation.size() / total,
-                 "per_site": {name: int(m.sum()) for name, m in mask.items()}}  # fmt: skip
-    save_mask(mitigation, out)
+        mitigation, extra = _select_mask(config, model, emb, out, say)
+        save_mask(mitigation, out)
+        write_json_atomic(selection_file, extra)
     originals = bake(model, mitigation)
     save_tensors_atomic({f"{name}.weight": model.module(name).weight for name in originals},
                         out / "mitigated_weights.safetensors", metadata={"model": mitigation.model_fingerprint})  # fmt: skip
@@ -343,10 +338,27 @@ def run_mitigate(config, model: DiffusionModel, out: str | Path, *, resume: bool
     return summary
 
 
+def _select_mask(config, model: DiffusionModel, emb: torch.Tensor, out: Path, say) -> tuple:
+    """The mitigation mask of ``dori mitigate`` and the numbers that describe it."""
+    from dori.interventions import Mitigation
+
+    if config.method == "nemo":
+        return _nemo(config, model, emb, out, say)
+    from dori.mitigate.wanda import WandaConfig, wanda_mask
+
+    say("wanda: recording activations")
+    sites = [s.name for s in (model.ffn_sites() if config.sites == "ffn" else model.value_sites())]
+    mask = wanda_mask(model, emb, sites=sites, config=WandaConfig(ratio=config.ratio, batch_size=config.batch_size))
+    mitigation = Mitigation("weights", model.fingerprint(), weights=mask, method="wanda")
+    total = sum(m.numel() for m in mask.values())
+    extra = {"sites": config.sites, "ratio": config.ratio, "pruned_weights": mitigation.size(),
+             "sparsity": mitigation.size() / total,
+             "per_site": {name: int(m.sum()) for name, m in mask.items()}}  # fmt: skip
+    return mitigation, extra
+
+
 def _baseline(config, model: DiffusionModel, prompts: PromptSet, refs: References) -> tuple[dict, list[dict]]:
     """The "before" numbers from a finished ``dori replicate`` run of the same prompts and settings."""
-    import json
-
     folder = Path(config.baseline)
     try:
         manifest = json.loads((folder / "config.json").read_text())
@@ -413,7 +425,7 @@ def nemo_reference(model: DiffusionModel, *, reference_prompts: str | None, stat
     return statistics, threshold
 
 
-def _nemo(config, model, prompts, emb, out, say):
+def _nemo(config, model, emb, out, say):
     from dori.interventions import Mitigation
     from dori.mitigate.nemo import NemoConfig, nemo_localize, union
 
@@ -451,8 +463,6 @@ def attack_and_measure(model: DiffusionModel, prompts: PromptSet, refs: Referenc
     """Run DoRI on ``prompts`` (under ``mitigation``), save the embeddings, measure MR at every
     step of the curve. Results are cached per label, so a resumed run skips finished parts.
     Under ``accelerate launch`` each process attacks and measures every ``world``-th prompt."""
-    import json
-
     from safetensors.torch import load_file
 
     from dori.attack import AttackConfig, dori_attack, initial_embeddings
@@ -595,7 +605,6 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
                 progress: Callable[[str], None] | None = None) -> dict:  # fmt: skip
     """``dori unlearn``: surrogates, adversarial fine-tuning with checkpoints, and the evaluation
     (a fresh DoRI attack from the prompt and from random starts, plain prompts, utility)."""
-    import json
     import time
 
     from safetensors.torch import load_file
@@ -634,15 +643,15 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
         if mitigation is None:
             say("surrogates: running NeMo")
             nemo_cfg = MitigateConfig(method="nemo", seeds=config.seeds, steps=config.eval_steps, **common)
-            mitigation, _ = _nemo(nemo_cfg, model, prompts, model.encode(prompts.texts), out, say)
-        made, surrogate_sims = make_surrogates(model, prompts, targets, refs, mitigation,
+            mitigation, _ = _nemo(nemo_cfg, model, model.encode(prompts.texts), out, say)
+        made, surrogate_info = make_surrogates(model, prompts, targets, refs, mitigation,
                                                steps=config.eval_steps, guidance=config.guidance)  # fmt: skip
         save_tensors_atomic({"images": made}, surrogate_file)
-        write_json_atomic(out / "surrogates.json", {"similarity_to_training_image": surrogate_sims,
-                                                    "tau": refs.detector.tau})  # fmt: skip
+        write_json_atomic(out / "surrogates.json", {"tau": refs.detector.tau, "surrogates": surrogate_info})  # fmt: skip
         save_grid(torch.cat([torch.cat(targets), made]), out / "surrogates.png", columns=len(prompts))
     shards.wait()
     surrogates = load_file(str(surrogate_file))["images"]
+    surrogate_info = json.loads((out / "surrogates.json").read_text())["surrogates"]
 
     retain_images, retain_captions = retained_pairs(model, config, refs)
     unique = sorted(set(retain_captions))
@@ -708,6 +717,8 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
         "utility_after": None if ua is None else ua["alignment"],
         "fd_before": None if ub is None else ub["fd"],
         "fd_after": None if ua is None else ua["fd"],
+        "surrogate_sources": {source: sum(s["source"] == source for s in surrogate_info)
+                              for source in sorted({s["source"] for s in surrogate_info})},
         "fine_tuning_seconds": ft_seconds,
         "seconds": time.monotonic() - began,
         "history": state.history,
@@ -722,21 +733,29 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
 
 
 def make_surrogates(model, prompts: PromptSet, targets, refs: References, mitigation, *, steps: int, guidance: float,
-                    tries: int = 20) -> tuple[torch.Tensor, list[float]]:  # fmt: skip
-    """Per prompt, the first seed whose generation under ``mitigation`` stays below ``tau``
-    against the training image (the least similar of ``tries`` seeds if none does)."""
-    emb = model.encode(prompts.texts)
+                    tries: int = 8) -> tuple[torch.Tensor, list[dict]]:  # fmt: skip
+    """Per prompt, the least similar (to the training image) of ``tries`` generations of the
+    mitigated model from the prompt. Where even that one replicates (similarity >= ``tau``: the
+    mitigation hid nothing), the least similar of the mitigated model's empty-prompt generations
+    instead. Returns the images and, per prompt, ``{"similarity", "source", "seed"}``."""
+    seeds = list(range(tries))
     with intervene(model, mitigation):
-        images = model.generate(emb, list(range(tries)), steps=steps, guidance=guidance)
-    chosen, sims = [], []
+        images = model.generate(model.encode(prompts.texts), seeds, steps=steps, guidance=guidance)
+        neutral = model.generate(model.encode([""]), seeds, steps=steps, guidance=guidance)
+    neutral_features = refs.detector.embed(neutral)
+    chosen, info = [], []
     for i, target in enumerate(targets):
+        target_features = refs.detector.embed(target)
         candidates = images[i * tries : (i + 1) * tries]
-        sim = refs.detector.similarity(refs.detector.embed(candidates), refs.detector.embed(target))[:, 0]
-        below = torch.nonzero(sim < refs.detector.tau).flatten()
-        pick = int(below[0]) if len(below) else int(sim.argmin())
+        sim = refs.detector.similarity(refs.detector.embed(candidates), target_features)[:, 0]
+        source = "prompt"
+        if float(sim.min()) >= refs.detector.tau:
+            candidates, source = neutral, "empty prompt"
+            sim = refs.detector.similarity(neutral_features, target_features)[:, 0]
+        pick = int(sim.argmin())
         chosen.append(candidates[pick])
-        sims.append(float(sim[pick]))
-    return torch.stack(chosen), sims
+        info.append({"similarity": float(sim[pick]), "source": source, "seed": seeds[pick]})
+    return torch.stack(chosen), info
 
 
 def retained_pairs(model: DiffusionModel, config, refs: References) -> tuple[torch.Tensor, list[str]]:
