@@ -108,3 +108,15 @@ def test_the_same_quick_study_twice_gives_the_same_numbers(quick_study, tmp_path
         return json.loads(json.dumps(summary, sort_keys=True), object_hook=lambda d: {k: v for k, v in d.items() if k not in drop})
 
     assert numbers(second) == numbers(first)
+
+
+def test_a_study_resumes_with_other_stages_but_not_other_settings(bundled, tmp_path):
+    from dori.errors import DoriError
+    from dori.study import StudyConfig, run_study
+
+    first = run_study(StudyConfig(stages="detect", quick=True), bundled, tmp_path / "study")
+    assert first["stages_run"] == ["detect"] and (tmp_path / "study" / "stages" / "detect" / "summary.json").exists()
+    with pytest.raises(DoriError, match=r"other parameters \(seeds\)"):
+        run_study(StudyConfig(stages="detect", quick=True, seeds=3), bundled, tmp_path / "study", resume=True)
+    again = run_study(StudyConfig(stages="detect,replicate", quick=True), bundled, tmp_path / "study", resume=True)
+    assert again["detection"] == first["detection"] and "memorized" in {row for row in again["table"]}

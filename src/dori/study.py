@@ -109,7 +109,10 @@ def run_study(config: StudyConfig, model: DiffusionModel, out: str | Path, *, re
     from dori.locality import run_locality
 
     say = progress or (lambda message: None)
-    root = open_run(out, "study", asdict(config), resume=resume)
+    # Which stages run is not a parameter of the results: a study started with some stages can be
+    # resumed with others (each stage keeps its own config and refuses a mismatched resume).
+    settings = {k: v for k, v in asdict(config).items() if k != "stages"}
+    root = open_run(out, "study", settings, resume=resume)
     configs = stage_configs(config, root)
     timing_file = root / "timing.json"
     timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
