@@ -330,9 +330,7 @@ def run_locality(config: LocalityConfig, model: DiffusionModel, out: str | Path,
             with intervene(model, mitigation):
                 found = dori_attack(model, latents.repeat_interleave(k, dim=0)[mine], inits[mine], attack,
                                     seeds=[config.seed * 1_000_003 + i for i in mine]).embeddings  # fmt: skip
-        triggers = torch.zeros_like(inits)
-        for rows, part in shards.gather((mine, found.cpu())):
-            triggers[rows] = part.to(triggers.device)
+        triggers = shards.assemble(mine, found, len(inits)).to(inits.device)
         if shards.main:
             save_tensors_atomic({"inits": inits, "triggers": triggers}, trigger_file, metadata={"model": model.fingerprint()})
 

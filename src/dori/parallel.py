@@ -58,6 +58,18 @@ class Shards:
 
         return gather_object([obj])
 
+    def assemble(self, rows: Sequence[int], part, total: int):
+        """The rows every process computed (``part[i]`` is global row ``rows[i]``) as one tensor
+        of ``total`` rows in global order, on every process (``part`` itself for one process)."""
+        if self._state is None:
+            return part
+        import torch
+
+        full = torch.zeros(total, *part.shape[1:], dtype=part.dtype)
+        for their_rows, theirs in self.gather((list(rows), part.detach().cpu())):
+            full[their_rows] = theirs
+        return full.to(part.device)
+
     def sum_(self, tensors: Sequence) -> None:
         """Sum each tensor over the processes, in place (gradients of a data-parallel step)."""
         if self._state is None:

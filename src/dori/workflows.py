@@ -742,16 +742,14 @@ def make_surrogates(model, prompts: PromptSet, targets, refs: References, mitiga
     with intervene(model, mitigation):
         images = model.generate(model.encode(prompts.texts), seeds, steps=steps, guidance=guidance)
         neutral = model.generate(model.encode([""]), seeds, steps=steps, guidance=guidance)
-    neutral_features = refs.detector.embed(neutral)
+    target_features = refs.detector.embed(torch.cat(targets))
+    sims = refs.detector.similarity(refs.detector.embed(images), target_features)  # [P * tries, P]
+    neutral_sims = refs.detector.similarity(refs.detector.embed(neutral), target_features)  # [tries, P]
     chosen, info = [], []
-    for i, target in enumerate(targets):
-        target_features = refs.detector.embed(target)
-        candidates = images[i * tries : (i + 1) * tries]
-        sim = refs.detector.similarity(refs.detector.embed(candidates), target_features)[:, 0]
-        source = "prompt"
+    for i in range(len(targets)):
+        candidates, sim, source = images[i * tries : (i + 1) * tries], sims[i * tries : (i + 1) * tries, i], "prompt"
         if float(sim.min()) >= refs.detector.tau:
-            candidates, source = neutral, "empty prompt"
-            sim = refs.detector.similarity(neutral_features, target_features)[:, 0]
+            candidates, sim, source = neutral, neutral_sims[:, i], "empty prompt"
         pick = int(sim.argmin())
         chosen.append(candidates[pick])
         info.append({"similarity": float(sim[pick]), "source": source, "seed": seeds[pick]})

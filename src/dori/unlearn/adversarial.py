@@ -127,7 +127,7 @@ def adversarial_finetune(
             unet.requires_grad_(False)  # the attack differentiates the embedding only
             found = dori_attack(model, target_rows[mine], begin[mine], attack, seeds=[seeds[i] for i in mine]).embeddings
             unet.requires_grad_(True)
-            triggers = _assemble(found, mine, len(begin), shards)
+            triggers = found if shards is None else shards.assemble(mine, found, len(begin))
 
             # One global batch, drawn identically by every process; each process takes its share.
             pick = torch.randint(len(retain_latents), (config.retain_batch,), generator=generator)
@@ -177,14 +177,3 @@ def adversarial_finetune(
         unet.eval().requires_grad_(False)
     return state
 
-
-def _assemble(found: Tensor, mine: list[int], total: int, shards) -> Tensor:
-    """All processes' triggers in their global order (this process's own rows as computed)."""
-    if shards is None or shards.world == 1:
-        return found
-    full = torch.empty(total, *found.shape[1:], dtype=found.dtype)
-    for rows, part in shards.gather((mine, found.detach().cpu())):
-        full[rows] = part
-    full = full.to(found.device)
-    full[mine] = found  # keep the autograd-free local copy bit-identical
-    return full
