@@ -10,7 +10,7 @@ import torch
 from dori.configs import DetectConfig, ReplicateConfig
 from dori.errors import DoriError
 from dori.measure.detection import roc_auc, tpr_at_fpr
-from dori.measure.similarity import calibrate_toy_detector, ssim
+from dori.measure.similarity import calibrate_toy_detector, gaussian_blur, ssim
 from dori.workflows import run_detect, run_replicate
 
 
@@ -37,6 +37,28 @@ def test_toy_detector_separates_copies_from_other_images():
     noisy = detector.embed((images + 0.01 * torch.randn(images.shape, generator=g)).clamp(0, 1))
     assert (detector.similarity(noisy, feats).diag() > detector.tau).all()
     assert stats["nearest_other_render"]["max"] >= detector.tau
+
+
+def test_gaussian_blur_equals_replicate_padding_and_convolution():
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(1)
+    for shape, radius in (((3, 3, 32, 32), 4), ((2, 4, 24, 40), 5), ((1, 1, 6, 6), 5)):
+        images = torch.rand(shape, generator=g)
+        taps = torch.exp(-(torch.arange(-radius, radius + 1.0) ** 2) / (2 * 1.5**2))
+        taps = taps / taps.sum()
+        padded = F.pad(images, (radius,) * 4, mode="replicate").flatten(0, 1)[:, None]
+        expected = F.conv2d(F.conv2d(padded, taps.view(1, 1, 1, -1)), taps.view(1, 1, -1, 1)).view(shape)
+        assert torch.allclose(gaussian_blur(images, 1.5, radius), expected, atol=1e-6)
+
+
+def test_toy_detector_calibration_does_not_depend_on_the_chunk_size():
+    images = torch.rand(30, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    whole, whole_stats = calibrate_toy_detector(images, chunk=64)
+    chunked, chunked_stats = calibrate_toy_detector(images, chunk=7)
+    assert chunked.scale == pytest.approx(whole.scale, rel=1e-6)  # similarities lie in [-1, 1]: absolute tolerance
+    assert chunked.tau == pytest.approx(whole.tau, abs=1e-5) and chunked.tau > -1
+    assert chunked_stats["nearest_other_render"] == pytest.approx(whole_stats["nearest_other_render"], abs=1e-5)
 
 
 def _replicate_config(prompt_files, sscd_file, **kw):

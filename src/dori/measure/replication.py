@@ -80,16 +80,13 @@ def replication(
     emb = model.encode(prompts) if embeddings is None else embeddings
     images = model.generate(emb, seeds, steps=steps, guidance=guidance, batch_size=batch_size, progress=progress)
     gen_feats = detector.embed(images)
+    reference_feats: dict[int, object] = {}  # prompts that share one reference tensor embed it once
     rows = []
     for i, prompt in enumerate(prompts):
         part = slice(i * len(seeds), (i + 1) * len(seeds))
-        gen = _select(gen_feats, part)
-        sims = detector.similarity(gen, detector.embed(references[i])).max(dim=1).values
+        if id(references[i]) not in reference_feats:
+            reference_feats[id(references[i])] = detector.embed(references[i])
+        sims = detector.similarity(gen_feats[part], reference_feats[id(references[i])]).max(dim=1).values
         rows.append(PromptReplication(prompt, [float(s) for s in sims], float(detector.tau)))
     return rows, images
 
-
-def _select(features, part: slice):
-    if isinstance(features, Tensor):
-        return features[part]
-    return type(features)(*(getattr(features, f)[part] for f in features.__dataclass_fields__))
