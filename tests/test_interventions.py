@@ -124,3 +124,41 @@ def test_wanda_prunes_about_ratio_of_each_row_at_most_per_step(tiny_sd):
         keep_k = max(1, round(0.1 * site.module.in_features))
         assert per_row.max() <= keep_k * config.timesteps
     assert sum(int(m.sum()) for m in mask.values()) > 0
+
+
+def test_per_prompt_scope_runs_each_known_prompt_under_its_own_neurons(tiny_sd, tmp_path):
+    a, b = tiny_sd.value_sites()[0].name, tiny_sd.value_sites()[1].name
+    own = {"p0": {a: [1]}, "p1": {b: [2, 3]}, "p2": {a: [1]}}
+    union = {a: [1], b: [2, 3]}
+    per_prompt = Mitigation("neurons", tiny_sd.fingerprint(), neurons=union, method="nemo", per_prompt=own, scope="prompt")
+    groups = per_prompt.groups(["p1", "other", "p0", "p2"])
+    assert [(idx, m.neurons) for idx, m in groups] == [([0], {b: [2, 3]}), ([1], union), ([2, 3], {a: [1]})]
+    whole = Mitigation("neurons", tiny_sd.fingerprint(), neurons=union, method="nemo", per_prompt=own, scope="union")
+    assert [(idx, m.neurons) for idx, m in whole.groups(["p1", "p0"])] == [([0, 1], union)]
+    with pytest.raises(DoriError, match="unknown mitigation scope"):
+        Mitigation("neurons", tiny_sd.fingerprint(), scope="everything")
+
+    save_mask(per_prompt, tmp_path / "m")
+    loaded = load_mask(tmp_path / "m", tiny_sd)
+    assert loaded.scope == "prompt" and loaded.per_prompt == own and loaded.neurons == union
+
+
+def test_each_mask_gives_the_same_outputs_as_one_prompt_at_a_time(tiny_sd):
+    from dori.interventions import each_mask, intervene
+
+    texts = ["a cat", "a dog", "a tree"]
+    a = tiny_sd.value_sites()[0].name
+    own = {"a cat": {a: [0, 1]}, "a tree": {a: [5]}}
+    mitigation = Mitigation("neurons", tiny_sd.fingerprint(), neurons={a: [0, 1, 5]}, per_prompt=own, scope="prompt")
+    emb = tiny_sd.encode(texts)
+    x, t = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([300])
+    grouped = torch.zeros(3, 4, 8, 8)
+    for group in each_mask(tiny_sd, mitigation, texts):
+        grouped[group] = tiny_sd.predict_noise(x[group], t, emb[group])
+    for i, text in enumerate(texts):
+        alone = Mitigation("neurons", tiny_sd.fingerprint(), neurons=own.get(text, mitigation.neurons))
+        with intervene(tiny_sd, alone):
+            assert torch.allclose(grouped[i], tiny_sd.predict_noise(x[i : i + 1], t, emb[i : i + 1])[0], atol=1e-6)
+    with intervene(tiny_sd, mitigation):  # without per-prompt grouping every prompt gets the union
+        assert not torch.allclose(grouped[0], tiny_sd.predict_noise(x[:1], t, emb[:1])[0], atol=1e-6)
+    assert not any(m._forward_hooks for m in tiny_sd.unet.modules())  # every mask removed afterwards

@@ -51,6 +51,12 @@ def test_nemo_mitigation_with_explicit_statistics_and_threshold(tiny_sd, prompt_
     summary = run_mitigate(config, tiny_sd, tmp_path / "nemo")
     neurons = json.loads((tmp_path / "nemo" / "neurons.json").read_text())
     assert set(neurons) == {"0", "1"} and len(summary["neurons_per_prompt"]) == 2
+    mask = json.loads((tmp_path / "nemo" / "mask.json").read_text())
+    assert summary["scope"] == mask["scope"] == "prompt" and len(mask["per_prompt"]) == 2
+    attack = AttackRunConfig(mitigation=str(tmp_path / "nemo"), steps=1, steps_curve="0", seeds=2, eval_steps=2,
+                             attack_batch=2, control=False, limit=2, **_common(prompt_files, sscd_file))  # fmt: skip
+    result = run_attack(attack, tiny_sd, tmp_path / "attack")
+    assert result["mitigation"] == "nemo" and set(result["steps_curve"]) == {"0", "1"}
     torch.save(([torch.zeros(3)], [torch.ones(3)]), tmp_path / "bad.pt")
     with pytest.raises(DoriError, match="statistics for value layers"):
         load_statistics(tmp_path / "bad.pt", tiny_sd)

@@ -206,6 +206,7 @@ def mitigate(
     threshold: Annotated[float | None, typer.Option("--threshold", help="NeMo: SSIM threshold (0.428 for SD v1.4).")] = MitigateConfig.threshold,
     sites: Annotated[str, typer.Option("--sites", help="Wanda: ffn or value sites.")] = MitigateConfig.sites,
     ratio: Annotated[float, typer.Option("--ratio", help="Wanda: top fraction of each row considered.")] = MitigateConfig.ratio,
+    scope: Annotated[str, typer.Option("--scope", help="NeMo: 'prompt' runs each prompt under its own neurons (as NeMo evaluates); 'union' runs all prompts under all neurons.")] = MitigateConfig.scope,
     seeds: Annotated[int, typer.Option("--seeds", help="Generations per prompt for MR before / after.")] = MitigateConfig.seeds,
     utility_seeds: Annotated[int, typer.Option("--utility-seeds")] = MitigateConfig.utility_seeds,
     steps: Annotated[int, typer.Option("--steps")] = MitigateConfig.steps,
@@ -221,7 +222,7 @@ def mitigate(
 ) -> None:
     """Apply a pruning mitigation (NeMo neurons or Wanda weights); save the mask and mitigated weights."""
     config = MitigateConfig(method=method, prompts=prompts, model=model, reference_prompts=reference_prompts, stats=stats,
-                            threshold=threshold, sites=sites, ratio=ratio, seeds=seeds, utility_seeds=utility_seeds,
+                            threshold=threshold, sites=sites, ratio=ratio, scope=scope, seeds=seeds, utility_seeds=utility_seeds,
                             steps=steps, guidance=guidance, type=type, limit=limit, images=images, sscd=sscd,
                             batch_size=batch_size)  # fmt: skip
     diffusion = _load(model, device, dtype)

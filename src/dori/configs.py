@@ -71,6 +71,7 @@ class MitigateConfig(Selection):
     threshold: float | None = None  # NeMo's SSIM threshold (default: mean + 1 std on the reference set)
     sites: str = "ffn"  # Wanda: ffn or value
     ratio: float = 0.01  # Wanda: fraction of each row's weights considered
+    scope: str = "prompt"  # NeMo: each prompt under its own neurons ("prompt") or all under the union ("union")
     seeds: int = 10  # generations per prompt for MR before / after
     utility_seeds: int = 4
     steps: int = 50
@@ -84,6 +85,8 @@ class MitigateConfig(Selection):
             raise DoriError(f"unknown site set {self.sites!r}; use ffn or value")
         if not 0 < self.ratio <= 1:
             raise DoriError(f"ratio must be in (0, 1], got {self.ratio}")
+        if self.scope not in ("prompt", "union"):
+            raise DoriError(f"unknown scope {self.scope!r}; use prompt (each prompt under its own neurons) or union")
         _check_positive(seeds=self.seeds, utility_seeds=self.utility_seeds, steps=self.steps, batch_size=self.batch_size)
 
 

@@ -31,6 +31,7 @@ from dori.errors import DoriError
 from dori.models.base import DiffusionModel
 from dori.runs import save_tensors_atomic, write_json_atomic
 
+SCOPES = ("prompt", "union")
 NeuronMask = dict[str, Tensor]  # site -> multipliers [width] or [batch, width]
 WeightMask = dict[str, Tensor]  # site -> bool [out, in], True = zeroed
 
@@ -153,23 +154,63 @@ def intervene(model: DiffusionModel, mitigation: Mitigation | None) -> Iterator[
             yield handle
 
 
+def each_mask(model: DiffusionModel, mitigation: Mitigation | None, texts: list[str]) -> Iterator[list[int]]:
+    """For each group of ``texts`` that shares one mask (:meth:`Mitigation.groups`): apply that
+    mask and yield the group's indices; the caller does the group's work before asking for more."""
+    groups = [(list(range(len(texts))), None)] if mitigation is None else mitigation.groups(texts)
+    for indices, mask in groups:
+        if not indices:
+            continue
+        with intervene(model, mask):
+            yield indices
+
+
 # --------------------------------------------------------------------- files
 
 
 @dataclass
 class Mitigation:
-    """A mask with the fingerprint of the model it was made for."""
+    """A mask with the fingerprint of the model it was made for.
+
+    A NeMo mask also keeps each localised prompt's own neurons (``per_prompt``, by prompt text).
+    Its ``scope`` says how it is applied: ``"prompt"`` runs each of those prompts under its own
+    neurons (how NeMo and the DoRI paper evaluate it) and anything else under the union;
+    ``"union"`` runs everything under the union of all of them (the one mask a released model
+    would carry). ``neurons`` is always that union."""
 
     kind: str  # "neurons" or "weights"
     model_fingerprint: str
     neurons: dict[str, list[int]] = field(default_factory=dict)
     weights: WeightMask = field(default_factory=dict)
     method: str = ""
+    per_prompt: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    scope: str = "union"
+
+    def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise DoriError(f"unknown mitigation scope {self.scope!r}; use {' or '.join(SCOPES)}")
 
     def size(self) -> int:
         if self.kind == "neurons":
             return sum(len(v) for v in self.neurons.values())
         return int(sum(int(m.sum()) for m in self.weights.values()))
+
+    def groups(self, texts: list[str]) -> list[tuple[list[int], Mitigation]]:
+        """Which of ``texts`` (by index) run under which single mask, in order of first use."""
+        if self.kind != "neurons" or self.scope != "prompt" or not self.per_prompt:
+            return [(list(range(len(texts))), self)]
+        buckets: dict[str | None, list[int]] = {}
+        for i, text in enumerate(texts):
+            own = self.per_prompt.get(text)
+            buckets.setdefault(None if own is None else json.dumps(own, sort_keys=True), []).append(i)
+        return [(indices, self.union() if key is None else
+                 Mitigation("neurons", self.model_fingerprint, neurons=json.loads(key), method=self.method))
+                for key, indices in buckets.items()]  # fmt: skip
+
+    def union(self) -> Mitigation:
+        """The same mask applied to every prompt alike."""
+        return Mitigation(self.kind, self.model_fingerprint, neurons=self.neurons, weights=self.weights,
+                          method=self.method)
 
 
 def save_mask(mitigation: Mitigation, folder: str | os.PathLike) -> Path:
@@ -177,7 +218,8 @@ def save_mask(mitigation: Mitigation, folder: str | os.PathLike) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"kind": mitigation.kind, "model": mitigation.model_fingerprint, "method": mitigation.method}
     if mitigation.kind == "neurons":
-        write_json_atomic(folder / "mask.json", {**meta, "neurons": mitigation.neurons})
+        write_json_atomic(folder / "mask.json", {**meta, "neurons": mitigation.neurons, "scope": mitigation.scope,
+                                                 "per_prompt": mitigation.per_prompt})  # fmt: skip
     else:
         tensors = {name: m.to(torch.uint8).cpu().contiguous() for name, m in mitigation.weights.items()}
         save_tensors_atomic(tensors, folder / "mask.safetensors", metadata=meta)
@@ -199,8 +241,11 @@ def load_mask(folder: str | os.PathLike, model: DiffusionModel) -> Mitigation:
                         f"({model.fingerprint()}); run 'dori mitigate' on this model")  # fmt: skip
     if info["kind"] == "neurons":
         neurons = {name: [int(c) for c in chans] for name, chans in info["neurons"].items()}
+        per_prompt = {text: {name: [int(c) for c in chans] for name, chans in own.items()}
+                      for text, own in info.get("per_prompt", {}).items()}  # fmt: skip
         model.sites(list(neurons))  # unknown site names fail here, clearly
-        return Mitigation("neurons", info["model"], neurons=neurons, method=info.get("method", ""))
+        return Mitigation("neurons", info["model"], neurons=neurons, method=info.get("method", ""),
+                          per_prompt=per_prompt, scope=info.get("scope", "union"))  # fmt: skip
     weights = {name: t.bool() for name, t in load_file(str(folder / info["weights"])).items()}
     model.sites(list(weights))
     return Mitigation("weights", info["model"], weights=weights, method=info.get("method", ""))

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from dori.configs import LocalityConfig
 from dori.errors import DoriError
-from dori.interventions import capture, intervene
+from dori.interventions import capture, each_mask
 from dori.measure.replication import replication
 from dori.models.base import DiffusionModel
 from dori.parallel import Shards
@@ -319,31 +319,33 @@ def run_locality(config: LocalityConfig, model: DiffusionModel, out: str | Path,
     inits = torch.cat([initial_embeddings(model, [p], "random", seed=config.seed * 1_000 + j, per_prompt=k)
                        for j, p in enumerate(targets.texts)])  # fmt: skip
     mine = shards.mine(range(len(inits)))  # under accelerate: every world-th trigger
+    texts = [p for p in targets.texts for _ in range(k)]  # the target prompt of every trigger
     trigger_file = out / "triggers.safetensors"
     if trigger_file.exists():
         triggers = load_file(str(trigger_file))["triggers"].to(model.device)
     else:
         say(f"locality: attacking {len(targets)} target(s) from {k} random initialisations each")
         attack = AttackConfig(steps=config.steps, learning_rate=config.learning_rate, batch=config.attack_batch)
-        found = inits[:0]
-        if mine:
-            with intervene(model, mitigation):
-                found = dori_attack(model, latents.repeat_interleave(k, dim=0)[mine], inits[mine], attack,
-                                    seeds=[config.seed * 1_000_003 + i for i in mine]).embeddings  # fmt: skip
+        found = inits[mine].clone()
+        rows = latents.repeat_interleave(k, dim=0)[mine]
+        for group in each_mask(model, mitigation, [texts[i] for i in mine]):  # each target under its own mask
+            found[group] = dori_attack(model, rows[group], found[group], attack,
+                                       seeds=[config.seed * 1_000_003 + mine[n] for n in group]).embeddings.detach()  # fmt: skip
         triggers = shards.assemble(mine, found, len(inits)).to(inits.device)
         if shards.main:
             save_tensors_atomic({"inits": inits, "triggers": triggers}, trigger_file, metadata={"model": model.fingerprint()})
 
     say("locality: checking which triggers bring the image back")
-    texts = [p for p in targets.texts for _ in range(k)]
     references = [refs.of(p) for p in targets.prompts for _ in range(k)]
-    results, images = [], torch.zeros(0, 3, *model.image_size)
-    with intervene(model, mitigation):
-        if mine:
-            results, images = replication(model, [texts[i] for i in mine], [references[i] for i in mine], refs.detector,
-                                          seeds=list(range(config.seeds)), steps=config.eval_steps,
-                                          guidance=config.guidance, embeddings=triggers[mine].to(model.dtype),
-                                          batch_size=config.batch_size)  # fmt: skip
+    results, images = [None] * len(mine), torch.zeros(len(mine) * config.seeds, 3, *model.image_size)
+    for group in each_mask(model, mitigation, [texts[i] for i in mine]):
+        rows = [mine[n] for n in group]
+        part, made = replication(model, [texts[i] for i in rows], [references[i] for i in rows], refs.detector,
+                                 seeds=list(range(config.seeds)), steps=config.eval_steps, guidance=config.guidance,
+                                 embeddings=triggers[rows].to(model.dtype), batch_size=config.batch_size)  # fmt: skip
+        for m, n in enumerate(group):
+            results[n] = part[m]
+            images[n * config.seeds : (n + 1) * config.seeds] = made[m * config.seeds : (m + 1) * config.seeds]
     success = torch.zeros(len(inits), dtype=torch.bool)
     first_images = {}
     for rows, flags, part in shards.gather((mine, [r.mr >= 0.5 for r in results], images.cpu())):

@@ -57,6 +57,9 @@ class PromptSet:
     def head(self, limit: int | None) -> PromptSet:
         return self if limit is None else PromptSet(self.name, self.prompts[:limit])
 
+    def pick(self, indices: list[int]) -> PromptSet:
+        return PromptSet(self.name, tuple(self.prompts[i] for i in indices))
+
 
 def load_prompt_set(spec: str, *, model_folder: str | Path | None = None) -> PromptSet:
     """Load ``spec``: a named set (``bundled:NAME``, ``sd14:NAME``) or a .csv / .jsonl / .txt file."""

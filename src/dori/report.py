@@ -131,6 +131,7 @@ Utility = prompt alignment on held-out captions (bundled model).</p>
 <h2>Results beside the paper (SD v1.4, VM prompts)</h2>
 <table><tr><th>setting</th><th>similarity (ours)</th><th>MR (ours)</th><th>utility (ours)</th>
 <th>SSCD_orig (paper)</th><th>MR (paper)</th></tr>{"".join(rows)}</table>
+{"".join(f"<p>{html.escape(line)}</p>" for line in summary.get("mitigations", []))}
 <h2>Each memorized target</h2>{"".join(strips)}
 <h2>MR against DoRI steps</h2>{curves or "<p>not run</p>"}
 <h2>Detection</h2>{det_html}
@@ -152,7 +153,7 @@ def markdown_table(summary: dict) -> str:
                  if ours else "not run | | ")  # fmt: skip
         paper = f"{_fmt(p_mean)} ± {_fmt(p_std)} | {_fmt(p_mr)}" if p_mean is not None else f"– | {_fmt(p_mr)}"
         lines.append(f"| {name} | {cells} | {paper} |")
-    notes = []  # each its own paragraph below the table
+    notes = list(summary.get("mitigations", []))  # each its own paragraph below the table
     detection = summary.get("detection")
     if detection:
         notes.append(f"Detection (noise-difference norm, first step): ROC-AUC {detection['auc']:.3f}, "

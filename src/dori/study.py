@@ -155,7 +155,8 @@ def run_study(config: StudyConfig, model: DiffusionModel, out: str | Path, *, re
                 model.source = original.source
     summary = {"table": table(results), "detection": _detection(results), "timing": timing,
                "quick": config.quick, "stages_run": config.stage_list(),
-               "locality": _locality(results), "steps_curve": _curves(results)}  # fmt: skip
+               "locality": _locality(results), "steps_curve": _curves(results),
+               "mitigations": _mitigations(results)}  # fmt: skip
     write_json_atomic(root / "summary.json", summary)
     from dori.report import markdown_table, write_report
     from dori.runs import write_text_atomic
@@ -202,6 +203,23 @@ def _detection(results: dict) -> dict | None:
         return None
     d = results["detect"]
     return {"auc": d["noise_norm"]["auc"], "tpr_at_1pct_fpr": d["noise_norm"]["tpr_at_1pct_fpr"], "ssim": d["ssim"]}
+
+
+def _mitigations(results: dict) -> list[str]:
+    """One sentence per pruning mitigation: what it masked and how it was applied."""
+    lines = []
+    if "nemo" in results:
+        n = results["nemo"]
+        per = sorted(n["neurons_per_prompt"])
+        scope = ("each prompt under its own neurons, as NeMo evaluates it" if n.get("scope", "union") == "prompt"
+                 else "every prompt under the union")  # fmt: skip
+        lines.append(f"NeMo: {per[len(per) // 2] if per else 0} neurons per prompt (median; {min(per, default=0)} "
+                     f"to {max(per, default=0)}), {n['union_neurons']} in the union of all prompts; {scope}; "
+                     "utility is measured under the union.")  # fmt: skip
+    if "wanda" in results:
+        w = results["wanda"]
+        lines.append(f"Wanda: {w['pruned_weights']} weights pruned ({100 * w['sparsity']:.2f}% of its {w['sites']} sites).")
+    return lines
 
 
 def _curves(results: dict) -> dict:

@@ -12,7 +12,7 @@ import torch
 
 from dori.configs import DetectConfig, ReplicateConfig
 from dori.errors import DoriError
-from dori.interventions import intervene
+from dori.interventions import each_mask, intervene
 from dori.measure.detection import consistency_scores, noise_difference_norms, roc_auc, roc_curve, tpr_at_fpr
 from dori.measure.replication import replication, summarize
 from dori.models.base import DiffusionModel
@@ -87,8 +87,7 @@ def run_replicate(config: ReplicateConfig, model: DiffusionModel, out: str | Pat
     mitigation = load_mitigation(model, config.mitigation)
     shards = Shards()
     out = shards.open_run(out, "replicate", asdict(config), resume=resume)
-    with intervene(model, mitigation):
-        _replicate_batches(config, model, prompts, refs, out, progress, shards)
+    _replicate_batches(config, model, prompts, refs, out, progress, shards, mitigation)
     results = shards.merge(out, "results.jsonl", "id")
     rows = sorted(results.rows, key=lambda r: r["id"])
     summary = {**summarize(rows, refs.detector.tau), "similarity": refs.detector.to_dict(), "prompt_set": prompts.name,
@@ -100,7 +99,7 @@ def run_replicate(config: ReplicateConfig, model: DiffusionModel, out: str | Pat
     return summary
 
 
-def _replicate_batches(config, model, prompts, refs, out, progress, shards) -> None:
+def _replicate_batches(config, model, prompts, refs, out, progress, shards, mitigation) -> None:
     (out / "grids").mkdir(exist_ok=True)
     results = shards.results(out, "results.jsonl")
     done = shards.done_keys(out, "results.jsonl", "id")
@@ -109,16 +108,18 @@ def _replicate_batches(config, model, prompts, refs, out, progress, shards) -> N
         progress(len(done) * config.seeds)
     seeds = list(range(config.first_seed, config.first_seed + config.seeds))
     per_batch = max(1, config.batch_size // config.seeds)
-    for start in range(0, len(todo), per_batch):
-        chunk = todo[start : start + per_batch]
-        rows, images = replication(
-            model, [p.prompt for _, p in chunk], [refs.of(p) for _, p in chunk], refs.detector,
-            seeds=seeds, steps=config.steps, guidance=config.guidance, batch_size=config.batch_size,
-            progress=progress,
-        )  # fmt: skip
-        for k, (i, _) in enumerate(chunk):
-            save_grid(images[k * len(seeds) : (k + 1) * len(seeds)], out / "grids" / f"prompt{i:04d}.png", columns=len(seeds))
-        results.extend([{"id": i, **p.to_dict(), **row.row()} for (i, p), row in zip(chunk, rows)])
+    for group in each_mask(model, mitigation, [p.prompt for _, p in todo]):
+        for start in range(0, len(group), per_batch):
+            chunk = [todo[k] for k in group[start : start + per_batch]]
+            rows, images = replication(
+                model, [p.prompt for _, p in chunk], [refs.of(p) for _, p in chunk], refs.detector,
+                seeds=seeds, steps=config.steps, guidance=config.guidance, batch_size=config.batch_size,
+                progress=progress,
+            )  # fmt: skip
+            for k, (i, _) in enumerate(chunk):
+                save_grid(images[k * len(seeds) : (k + 1) * len(seeds)], out / "grids" / f"prompt{i:04d}.png",
+                          columns=len(seeds))  # fmt: skip
+            results.extend([{"id": i, **p.to_dict(), **row.row()} for (i, p), row in zip(chunk, rows)])
 
 
 # --------------------------------------------------------------------- detect
@@ -242,6 +243,25 @@ def evaluate_replication(model: DiffusionModel, prompts: PromptSet, refs: Refere
     return summarize(rows, refs.detector.tau), rows, images
 
 
+def evaluate_under(model: DiffusionModel, mitigation, prompts: PromptSet, refs: References, *,
+                   embeddings: torch.Tensor | None = None, targets: list[torch.Tensor] | None = None,
+                   **settings) -> tuple[dict, list[dict], torch.Tensor]:  # fmt: skip
+    """:func:`evaluate_replication` under ``mitigation``, each prompt under its own mask where the
+    mitigation has per-prompt masks (NeMo, scope "prompt"); rows and images in prompt order."""
+    seeds = settings["seeds"]
+    rows: list[dict] = [{}] * len(prompts)
+    images = torch.zeros(len(prompts) * seeds, 3, *model.image_size)
+    for group in each_mask(model, mitigation, prompts.texts):
+        _, part_rows, part_images = evaluate_replication(
+            model, prompts.pick(group), refs, embeddings=None if embeddings is None else embeddings[group],
+            targets=None if targets is None else [targets[i] for i in group], **settings,
+        )  # fmt: skip
+        for k, i in enumerate(group):
+            rows[i] = {**part_rows[k], "id": i}
+            images[i * seeds : (i + 1) * seeds] = part_images[k * seeds : (k + 1) * seeds]
+    return summarize(rows, refs.detector.tau), rows, images
+
+
 _UTILITY_MEMO: dict[tuple, dict] = {}
 
 
@@ -297,7 +317,7 @@ def run_mitigate(config, model: DiffusionModel, out: str | Path, *, resume: bool
         say("resuming: the mask is already selected")
         mitigation, extra = load_mask(out, model), json.loads(selection_file.read_text())
     else:
-        mitigation, extra = _select_mask(config, model, emb, out, say)
+        mitigation, extra = _select_mask(config, model, prompts.texts, emb, out, say)
         save_mask(mitigation, out)
         write_json_atomic(selection_file, extra)
     originals = bake(model, mitigation)
@@ -316,8 +336,8 @@ def run_mitigate(config, model: DiffusionModel, out: str | Path, *, resume: bool
         before, rows_before, _ = evaluate_replication(model, prompts, refs, **evaluation)
     utility_before = utility(model, **util)
     say("measuring the mitigated model")
-    with intervene(model, mitigation):
-        after, rows_after, images_after = evaluate_replication(model, prompts, refs, **evaluation)
+    after, rows_after, images_after = evaluate_under(model, mitigation, prompts, refs, **evaluation)
+    with intervene(model, mitigation):  # no prompt of its own: the union (the mask a released model carries)
         utility_after = utility(model, **util)
     save_grid(images_after, out / "mitigated_generations.png", columns=config.seeds)
     summary.update({
@@ -338,12 +358,12 @@ def run_mitigate(config, model: DiffusionModel, out: str | Path, *, resume: bool
     return summary
 
 
-def _select_mask(config, model: DiffusionModel, emb: torch.Tensor, out: Path, say) -> tuple:
+def _select_mask(config, model: DiffusionModel, texts: list[str], emb: torch.Tensor, out: Path, say) -> tuple:
     """The mitigation mask of ``dori mitigate`` and the numbers that describe it."""
     from dori.interventions import Mitigation
 
     if config.method == "nemo":
-        return _nemo(config, model, emb, out, say)
+        return _nemo(config, model, texts, emb, out, say)
     from dori.mitigate.wanda import WandaConfig, wanda_mask
 
     say("wanda: recording activations")
@@ -425,7 +445,7 @@ def nemo_reference(model: DiffusionModel, *, reference_prompts: str | None, stat
     return statistics, threshold
 
 
-def _nemo(config, model, emb, out, say):
+def _nemo(config, model, texts, emb, out, say):
     from dori.interventions import Mitigation
     from dori.mitigate.nemo import NemoConfig, nemo_localize, union
 
@@ -436,8 +456,10 @@ def _nemo(config, model, emb, out, say):
     results = nemo_localize(model, emb, stats, threshold, nemo_config, progress=say)
     per_prompt = {str(i): r.neurons for i, r in enumerate(results)}
     write_json_atomic(out / "neurons.json", per_prompt)
-    mitigation = Mitigation("neurons", model.fingerprint(), neurons=union([r.neurons for r in results]), method="nemo")
+    mitigation = Mitigation("neurons", model.fingerprint(), neurons=union([r.neurons for r in results]), method="nemo",
+                            per_prompt={text: r.neurons for text, r in zip(texts, results)}, scope=config.scope)  # fmt: skip
     extra = {
+        "scope": config.scope,
         "threshold": threshold,
         "neurons_per_prompt": [sum(len(v) for v in r.neurons.values()) for r in results],
         "memorized_before_check": [r.memorized_before for r in results],
@@ -480,38 +502,34 @@ def attack_and_measure(model: DiffusionModel, prompts: PromptSet, refs: Referenc
         others = load_prompts(config.other_prompts, model).texts if config.other_prompts else None
         init = initial_embeddings(model, prompts.texts, config.init, seed=config.attack_seed, others=others)[mine]
         attack = AttackConfig(steps=config.steps, learning_rate=config.learning_rate, batch=config.attack_batch)
+        snapshots = {k: init.detach().clone() for k in curve}
         if mine:
-            mine_set = PromptSet(prompts.name, tuple(prompts.prompts[i] for i in mine))
+            mine_set = prompts.pick(mine)
             latents = model.to_latents(torch.cat(attack_targets(model, mine_set, refs)))
-            with intervene(model, mitigation):
-                snapshots = dori_attack(model, latents, init, attack,
-                                        seeds=[config.attack_seed * 100_003 + i for i in mine],
-                                        snapshot_steps=curve).snapshots  # fmt: skip
-        else:
-            snapshots = {k: init[:0] for k in curve}
-        parts = shards.gather((mine, {k: v.cpu() for k, v in snapshots.items()}))
-        if shards.main:
-            full = {k: torch.zeros(len(prompts), *model.embedding_shape) for k in curve}
-            for rows, part in parts:
+            for group in each_mask(model, mitigation, mine_set.texts):
+                found = dori_attack(model, latents[group], init[group], attack,
+                                    seeds=[config.attack_seed * 100_003 + mine[i] for i in group],
+                                    snapshot_steps=curve).snapshots  # fmt: skip
                 for k in curve:
-                    full[k][rows] = part[k].float()
+                    snapshots[k][group] = found[k].detach()
+        full = {k: shards.assemble(mine, snapshots[k].detach().cpu().float(), len(prompts)) for k in curve}
+        if shards.main:
             save_tensors_atomic({f"step_{k}": v for k, v in full.items()}, emb_file)
-    mine_set = PromptSet(prompts.name, tuple(prompts.prompts[i] for i in mine))
+    mine_set = prompts.pick(mine)
     targets = attack_targets(model, mine_set, refs)
     per_step_rows, final_images = {}, torch.zeros(0, 3, *model.image_size)
-    with intervene(model, mitigation):
-        for step in curve:
-            if not mine:
-                per_step_rows[step] = []
-                continue
-            _, rows, images = evaluate_replication(
-                model, mine_set, refs, seeds=config.seeds, steps=config.eval_steps, guidance=config.guidance,
-                batch_size=config.batch_size, embeddings=snapshots[step].to(model.dtype), targets=targets,
-                progress=progress,
-            )  # fmt: skip
-            per_step_rows[step] = [{**row, "id": i} for i, row in zip(mine, rows)]
-            if step == config.steps:
-                final_images = images
+    for step in curve:
+        if not mine:
+            per_step_rows[step] = []
+            continue
+        _, rows, images = evaluate_under(
+            model, mitigation, mine_set, refs, seeds=config.seeds, steps=config.eval_steps, guidance=config.guidance,
+            batch_size=config.batch_size, embeddings=snapshots[step].to(model.dtype), targets=targets,
+            progress=progress,
+        )  # fmt: skip
+        per_step_rows[step] = [{**row, "id": i} for i, row in zip(mine, rows)]
+        if step == config.steps:
+            final_images = images
     parts = shards.gather((per_step_rows, final_images.cpu()))
     rows_at = {step: sorted((r for rows, _ in parts for r in rows[step]), key=lambda r: r["id"]) for step in curve}
     per_step = {str(step): summarize(rows_at[step], refs.detector.tau) for step in curve}
@@ -739,8 +757,12 @@ def make_surrogates(model, prompts: PromptSet, targets, refs: References, mitiga
     mitigation hid nothing), the least similar of the mitigated model's empty-prompt generations
     instead. Returns the images and, per prompt, ``{"similarity", "source", "seed"}``."""
     seeds = list(range(tries))
+    images = torch.zeros(len(prompts) * tries, 3, *model.image_size)
+    for group in each_mask(model, mitigation, prompts.texts):  # each prompt under its own mask, if it has one
+        made = model.generate(model.encode(prompts.pick(group).texts), seeds, steps=steps, guidance=guidance)
+        for k, i in enumerate(group):
+            images[i * tries : (i + 1) * tries] = made[k * tries : (k + 1) * tries]
     with intervene(model, mitigation):
-        images = model.generate(model.encode(prompts.texts), seeds, steps=steps, guidance=guidance)
         neutral = model.generate(model.encode([""]), seeds, steps=steps, guidance=guidance)
     target_features = refs.detector.embed(torch.cat(targets))
     sims = refs.detector.similarity(refs.detector.embed(images), target_features)  # [P * tries, P]
