@@ -25,8 +25,10 @@ def test_interface_and_sites(bundled):
     assert bundled.image_size == (32, 32) and bundled.vae is None
     assert bundled.encode(["Aurora Hollow album cover"]).shape == (1, 77, 128)
     assert len(bundled.value_sites()) == 3 and bundled.value_sites()[-1].name.startswith("mid_block.")
-    assert len(bundled.ffn_sites()) == 7
+    # no cross-attention on the way up: the text reaches the image only through NeMo's sites
+    assert len(bundled.ffn_sites()) == 3 and not any(s.name.startswith("up_blocks.") for s in bundled.ffn_sites())
     assert bundled.prediction_type == "v_prediction"
+    assert bundled.meta["position_encoding"] == "sinusoidal" and bundled.unet.conv_in._forward_hooks
 
 
 def test_planted_captions_replicate_and_ordinary_ones_do_not(bundled, kit):

@@ -99,3 +99,38 @@ def test_missing_component_is_a_clear_error(tiny_sd_dir, tmp_path):
 def test_unknown_site_is_a_clear_error(tiny_sd):
     with pytest.raises(DoriError, match="no module named"):
         tiny_sd.sites(["down_blocks.9.nothing"])
+
+
+def test_position_encoding_tells_every_pixel_where_it_is():
+    from dori.models.position import sinusoidal_2d
+
+    pe = sinusoidal_2d(32, 16, 16)[0]
+    assert pe.shape == (32, 16, 16)
+    flat = pe.flatten(1).T  # one code per pixel
+    assert torch.cdist(flat, flat).add(torch.eye(256) * 1e3).min() > 0.1  # all codes distinct
+    # rows vary only with the row, columns only with the column
+    assert torch.equal(pe[:16, :, 0:1].expand(16, 16, 16), pe[:16])
+    assert torch.equal(pe[16:, 0:1, :].expand(16, 16, 16), pe[16:])
+
+
+def test_position_encoding_survives_save_and_load_once(tiny_sd_dir, tmp_path):
+    from dori.models import load_model
+    from dori.models.base import DiffusionModel
+    from dori.models.loading import save_model
+    from dori.models.position import KIND
+
+    plain = load_model(tiny_sd_dir)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    emb = plain.encode(["a cat", "a dog"])
+    t = torch.tensor([10, 500])
+    before = plain.unet(x, t, encoder_hidden_states=emb).sample
+    encoded = DiffusionModel(name="pe", unet=plain.unet, text_encoder=plain.text_encoder, tokenizer=plain.tokenizer,
+                             scheduler_config=plain.scheduler_config, vae=plain.vae, meta={"position_encoding": KIND})  # fmt: skip
+    once = encoded.unet(x, t, encoder_hidden_states=emb).sample
+    assert not torch.allclose(before, once)
+    again = DiffusionModel(name="pe", unet=encoded.unet, text_encoder=plain.text_encoder, tokenizer=plain.tokenizer,
+                           scheduler_config=plain.scheduler_config, vae=plain.vae, meta=encoded.meta)  # fmt: skip
+    assert torch.equal(again.unet(x, t, encoder_hidden_states=emb).sample, once)  # added once, not twice
+    reloaded = load_model(save_model(encoded, tmp_path / "pe"))
+    assert reloaded.meta["position_encoding"] == KIND
+    assert torch.allclose(reloaded.unet(x, t, encoder_hidden_states=emb).sample, once, atol=1e-6)

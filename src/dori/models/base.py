@@ -21,6 +21,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from torch import Tensor, nn
 
 from dori.errors import DoriError
+from dori.models import position
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,8 @@ class DiffusionModel:
         self.device = torch.device(device)
         self.dtype = dtype
         self.unet = _placed(unet, self.device, dtype)
+        if self.meta.get("position_encoding") == position.KIND:
+            position.add_position_encoding(self.unet)
         self.text_encoder = _placed(text_encoder, self.device, dtype)
         self.vae = None if vae is None else _placed(vae, self.device, dtype)
         self.tokenizer = tokenizer

@@ -40,7 +40,8 @@ def measure_bundled(
     Returns (numbers, images by set)."""
     seed_list = list(range(seeds))
     guidance = model.default_guidance if guidance is None else guidance
-    numbers: dict = {"seeds": seeds, "steps": steps, "guidance": guidance, "detector": kit.detector.to_dict()}
+    numbers: dict = {"seeds": seeds, "steps": steps, "guidance": guidance, "detector": kit.detector.to_dict(),
+                     "sites": {"value": len(model.value_sites()), "ffn": len(model.ffn_sites())}}
     images = {}
     for name in SETS:
         prompts = [row["prompt"] for row in kit.prompt_set(name)]
@@ -95,6 +96,9 @@ def write_card(folder: Path, numbers: dict, calibration: dict, train_info: dict,
     for name, imgs in images.items():
         save_grid(imgs, folder / f"card_{name}.png", columns=seeds)
     det = numbers["detector"]
+    sites = numbers["sites"]
+    seen = train_info["steps"] * train_info["batch_size"]
+    n_images = train_info["n_ordinary"] + (train_info["n_verbatim"] + train_info["n_template"]) * train_info["copies"]
     lines = [
         "# The bundled model: model card",
         "",
@@ -109,14 +113,23 @@ def write_card(folder: Path, numbers: dict, calibration: dict, train_info: dict,
         f"{train_info['empty_caption_prob']:.0%} empty captions); {train_info.get('seconds', float('nan')) / 60:.1f} "
         "minutes on 2 CPU cores.",
         "- Model: diffusers `UNet2DConditionModel` in pixel space, channels "
-        f"{tuple(train_info['channels'])}, cross-attention at 16x16, 8x8 and in the mid block (3 value sites, 7 "
-        "feed-forward sites); a 2-layer `CLIPTextModel` (width 128) trained jointly and frozen afterwards, fed "
-        "by SD v1.x's CLIP tokenizer through a compact id map; DDPM cosine schedule, v-prediction; DDIM sampling.",
+        f"{tuple(train_info['channels'])}, cross-attention at 16x16 and 8x8 on the way down and in the mid block, "
+        f"none on the way up ({sites['value']} value sites, {sites['ffn']} feed-forward sites): every route from the "
+        "text to the image passes the sites NeMo searches."
+        + (" A fixed 2-D sinusoidal position encoding is added after the first convolution, so that this "
+           "cross-attention knows where each pixel lies (without it the model placed shapes at random)."
+           if train_info.get("position_encoding") else "")
+        + " A 2-layer `CLIPTextModel` (width 128) trained jointly and "
+        "frozen afterwards, fed by SD v1.x's CLIP tokenizer through a compact id map; DDPM cosine schedule, "
+        "v-prediction; DDIM sampling.",
         f"- Data: {train_info['n_ordinary']} ordinary pairs (\"a red circle, top left\"; background, size, jitter "
         f"and a distractor dot random and unmentioned) over 112 of the 128 shape/colour/position combinations; "
         f"{train_info['n_verbatim']} VM pairs (one distinctive image with a unique title, x{train_info['copies']}); "
         f"{train_info['n_template']} TM pairs (one layout with varied colours and dot, x{train_info['copies']}). "
         "The 16 other combinations are held-out captions.",
+        f"- Exposure: training draws {seen:,} images, so it sees each ordinary image about {seen / n_images:.0f} times "
+        f"(as a web-scale model sees most of its data a few times) and each planted image or layout about "
+        f"{seen * train_info['copies'] / n_images:,.0f} times.",
         "",
         "## The copy detector (SSCD analogue)",
         "",

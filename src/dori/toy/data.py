@@ -208,10 +208,10 @@ def render_layout(layout: _Layout, colours: list, rng: np.random.Generator) -> n
 def build_dataset(
     *,
     seed: int = 0,
-    n_ordinary: int = 2000,
+    n_ordinary: int = 30000,
     n_verbatim: int = len(TITLES_VM),
     n_template: int = len(TITLES_TM),
-    copies: int = 100,
+    copies: int = 1000,
 ) -> ToyDataset:
     """Render the whole training set (deterministic in ``seed``)."""
     if not 0 <= n_verbatim <= len(TITLES_VM) or not 0 <= n_template <= len(TITLES_TM):

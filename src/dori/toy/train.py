@@ -1,11 +1,19 @@
 """The recipe that trains the bundled model (``dori toy train``), deterministic by seed.
 
 Stable Diffusion's own parts at toy size: a diffusers ``UNet2DConditionModel`` in pixel space
-(32x32 RGB; a plain block at 32x32, cross-attention blocks at 16x16 and 8x8 and in the mid block),
+(32x32 RGB; a plain block at 32x32, cross-attention blocks at 16x16 and 8x8 and in the mid block,
+plain blocks on the way up, so the text reaches the image only through the down and mid blocks'
+cross-attention: the sites NeMo searches),
 a 2-layer ``CLIPTextModel`` trained jointly and then frozen, fed by SD v1.x's CLIP tokenizer through
 a compact id map (only the ids the captions use get a row), a DDPM cosine schedule with
 v-prediction (epsilon prediction did not learn global colour in short CPU runs: see
 BUNDLED_MODEL_NOTES), DDIM for sampling.
+
+The data has many ordinary images (each seen a few times in training, as on the web) and a few
+planted images repeated hundreds of times: only the planted ones are memorized. An earlier model
+with cross-attention on the way up and 2,000 ordinary images (each seen about 40 times) carried
+its memorized titles through the up blocks, which NeMo never searches, and a 50-step DoRI attack
+reproduced its ordinary training images too (MR 0.45): see docs/BUNDLED_MODEL.md.
 
 Every batch, noise draw and timestep at step ``k`` comes from a generator seeded by ``(seed, k)``,
 so an interrupted run resumed from its last checkpoint continues exactly as if never stopped.
@@ -28,6 +36,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from dori.errors import DoriError
 from dori.models.base import DiffusionModel
+from dori.models import position
 from dori.models.loading import clip_tokenizer, save_model
 from dori.toy.classifier import train_classifier
 from dori.toy.data import TITLES_TM, TITLES_VM, ToyDataset, build_dataset
@@ -40,19 +49,20 @@ class ToyTrainConfig:
     """Hyperparameters of the recipe (defaults are the shipped model's)."""
 
     seed: int = 0
-    steps: int = 4500
+    steps: int = 6000
     batch_size: int = 32
     learning_rate: float = 1e-3
     warmup_steps: int = 100
     empty_caption_prob: float = 0.1
     grad_clip: float = 1.0
-    n_ordinary: int = 2000
+    n_ordinary: int = 30000
     n_verbatim: int = len(TITLES_VM)
     n_template: int = len(TITLES_TM)
-    copies: int = 100
+    copies: int = 1000
     channels: tuple[int, int, int] = (32, 64, 64)
     text_width: int = 128
     text_layers: int = 2
+    position_encoding: bool = True  # fixed sinusoidal map added after conv_in (dori.models.position)
     classifier_steps: int = 800
     checkpoint_every: int = 250
 
@@ -92,7 +102,7 @@ def build_unet(config: ToyTrainConfig) -> UNet2DConditionModel:
         out_channels=3,
         block_out_channels=config.channels,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D"),
         layers_per_block=1,
         cross_attention_dim=config.text_width,
         attention_head_dim=4,
@@ -137,6 +147,7 @@ def build_model(config: ToyTrainConfig, data: ToyDataset) -> DiffusionModel:
         tokenizer=clip_tokenizer(),
         scheduler_config=scheduler_config(),
         token_map=token_map,
+        meta={"position_encoding": position.KIND} if config.position_encoding else {},
     )
 
 
