@@ -114,6 +114,23 @@ def test_nemo_selects_and_restores_under_a_calibrated_threshold(tiny_sd):
     assert not not_memorized.memorized_before and not_memorized.neurons == {}
 
 
+def test_nemo_searches_until_every_neuron_is_selected_then_reports_failure(tiny_sd):
+    # METHOD.md's search has no round limit: it lowers theta and raises k while the prompt is
+    # memorized. A check that can never pass (threshold below any SSIM) must end with every neuron
+    # of every site selected, marked not mitigated, one round after k reached the widest site.
+    stats = value_statistics(tiny_sd, ["a cat", "a dog", "a bird", "a tree"])
+    rounds = []
+    config = NemoConfig(seeds=2, steps=5)
+    result = nemo_localize(tiny_sd, tiny_sd.encode(["a red barn"]), stats, threshold=-2.0, config=config,
+                           progress=lambda text: rounds.append(text) if text.startswith("initial") else None)[0]  # fmt: skip
+    assert result.memorized_before and not result.mitigated
+    assert result.neurons == {s.name: list(range(s.width)) for s in tiny_sd.value_sites()}
+    assert len(rounds) <= max(s.width for s in tiny_sd.value_sites()) + 1
+    capped = nemo_localize(tiny_sd, tiny_sd.encode(["a red barn"]), stats, threshold=-2.0,
+                           config=NemoConfig(seeds=2, steps=5, max_rounds=1))[0]  # fmt: skip
+    assert not capped.mitigated and capped.initial_size < result.initial_size
+
+
 def test_wanda_prunes_about_ratio_of_each_row_at_most_per_step(tiny_sd):
     emb = tiny_sd.encode(["a red barn", "a blue boat"])
     config = WandaConfig(ratio=0.1, timesteps=2, seeds=1, steps=5)

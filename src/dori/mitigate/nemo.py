@@ -83,7 +83,7 @@ class NemoConfig:
     theta_start: float = 5.0
     theta_step: float = 0.25
     theta_min: float = 1.0
-    max_rounds: int = 50
+    max_rounds: int | None = None  # None: until the check passes or every neuron of the sites is selected
     seeds: int = 10
     steps: int = 50
     batch_size: int = 100
@@ -138,6 +138,10 @@ def _select(z: list[Tensor], sites: list[str], theta: float, k: int) -> Selectio
     return selection
 
 
+def _size(selection: Selection) -> int:
+    return sum(len(channels) for channels in selection.values())
+
+
 def _without(selection: Selection, name: str, channel: int | None = None) -> Selection:
     out = {k: list(v) for k, v in selection.items() if k != name or channel is not None}
     if channel is not None:
@@ -170,22 +174,29 @@ def nemo_localize(
     selections: list[Selection] = [{} for _ in range(n)]
     theta, k = [config.theta_start] * n, [0] * n
     active = [p for p in range(n) if before[p]]
-    for _ in range(config.max_rounds):
-        if not active:
-            break
+    every = sum(check.widths.values())
+    failed: list[int] = []  # still memorized with every neuron of the sites selected (or out of rounds)
+    rounds = 0
+    while active and (config.max_rounds is None or rounds < config.max_rounds):
+        rounds += 1
         for p in active:
             selections[p] = _select(z_of[p], sites, theta[p], k[p])
         still = check.memorized(emb[active], [selections[p] for p in active])
         next_active = []
         for p, memorized in zip(active, still):
-            if memorized:
+            if not memorized:
+                continue
+            if _size(selections[p]) == every:
+                failed.append(p)
+            else:
                 theta[p], k[p] = max(config.theta_min, theta[p] - config.theta_step), k[p] + 1
                 next_active.append(p)
         active = next_active
         if progress is not None:
             progress(f"initial selection: {len(active)} prompts still memorized")
-    initial = [sum(len(v) for v in s.values()) for s in selections]
-    mitigated = [before[p] and p not in active for p in range(n)]
+    failed += active
+    initial = [_size(s) for s in selections]
+    mitigated = [before[p] and p not in failed for p in range(n)]
 
     # Refinement 1: layer by layer (reverse order) -- drop a layer's selection if the prompt stays unmemorized.
     candidates = [p for p in range(n) if mitigated[p]]
