@@ -281,8 +281,9 @@ def verdicts(summary: dict) -> dict:
         "activation": (f"median trigger/prompt activation-distance ratio {act['ratio_median']:.2f} over {act['n_sites']} sites "
                        f"(triggers above prompts at {act['sites_adv_above_mem']}): "
                        + ("comparable or higher, as the paper says" if act["ratio_median"] >= 0.8 else "triggers agree more than different prompts, unlike the paper")),
-        "weight_agreement": (f"mean IoU among triggers: NeMo {sum(nemo) / len(nemo):.2f}, Wanda {sum(wanda) / len(wanda):.2f}"
-                             f" (Wanda below 0.6 at {sum(v < 0.6 for v in wanda)}/{len(wanda)} sites): "
+        "weight_agreement": (f"mean IoU among triggers: NeMo {sum(nemo) / len(nemo):.2f} (paper about 0.6): "
+                             + ("partial agreement, as the paper says" if sum(nemo) / len(nemo) <= 0.7 else "higher than the paper")
+                             + f"; Wanda {sum(wanda) / len(wanda):.2f}, below 0.6 at {sum(v < 0.6 for v in wanda)}/{len(wanda)} sites: "
                              + ("low agreement, as the paper says" if sum(v < 0.6 for v in wanda) > len(wanda) / 2 else "high agreement, unlike the paper")),
     }  # fmt: skip
 

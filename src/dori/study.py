@@ -230,6 +230,8 @@ def _locality(results: dict) -> dict | None:
     """The three views in brief (the full numbers stay in ``stages/locality/summary.json``)."""
     if "locality" not in results:
         return None
+    from dori.locality import verdicts
+
     loc = results["locality"]
     brief = lambda rows: {r["site"]: {"adv": r["adv"], "mem": r["mem"]} for r in rows}  # noqa: E731
     return {
@@ -237,6 +239,6 @@ def _locality(results: dict) -> dict | None:
         "activation": {"ratio_median": loc["activation"]["ratio_median"], "sites": brief(loc["activation"]["sites"])},
         "weight_agreement": {"nemo": brief(loc["weight_agreement"]["nemo"]["sites"]),
                              "wanda": brief(loc["weight_agreement"]["wanda"]["sites"])},
-        "verdicts": loc["verdicts"],
+        "verdicts": verdicts(loc),  # recomputed from the numbers, so a resumed study reads as the code now judges
         "seconds": loc["seconds"],
     }  # fmt: skip
