@@ -10,6 +10,7 @@ on ``--resume``.
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -213,7 +214,7 @@ def _mitigations(results: dict) -> list[str]:
         per = sorted(n["neurons_per_prompt"])
         scope = ("each prompt under its own neurons, as NeMo evaluates it" if n.get("scope", "union") == "prompt"
                  else "every prompt under the union")  # fmt: skip
-        lines.append(f"NeMo: {per[len(per) // 2] if per else 0} neurons per prompt (median; {min(per, default=0)} "
+        lines.append(f"NeMo: {statistics.median(per) if per else 0:g} neurons per prompt (median; {min(per, default=0)} "
                      f"to {max(per, default=0)}), {n['union_neurons']} in the union of all prompts; {scope}; "
                      "utility is measured under the union.")  # fmt: skip
     if "wanda" in results:
