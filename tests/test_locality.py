@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from dori.configs import LocalityConfig
 from dori.errors import DoriError
-from dori.locality import iou, mean_pairwise_iou, pairwise_distances, run_locality
+from dori.locality import iou, mean_pairwise_iou, pairwise_distances, run_locality, verdicts
 
 
 def test_distance_and_iou_statistics():
@@ -25,6 +25,22 @@ def test_distance_and_iou_statistics():
     assert iou(a, b) == pytest.approx(2 / 4)
     assert iou(torch.zeros(2, 2, dtype=torch.bool), torch.zeros(2, 2, dtype=torch.bool)) == 1.0
     assert mean_pairwise_iou([{1}, {1}, {2}]) == pytest.approx(1 / 3)
+
+
+def _views(nemo: list[float], wanda: list[float]) -> dict:
+    return {"embedding": {"mean": {"success_rate": 1.0, "trigger_l2_over_non_memorized_l2": 1.5, "moved_over_init_spread": 0.5}},
+            "activation": {"ratio_median": 1.0, "n_sites": 2, "sites_adv_above_mem": 1},
+            "weight_agreement": {"nemo": {"sites": [{"adv": v} for v in nemo]},
+                                 "wanda": {"sites": [{"adv": v} for v in wanda]}}}  # fmt: skip
+
+
+def test_weight_agreement_verdict_judges_nemo_and_wanda_each_against_the_paper():
+    paper_like = verdicts(_views(nemo=[0.4, 0.8], wanda=[0.3, 0.5, 0.9]))["weight_agreement"]
+    assert "NeMo 0.60" in paper_like and "partial agreement, as the paper says" in paper_like
+    assert "Wanda 0.57, below 0.6 at 2/3 sites: low agreement, as the paper says" in paper_like
+    unlike = verdicts(_views(nemo=[0.9, 0.9], wanda=[0.7, 0.5, 0.9]))["weight_agreement"]
+    assert "NeMo 0.90" in unlike and "higher than the paper" in unlike
+    assert "at 1/3 sites: high agreement, unlike the paper" in unlike
 
 
 def test_wanda_masks_share_an_exactly_rescaled_base(tiny_sd):

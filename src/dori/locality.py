@@ -264,6 +264,10 @@ def _save(fig, path: Path) -> None:
 # --------------------------------------------------------------------- the run
 
 
+PAPER_IOU = 0.6  # METHOD.md stage 5: Wanda's trigger IoU below this in most layers, NeMo's about this
+IOU_MARGIN = 0.1  # "about 0.6": NeMo's agreement reads as the paper's up to 0.7
+
+
 def verdicts(summary: dict) -> dict:
     """One sentence per view, computed from the numbers, on whether the paper's claim holds."""
     emb = summary["embedding"]["mean"]
@@ -273,6 +277,8 @@ def verdicts(summary: dict) -> dict:
     near = emb["moved_over_init_spread"]
     nemo = [r["adv"] for r in agree["nemo"]["sites"]]
     wanda = [r["adv"] for r in agree["wanda"]["sites"]]
+    nemo_iou, wanda_iou = sum(nemo) / len(nemo), sum(wanda) / len(wanda)
+    wanda_low = sum(v < PAPER_IOU for v in wanda)
     return {
         "embedding": (f"triggers succeed {emb['success_rate']:.0%} of the time; their pairwise L2 distance is "
                       f"{spread:.2f}x that between different non-memorized prompts and each moved "
@@ -281,10 +287,10 @@ def verdicts(summary: dict) -> dict:
         "activation": (f"median trigger/prompt activation-distance ratio {act['ratio_median']:.2f} over {act['n_sites']} sites "
                        f"(triggers above prompts at {act['sites_adv_above_mem']}): "
                        + ("comparable or higher, as the paper says" if act["ratio_median"] >= 0.8 else "triggers agree more than different prompts, unlike the paper")),
-        "weight_agreement": (f"mean IoU among triggers: NeMo {sum(nemo) / len(nemo):.2f} (paper about 0.6): "
-                             + ("partial agreement, as the paper says" if sum(nemo) / len(nemo) <= 0.7 else "higher than the paper")
-                             + f"; Wanda {sum(wanda) / len(wanda):.2f}, below 0.6 at {sum(v < 0.6 for v in wanda)}/{len(wanda)} sites: "
-                             + ("low agreement, as the paper says" if sum(v < 0.6 for v in wanda) > len(wanda) / 2 else "high agreement, unlike the paper")),
+        "weight_agreement": (f"mean IoU among triggers: NeMo {nemo_iou:.2f} (paper about {PAPER_IOU}): "
+                             + ("partial agreement, as the paper says" if nemo_iou <= PAPER_IOU + IOU_MARGIN else "higher than the paper")
+                             + f"; Wanda {wanda_iou:.2f}, below {PAPER_IOU} at {wanda_low}/{len(wanda)} sites: "
+                             + ("low agreement, as the paper says" if wanda_low > len(wanda) / 2 else "high agreement, unlike the paper")),
     }  # fmt: skip
 
 

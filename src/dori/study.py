@@ -211,7 +211,7 @@ def _mitigations(results: dict) -> list[str]:
     lines = []
     if "nemo" in results:
         n = results["nemo"]
-        per = sorted(n["neurons_per_prompt"])
+        per = n["neurons_per_prompt"]
         scope = ("each prompt under its own neurons, as NeMo evaluates it" if n.get("scope", "union") == "prompt"
                  else "every prompt under the union")  # fmt: skip
         lines.append(f"NeMo: {statistics.median(per) if per else 0:g} neurons per prompt (median; {min(per, default=0)} "
