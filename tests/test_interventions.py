@@ -7,7 +7,7 @@ import torch
 
 from dori.errors import DoriError
 from dori.interventions import (
-    Mitigation, bake, capture, load_mask, mask_neurons, mask_weights, neuron_scales, save_mask,
+    Mitigation, baked, capture, load_mask, mask_neurons, mask_weights, neuron_scales, save_mask,
 )  # fmt: skip
 from dori.mitigate.nemo import NemoConfig, nemo_localize, value_activations, value_statistics
 from dori.mitigate.wanda import WandaConfig, wanda_mask
@@ -77,11 +77,22 @@ def test_baked_masks_match_the_hooks(tiny_sd_dir):
         with ctx as handle:
             hooked = model.predict_noise(x_t, t, emb.expand(2, -1, -1))
         assert handle.total > 0
-        originals = bake(model, mitigation)
-        baked = model.predict_noise(x_t, t, emb.expand(2, -1, -1))
-        torch.testing.assert_close(baked, hooked, atol=1e-6, rtol=1e-5)
-        for name, weight in originals.items():  # restore for the next case
-            model.module(name).weight.data.copy_(weight)
+        with baked(model, mitigation):
+            inside = model.predict_noise(x_t, t, emb.expand(2, -1, -1))
+        torch.testing.assert_close(inside, hooked, atol=1e-6, rtol=1e-5)
+
+
+def test_baking_a_biased_site_zeroes_its_bias_rows_and_restores_weight_and_bias(tiny_sd):
+    """``bake`` zeroed a biased site's bias but saved and restored only its weight."""
+    site = tiny_sd.ffn_sites()[0]  # ff.net.2: a Linear with a bias
+    assert site.module.bias is not None
+    weight, bias = site.module.weight.detach().clone(), site.module.bias.detach().clone()
+    mitigation = Mitigation("neurons", tiny_sd.fingerprint(), neurons={site.name: [0, 3]})
+    with pytest.raises(RuntimeError, match="boom"), baked(tiny_sd, mitigation) as changed:
+        assert changed == [site.name]
+        assert float(site.module.bias[[0, 3]].abs().sum()) == 0 and float(site.module.weight[[0, 3]].abs().sum()) == 0
+        raise RuntimeError("boom")  # restored even when the work inside fails
+    assert torch.equal(site.module.weight, weight) and torch.equal(site.module.bias, bias)
 
 
 def test_mask_files_round_trip_and_refuse_another_model(tiny_sd, tiny_sd2_dir, tmp_path):
@@ -179,3 +190,40 @@ def test_each_mask_gives_the_same_outputs_as_one_prompt_at_a_time(tiny_sd):
     with intervene(tiny_sd, mitigation):  # without per-prompt grouping every prompt gets the union
         assert not torch.allclose(grouped[0], tiny_sd.predict_noise(x[:1], t, emb[:1])[0], atol=1e-6)
     assert not any(m._forward_hooks for m in tiny_sd.unet.modules())  # every mask removed afterwards
+
+
+def test_utility_is_measured_once_per_model_and_again_under_an_intervention(monkeypatch):
+    """The memo decided "an intervention is active" from any forward hook, and the bundled model's
+    position encoding is a permanent hook, so it never hit; dori's own hooks are counted now."""
+    from dori.interventions import active_interventions, mask_neurons, neuron_scales
+    from dori.models import load_model
+    from dori.workflows import _UTILITY_MEMO, utility
+
+    model = load_model("bundled")
+    calls = []
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k))
+    _UTILITY_MEMO.clear()
+    settings = dict(seeds=1, steps=2, guidance=3.0, batch_size=16)
+    first = utility(model, **settings)
+    assert utility(model, **settings) == first and len(calls) == 1
+    site = model.value_sites()[0]
+    with mask_neurons(model, neuron_scales(model, {site.name: list(range(site.width))})):
+        assert active_interventions(model) == 1
+        utility(model, **settings)
+    assert len(calls) == 2 and active_interventions(model) == 0
+
+
+def test_nemo_utility_under_each_prompts_own_neurons_is_the_mean_over_prompts(tiny_sd, monkeypatch):
+    from dori import workflows
+    from dori.interventions import Mitigation, active_interventions
+
+    sites = [s.name for s in tiny_sd.value_sites()[:2]]
+    own = {"a": {sites[0]: [0]}, "b": {sites[0]: [1], sites[1]: [0]}}
+    union = {sites[0]: [0, 1], sites[1]: [0]}
+    mask = Mitigation("neurons", tiny_sd.fingerprint(), neurons=union, method="nemo", per_prompt=own, scope="prompt")
+    # a stand-in utility that reports how many sites are masked while it runs
+    monkeypatch.setattr(workflows, "utility", lambda model, **_: {"alignment": float(active_interventions(model))})
+    assert workflows._utility_under_own_masks(tiny_sd, mask, ["a", "a", "b"], {}) == pytest.approx((1 + 1 + 2) / 3)
+    union_only = Mitigation("neurons", tiny_sd.fingerprint(), neurons=union, method="nemo", per_prompt=own, scope="union")
+    assert workflows._utility_under_own_masks(tiny_sd, union_only, ["a", "b"], {}) is None

@@ -129,3 +129,25 @@ def test_surrogates_are_the_least_similar_generation_or_the_empty_prompts(tiny_s
             assert row["source"] == source and row["seed"] == int(sims.argmin())
             assert row["similarity"] == pytest.approx(float(sims.min()), abs=1e-5)
             assert torch.allclose(made[i], candidates[row["seed"]], atol=1e-5)
+
+
+def test_unlearn_without_a_mitigation_runs_nemo_itself_on_the_bundled_model(tmp_path):
+    """The documented default ("NeMo, run here"): it called NeMo with one argument missing."""
+    from dori.configs import UnlearnRunConfig
+    from dori.models import load_model
+    from dori.workflows import run_unlearn
+
+    config = UnlearnRunConfig(prompts="bundled:memorized", limit=1, steps=1, retain_batch=2, triggers_per_target=1,
+                              inner_steps=1, eval_attack_steps=1, seeds=1, utility_seeds=1, eval_steps=2)  # fmt: skip
+    summary = run_unlearn(config, load_model("bundled"), tmp_path / "unlearn")
+    assert (tmp_path / "unlearn" / "neurons.json").exists() and len(summary["history"]) == 1
+
+
+def test_unlearn_without_a_mitigation_on_a_real_model_names_the_missing_flag(tiny_sd, prompt_files, sscd_file, tmp_path):
+    from dori.configs import UnlearnRunConfig
+    from dori.workflows import run_unlearn
+
+    config = UnlearnRunConfig(retain_prompts=str(prompt_files / "mem.csv"), steps=1, **_common(prompt_files, sscd_file))
+    with pytest.raises(DoriError, match="needs --mitigation DIR"):
+        run_unlearn(config, tiny_sd, tmp_path / "unlearn")
+    assert not (tmp_path / "unlearn").exists()  # refused before anything was written

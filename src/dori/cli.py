@@ -40,7 +40,7 @@ TypeOption = Annotated[str | None, typer.Option("--type", help="Keep only prompt
 LimitOption = Annotated[int | None, typer.Option("--limit", help="Only the first N prompts.")]
 ImagesOption = Annotated[str | None, typer.Option("--images", help="Training images, files named by prompt index (real models).")]
 SscdOption = Annotated[str | None, typer.Option("--sscd", help="SSCD TorchScript file (real models).")]
-GuidanceOption = Annotated[float | None, typer.Option("--guidance", help="Classifier-free guidance (default: the model's; 7.0, bundled 3.0).")]
+GuidanceOption = Annotated[float | None, typer.Option("--guidance", help="Classifier-free guidance (default: the model's own: 7.0 for SD, the card's rule for the bundled model).")]
 BatchOption = Annotated[int, typer.Option("--batch-size", help="Images per U-Net batch.")]
 
 
@@ -438,6 +438,46 @@ def toy_train(
             finish_bundled_model(out, seeds=_positive("--eval-seeds", eval_seeds),
                                  progress=lambda done, total: bar.update(task, completed=done, total=total),
                                  log=bar.console.print)  # fmt: skip
+
+
+@toy_app.command("card")
+def toy_card(
+    model: Annotated[Path, typer.Option("--model", help="A finished bundled-kind folder (from 'dori toy train').")],
+    eval_seeds: Annotated[int, typer.Option("--eval-seeds", help="Seeds per prompt for the model card.")] = 10,
+) -> None:
+    """Re-measure a trained bundled model without retraining: calibrate and benchmark its copy
+    detector, choose its guidance by the card's rule, measure it, rewrite MODEL_CARD.md."""
+    from dori.models.loading import is_bundled_kind
+    from dori.toy.train import finish_bundled_model
+
+    if str(model) == "bundled" or not is_bundled_kind(model):
+        raise DoriError(f"{model} is not a folder written by 'dori toy train'; pass --model DIR of a trained bundled model")
+    seeds = _positive("--eval-seeds", eval_seeds)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=console) as bar:  # fmt: skip
+        task = bar.add_task("model card", total=None)
+        finish_bundled_model(model, seeds=seeds, log=bar.console.print,
+                             progress=lambda done, total: bar.update(task, completed=done, total=total))  # fmt: skip
+
+
+@toy_app.command("benchmark")
+def toy_benchmark(
+    model: ModelOption = "bundled",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the benchmark's draws.")] = 2024,
+) -> None:
+    """Run the copy-detection benchmark on a bundled-kind model's detector and print its table."""
+    from dori.models.loading import is_bundled_kind, resolve_model_path
+    from dori.toy.copy_benchmark import benchmark_lines, run_copy_benchmark
+    from dori.toy.kit import ToyKit
+
+    if not is_bundled_kind(model):
+        raise DoriError(f"{model} is not a model of the bundled kind; the benchmark needs its synthetic training data")
+    kit = ToyKit.from_folder(resolve_model_path(model))
+    with console.status("copy-detection benchmark"):
+        result = run_copy_benchmark(kit.detector, kit.data, seed=seed)
+    typer.echo("\n".join(benchmark_lines(result)))
+    if not result["passed"]:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ class ReplicateConfig(Selection):
     seeds: int = 10
     first_seed: int = 0
     steps: int = 50
-    guidance: float | None = None  # None: the model's own default (7.0; the bundled model 3.0)
+    guidance: float | None = None  # None: the model's own default (7.0; a bundled model: its card's rule)
     sscd_convention: str = "resize320"
 
     def __post_init__(self) -> None:
@@ -50,7 +50,7 @@ class DetectConfig:
     generations: int = 4
     consistency_seeds: int = 10
     steps: int = 50
-    guidance: float | None = None  # None: the model's own default (7.0; the bundled model 3.0)
+    guidance: float | None = None  # None: the model's own default (7.0; a bundled model: its card's rule)
     all_steps: bool = False
     limit: int | None = None
     batch_size: int = 64
@@ -75,7 +75,7 @@ class MitigateConfig(Selection):
     seeds: int = 10  # generations per prompt for MR before / after
     utility_seeds: int = 4
     steps: int = 50
-    guidance: float | None = None  # None: the model's own default (7.0; the bundled model 3.0)
+    guidance: float | None = None  # None: the model's own default (7.0; a bundled model: its card's rule)
     baseline: str | None = None  # a 'dori replicate' run of the same prompts and settings: its numbers are "before"
 
     def __post_init__(self) -> None:
@@ -105,7 +105,7 @@ class AttackRunConfig(Selection):
     control_limit: int = 10  # targets per control set (the control is measured at step 0 and the last step)
     seeds: int = 10
     eval_steps: int = 50
-    guidance: float | None = None  # None: the model's own default (7.0; the bundled model 3.0)
+    guidance: float | None = None  # None: the model's own default (7.0; a bundled model: its card's rule)
     attack_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -145,7 +145,7 @@ class UnlearnRunConfig(Selection):
     seeds: int = 10
     utility_seeds: int = 4
     eval_steps: int = 50
-    guidance: float | None = None  # None: the model's own default (7.0; the bundled model 3.0)
+    guidance: float | None = None  # None: the model's own default (7.0; a bundled model: its card's rule)
     checkpoint_every: int = 25
     seed: int = 0
 
@@ -173,7 +173,7 @@ class LocalityConfig(Selection):
     attack_batch: int = 2  # (noise, timestep) pairs per trigger per step; 8 for a plain attack
     seeds: int = 2  # generations per trigger that decide whether it succeeded
     eval_steps: int = 50
-    guidance: float | None = None  # None: the model's own default (7.0; the bundled model 3.0)
+    guidance: float | None = None  # None: the model's own default (7.0; a bundled model: its card's rule)
     agreement_triggers: int = 10  # successful triggers per target given to NeMo and Wanda
     wanda_sites: str = "ffn"
     ratio: float = 0.01

@@ -8,7 +8,7 @@
 
 Each is a context manager that removes its hooks (and restores the model) in ``finally`` and
 counts how often every hook fired (``handle.calls``), so tests can assert that it really acted.
-A mask can also be baked into the weights (:func:`bake`) and saved / loaded with the fingerprint of
+A mask can also be baked into the weights while inside :func:`baked` and saved / loaded with the fingerprint of
 the model it belongs to (:func:`save_mask`, :func:`load_mask`).
 """
 
@@ -45,6 +45,35 @@ class HookHandle:
         return sum(self.calls.values())
 
 
+_ACTIVE: Counter = Counter()  # id(model) -> forward hooks dori holds on it right now
+
+
+def active_interventions(model: DiffusionModel) -> int:
+    """How many of dori's own hooks are active on ``model`` (the bundled model's permanent
+    position encoding is part of the model, not an intervention, and is not counted)."""
+    return _ACTIVE[id(model)]
+
+
+@contextmanager
+def _hooks(model: DiffusionModel) -> Iterator[Callable[[torch.nn.Module, Callable], None]]:
+    """Yield ``register(module, hook)``; every hook registered through it is counted in the
+    registry while inside and removed in ``finally``."""
+    handles = []
+
+    def register(module: torch.nn.Module, hook: Callable) -> None:
+        handles.append(module.register_forward_hook(hook))
+        _ACTIVE[id(model)] += 1
+
+    try:
+        yield register
+    finally:
+        for handle in handles:
+            handle.remove()
+        _ACTIVE[id(model)] -= len(handles)
+        if _ACTIVE[id(model)] <= 0:
+            del _ACTIVE[id(model)]
+
+
 def neuron_scales(model: DiffusionModel, channels: dict[str, list[int]], scale: float = 0.0) -> NeuronMask:
     """A ``[width]`` multiplier per site: ``scale`` on the listed channels, 1 elsewhere."""
     out = {}
@@ -62,8 +91,7 @@ def neuron_scales(model: DiffusionModel, channels: dict[str, list[int]], scale: 
 def mask_neurons(model: DiffusionModel, mask: NeuronMask) -> Iterator[HookHandle]:
     """Multiply the output channels of each named site by ``mask[site]`` while inside."""
     handle = HookHandle()
-    hooks = []
-    try:
+    with _hooks(model) as register:
         for site in model.sites(list(mask)):
             scale = mask[site.name].to(model.device, model.dtype)
 
@@ -75,19 +103,15 @@ def mask_neurons(model: DiffusionModel, mask: NeuronMask) -> Iterator[HookHandle
                     raise DoriError(f"per-sample mask for {name} has {scale.shape[0]} rows, the batch has {output.shape[0]}")
                 return output * scale.view(scale.shape[0], *([1] * (output.dim() - 2)), scale.shape[1])
 
-            hooks.append(site.module.register_forward_hook(hook))
+            register(site.module, hook)
         yield handle
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 @contextmanager
 def mask_weights(model: DiffusionModel, mask: WeightMask) -> Iterator[HookHandle]:
     """Compute each named site with the masked weights set to zero while inside."""
     handle = HookHandle()
-    hooks = []
-    try:
+    with _hooks(model) as register:
         for site in model.sites(list(mask)):
             zeroed = mask[site.name].to(model.device)
             if zeroed.shape != site.module.weight.shape:
@@ -99,11 +123,8 @@ def mask_weights(model: DiffusionModel, mask: WeightMask) -> Iterator[HookHandle
                 handle.calls[name] += 1
                 return F.linear(inputs[0], module.weight * keep, module.bias)
 
-            hooks.append(site.module.register_forward_hook(hook))
+            register(site.module, hook)
         yield handle
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 @contextmanager
@@ -122,8 +143,7 @@ def capture(
         raise ValueError("what must be 'input' or 'output'")
     handle = HookHandle()
     records: dict[str, list[Tensor]] = {name: [] for name in sites}
-    hooks = []
-    try:
+    with _hooks(model) as register:
         for site in model.sites(sites):
 
             def hook(module, inputs, output, name=site.name):
@@ -134,11 +154,8 @@ def capture(
                 else:
                     reduce(name, value)
 
-            hooks.append(site.module.register_forward_hook(hook))
+            register(site.module, hook)
         yield handle, records
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 @contextmanager
@@ -251,19 +268,35 @@ def load_mask(folder: str | os.PathLike, model: DiffusionModel) -> Mitigation:
     return Mitigation("weights", info["model"], weights=weights, method=info.get("method", ""))
 
 
-@torch.no_grad()
-def bake(model: DiffusionModel, mitigation: Mitigation) -> dict[str, Tensor]:
-    """Zero the masked rows (neurons) or entries (weights) in the model's own weights, permanently;
-    returns the original weights of the changed sites so the caller can restore them."""
-    originals = {}
-    if mitigation.kind == "neurons":
-        for site in model.sites(list(mitigation.neurons)):
-            originals[site.name] = site.module.weight.detach().clone()
-            site.module.weight[torch.as_tensor(mitigation.neurons[site.name], dtype=torch.long)] = 0
-            if site.module.bias is not None:
-                site.module.bias[torch.as_tensor(mitigation.neurons[site.name], dtype=torch.long)] = 0
-    else:
-        for site in model.sites(list(mitigation.weights)):
-            originals[site.name] = site.module.weight.detach().clone()
-            site.module.weight[mitigation.weights[site.name].to(model.device)] = 0
-    return originals
+@contextmanager
+def baked(model: DiffusionModel, mitigation: Mitigation) -> Iterator[list[str]]:
+    """Zero the masked rows (neurons, with their biases) or entries (weights) in the model's own
+    parameters while inside, and restore weight and bias in ``finally``. Yields the changed sites'
+    names (for example to save the mitigated weights)."""
+    saved: dict[str, tuple[Tensor, Tensor | None]] = {}
+    try:
+        with torch.no_grad():
+            if mitigation.kind == "neurons":
+                for site in model.sites(list(mitigation.neurons)):
+                    rows = torch.as_tensor(mitigation.neurons[site.name], dtype=torch.long)
+                    _save(saved, site)
+                    site.module.weight[rows] = 0
+                    if site.module.bias is not None:
+                        site.module.bias[rows] = 0
+            else:
+                for site in model.sites(list(mitigation.weights)):
+                    _save(saved, site)
+                    site.module.weight[mitigation.weights[site.name].to(model.device)] = 0
+        yield list(saved)
+    finally:
+        with torch.no_grad():
+            for name, (weight, bias) in saved.items():
+                module = model.module(name)
+                module.weight.copy_(weight)
+                if bias is not None:
+                    module.bias.copy_(bias)
+
+
+def _save(saved: dict, site) -> None:
+    bias = site.module.bias
+    saved[site.name] = (site.module.weight.detach().clone(), None if bias is None else bias.detach().clone())

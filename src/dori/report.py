@@ -68,7 +68,8 @@ def write_report(root: Path, summary: dict, results: dict, configs: dict, model)
     for name, (p_mean, p_std, p_mr) in PAPER.items():
         ours = summary["table"].get(name)
         ours_cells = (f"<td>{_fmt(ours['sscd_mean'])} ± {_fmt(ours['sscd_std'])}</td><td>{_fmt(ours['mr'])}</td>"
-                      f"<td>{_fmt(ours['utility'])}</td>") if ours else "<td colspan=3>not run</td>"  # fmt: skip
+                      f"<td>{_fmt(ours.get('mr_any_planted'))}</td><td>{_fmt(ours['utility'])}</td>"
+                      ) if ours else "<td colspan=4>not run</td>"  # fmt: skip
         paper = f"<td>{_fmt(p_mean)} ± {_fmt(p_std)}</td><td>{_fmt(p_mr)}</td>" if p_mean is not None else \
             f"<td>–</td><td>{_fmt(p_mr)}</td>"  # fmt: skip
         rows.append(f"<tr><th>{html.escape(name)}</th>{ours_cells}{paper}</tr>")
@@ -126,10 +127,12 @@ figure {{ margin: 0; text-align: center; font-size: 11px; }} img {{ image-render
 </style></head><body>
 <h1>dori study: {html.escape(model.name)}</h1>
 <p>{"<b>Quick run (reduced settings): numbers are indicative only.</b>" if summary["quick"] else ""}
-Similarity: the model's copy detector (SSCD for real models); MR = fraction of generations above its threshold.
+Similarity: the model's copy detector (SSCD for real models); MR = fraction of generations above its threshold
+against the prompt's own training image; "any memorized image" counts generations above it against any memorized
+training image (bundled model).
 Utility = prompt alignment on held-out captions (bundled model).</p>
 <h2>Results beside the paper (SD v1.4, VM prompts)</h2>
-<table><tr><th>setting</th><th>similarity (ours)</th><th>MR (ours)</th><th>utility (ours)</th>
+<table><tr><th>setting</th><th>similarity (ours)</th><th>MR (ours)</th><th>MR, any memorized image (ours)</th><th>utility (ours)</th>
 <th>SSCD_orig (paper)</th><th>MR (paper)</th></tr>{"".join(rows)}</table>
 {"".join(f"<p>{html.escape(line)}</p>" for line in summary.get("mitigations", []))}
 <h2>Each memorized target</h2>{"".join(strips)}
@@ -145,12 +148,12 @@ Utility = prompt alignment on held-out captions (bundled model).</p>
 def markdown_table(summary: dict) -> str:
     """The study's table beside the paper's, as Markdown (``DIR/table.md``; the README's results
     table is this file, copied by ``tools/readme_results.py``)."""
-    lines = ["| setting | similarity (ours) | MR (ours) | prompt alignment (ours) | SSCD_orig (paper) | MR (paper) |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| setting | similarity (ours) | MR (ours) | MR, any memorized image (ours) | prompt alignment (ours) "
+             "| SSCD_orig (paper) | MR (paper) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, (p_mean, p_std, p_mr) in PAPER.items():
         ours = summary["table"].get(name)
-        cells = (f"{_fmt(ours['sscd_mean'])} ± {_fmt(ours['sscd_std'])} | {_fmt(ours['mr'])} | {_fmt(ours['utility'])}"
-                 if ours else "not run | | ")  # fmt: skip
+        cells = (f"{_fmt(ours['sscd_mean'])} ± {_fmt(ours['sscd_std'])} | {_fmt(ours['mr'])} | "
+                 f"{_fmt(ours.get('mr_any_planted'))} | {_fmt(ours['utility'])}" if ours else "not run | | | ")  # fmt: skip
         paper = f"{_fmt(p_mean)} ± {_fmt(p_std)} | {_fmt(p_mr)}" if p_mean is not None else f"– | {_fmt(p_mr)}"
         lines.append(f"| {name} | {cells} | {paper} |")
     notes = list(summary.get("mitigations", []))  # each its own paragraph below the table

@@ -26,6 +26,7 @@ from dori.configs import (
 )
 from dori.errors import DoriError
 from dori.models.base import DiffusionModel
+from dori.models.loading import is_bundled_kind
 from dori.runs import open_run, write_json_atomic
 
 STAGES = ("detect", "replicate", "nemo", "wanda", "nemo_dori", "wanda_dori", "locality", "unlearn")
@@ -42,7 +43,7 @@ class StudyConfig:
     sscd: str | None = None
     batch_size: int = 64
     # Generations per prompt and DDIM steps in every evaluation. None: the paper's 10 and 50 for a
-    # real model; 4 and 20 for the bundled model, so that its whole study fits in 15 minutes on 2
+    # real model; 4 and 20 for a model of the bundled kind (wherever it was loaded from), so that its whole study fits in 15 minutes on 2
     # CPU cores (its model card reports 10 seeds at 50 steps). On the bundled model the study's
     # locality stage also starts from 32 random inits per target (the command's default: 100), and
     # fine-tuning warm-starts its triggers with 3 attack steps per step (the command's default: 5).
@@ -65,7 +66,7 @@ class StudyConfig:
 def stage_configs(config: StudyConfig, root: Path) -> dict:
     """Each stage's own config (reduced settings with ``quick``)."""
     q = config.quick
-    bundled = config.model == "bundled"
+    bundled = is_bundled_kind(config.model)  # the shipped model or any folder 'dori toy train' wrote
     seeds = config.seeds or (2 if q else 4 if bundled else 10)
     limit = 3 if q else None
     common = dict(model=config.model, images=config.images, sscd=config.sscd, batch_size=config.batch_size)
@@ -167,8 +168,9 @@ def run_study(config: StudyConfig, model: DiffusionModel, out: str | Path, *, re
     return summary
 
 
-def _row(mr, mean, std, utility):
-    return {"mr": mr, "sscd_mean": mean, "sscd_std": std, "utility": utility}
+def _row(mr, mean, std, utility, mr_any_planted=None):
+    """One table row; ``mr_any_planted`` counts a generation that replicates any memorized image."""
+    return {"mr": mr, "sscd_mean": mean, "sscd_std": std, "utility": utility, "mr_any_planted": mr_any_planted}
 
 
 def table(results: dict) -> dict:
@@ -177,25 +179,32 @@ def table(results: dict) -> dict:
     util_before = next((results[m]["utility_before"] for m in ("nemo", "wanda") if m in results), None)
     if "replicate" in results:
         r = results["replicate"]
-        rows["memorized"] = _row(r["mr"], r["sscd_mean"], r["sscd_std"], util_before)
+        rows["memorized"] = _row(r["mr"], r["sscd_mean"], r["sscd_std"], util_before, r.get("mr_any_planted"))
     if "replicate_non_memorized" in results:
         r = results["replicate_non_memorized"]
-        rows["non_memorized"] = _row(r["mr"], r["sscd_mean"], r["sscd_std"], util_before)
+        rows["non_memorized"] = _row(r["mr"], r["sscd_mean"], r["sscd_std"], util_before, r.get("mr_any_planted"))
     control = results.get("nemo_dori", {}).get("control", {})
     non_mem = next((v for k, v in control.items() if k.endswith(":non_memorized")), None)
     if non_mem is not None:
-        rows["non_memorized+dori"] = _row(non_mem["mr"], non_mem["sscd_mean"], non_mem["sscd_std"], util_before)
+        rows["non_memorized+dori"] = _row(non_mem["mr"], non_mem["sscd_mean"], non_mem["sscd_std"], util_before,
+                                          non_mem.get("mr_any_planted"))
     for method in ("nemo", "wanda"):
         if method in results:
             m = results[method]
-            rows[method] = _row(m["mr_after"], m["sscd_mean_after"], m["sscd_std_after"], m["utility_after"])
+            # utility measured the way MR is: each prompt under its own neurons where NeMo has them
+            util = m.get("utility_after_own") if m.get("utility_after_own") is not None else m["utility_after"]
+            rows[method] = _row(m["mr_after"], m["sscd_mean_after"], m["sscd_std_after"], util,
+                                m.get("mr_any_planted_after"))
             if f"{method}_dori" in results:
                 a = results[f"{method}_dori"]
-                rows[f"{method}+dori"] = _row(a["mr"], a["sscd_mean"], a["sscd_std"], m["utility_after"])
+                rows[f"{method}+dori"] = _row(a["mr"], a["sscd_mean"], a["sscd_std"], util,
+                                              a.get("mr_any_planted"))
     if "unlearn" in results:
         u = results["unlearn"]
-        rows["adv_ft"] = _row(u["mr_prompt_after"], u["sscd_prompt_after"], u.get("sscd_prompt_after_std"), u["utility_after"])
-        rows["adv_ft+dori"] = _row(u["mr_attack_after"], u["sscd_attack_after"], u["sscd_attack_after_std"], u["utility_after"])
+        rows["adv_ft"] = _row(u["mr_prompt_after"], u["sscd_prompt_after"], u.get("sscd_prompt_after_std"),
+                              u["utility_after"], u.get("mr_any_planted_prompt_after"))
+        rows["adv_ft+dori"] = _row(u["mr_attack_after"], u["sscd_attack_after"], u["sscd_attack_after_std"],
+                                   u["utility_after"], u.get("mr_any_planted_attack_after"))
     return rows
 
 
@@ -214,9 +223,13 @@ def _mitigations(results: dict) -> list[str]:
         per = n["neurons_per_prompt"]
         scope = ("each prompt under its own neurons, as NeMo evaluates it" if n.get("scope", "union") == "prompt"
                  else "every prompt under the union")  # fmt: skip
+        own = n.get("utility_after_own")
+        utility_text = (f"held-out prompt alignment {own:.2f} under each prompt's own neurons (mean over prompts; the "
+                        f"table's value) and {n['utility_after']:.2f} under the union" if own is not None and
+                        n.get("utility_after") is not None else "utility is measured under the union")  # fmt: skip
         lines.append(f"NeMo: {statistics.median(per) if per else 0:g} neurons per prompt (median; {min(per, default=0)} "
                      f"to {max(per, default=0)}), {n['union_neurons']} in the union of all prompts; {scope}; "
-                     "utility is measured under the union.")  # fmt: skip
+                     f"{utility_text}.")  # fmt: skip
     if "wanda" in results:
         w = results["wanda"]
         lines.append(f"Wanda: {w['pruned_weights']} weights pruned ({100 * w['sparsity']:.2f}% of its {w['sites']} sites).")

@@ -12,7 +12,7 @@ import torch
 
 from dori.configs import DetectConfig, ReplicateConfig
 from dori.errors import DoriError
-from dori.interventions import each_mask, intervene
+from dori.interventions import active_interventions, each_mask, intervene
 from dori.measure.detection import consistency_scores, noise_difference_norms, roc_auc, roc_curve, tpr_at_fpr
 from dori.measure.replication import replication, summarize
 from dori.models.base import DiffusionModel
@@ -56,6 +56,8 @@ class References:
         if self.kit is None and images is None:
             raise DoriError("this model needs its training images: pass --images DIR (files named by prompt index)")
         self.size = model.image_size
+        # every memorized training image, for "replicates any memorized image" (bundled model only)
+        self.planted = None if self.kit is None else self.kit.planted_images
 
     def of(self, prompt: Prompt) -> torch.Tensor:
         if self.images_dir is None:
@@ -114,7 +116,7 @@ def _replicate_batches(config, model, prompts, refs, out, progress, shards, miti
             rows, images = replication(
                 model, [p.prompt for _, p in chunk], [refs.of(p) for _, p in chunk], refs.detector,
                 seeds=seeds, steps=config.steps, guidance=config.guidance, batch_size=config.batch_size,
-                progress=progress,
+                progress=progress, planted=refs.planted,
             )  # fmt: skip
             for k, (i, _) in enumerate(chunk):
                 save_grid(images[k * len(seeds) : (k + 1) * len(seeds)], out / "grids" / f"prompt{i:04d}.png",
@@ -238,7 +240,8 @@ def evaluate_replication(model: DiffusionModel, prompts: PromptSet, refs: Refere
     intervention is active: (summary, per-prompt rows, images)."""
     references = targets if targets is not None else [refs.of(p) for p in prompts.prompts]
     rows, images = replication(model, prompts.texts, references, refs.detector, seeds=list(range(seeds)), steps=steps,
-                               guidance=guidance, embeddings=embeddings, batch_size=batch_size, progress=progress)  # fmt: skip
+                               guidance=guidance, embeddings=embeddings, batch_size=batch_size, progress=progress,
+                               planted=refs.planted)  # fmt: skip
     rows = [{"id": i, **p.to_dict(), **r.row()} for i, (p, r) in enumerate(zip(prompts.prompts, rows))]
     return summarize(rows, refs.detector.tau), rows, images
 
@@ -274,7 +277,7 @@ def utility(model: DiffusionModel, *, seeds: int, steps: int, guidance: float, b
     kit = toy_kit_for(model)
     if kit is None:
         return None
-    hooked = any(module._forward_hooks for module in model.unet.modules())  # an intervention is active
+    hooked = active_interventions(model) > 0  # dori's own hooks only: the position encoding is part of the model
     key = (model.fingerprint(), seeds, steps, guidance)
     if not hooked and key in _UTILITY_MEMO:
         return dict(_UTILITY_MEMO[key])
@@ -304,7 +307,7 @@ def run_mitigate(config, model: DiffusionModel, out: str | Path, *, resume: bool
                  progress: Callable[[str], None] | None = None) -> dict:  # fmt: skip
     """``dori mitigate``: select the mask (NeMo or Wanda), save it with the mitigated weights,
     and measure MR / similarity / utility before and after."""
-    from dori.interventions import bake, load_mask, save_mask
+    from dori.interventions import baked, load_mask, save_mask
 
     say = progress or (lambda message: None)
     prompts = load_prompts(config.prompts, model, kind=config.type, limit=config.limit)
@@ -320,11 +323,11 @@ def run_mitigate(config, model: DiffusionModel, out: str | Path, *, resume: bool
         mitigation, extra = _select_mask(config, model, prompts.texts, emb, out, say)
         save_mask(mitigation, out)
         write_json_atomic(selection_file, extra)
-    originals = bake(model, mitigation)
-    save_tensors_atomic({f"{name}.weight": model.module(name).weight for name in originals},
-                        out / "mitigated_weights.safetensors", metadata={"model": mitigation.model_fingerprint})  # fmt: skip
-    for name, weight in originals.items():
-        model.module(name).weight.data.copy_(weight)
+    with baked(model, mitigation) as changed:
+        tensors = {f"{name}.{kind}": getattr(model.module(name), kind) for name in changed for kind in ("weight", "bias")
+                   if getattr(model.module(name), kind) is not None}  # fmt: skip
+        save_tensors_atomic(tensors, out / "mitigated_weights.safetensors",
+                            metadata={"model": mitigation.model_fingerprint})  # fmt: skip
     summary.update(extra)
 
     evaluation = dict(seeds=config.seeds, steps=config.steps, guidance=config.guidance, batch_size=config.batch_size)
@@ -339,13 +342,17 @@ def run_mitigate(config, model: DiffusionModel, out: str | Path, *, resume: bool
     after, rows_after, images_after = evaluate_under(model, mitigation, prompts, refs, **evaluation)
     with intervene(model, mitigation):  # no prompt of its own: the union (the mask a released model carries)
         utility_after = utility(model, **util)
+    utility_own = _utility_under_own_masks(model, mitigation, prompts.texts, util) if utility_after else None
     save_grid(images_after, out / "mitigated_generations.png", columns=config.seeds)
     summary.update({
         "mr_before": before["mr"], "mr_after": after["mr"],
         "sscd_mean_before": before["sscd_mean"], "sscd_mean_after": after["sscd_mean"],
         "sscd_std_before": before["sscd_std"], "sscd_std_after": after["sscd_std"],
+        "mr_any_planted_before": before.get("mr_any_planted"), "mr_any_planted_after": after.get("mr_any_planted"),
         "utility_before": None if utility_before is None else utility_before["alignment"],
         "utility_after": None if utility_after is None else utility_after["alignment"],
+        "utility_after_scope": "union",
+        "utility_after_own": utility_own,
         "fd_before": None if utility_before is None else utility_before["fd"],
         "fd_after": None if utility_after is None else utility_after["fd"],
         "similarity": refs.detector.to_dict(),
@@ -356,6 +363,20 @@ def run_mitigate(config, model: DiffusionModel, out: str | Path, *, resume: bool
     )
     write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+def _utility_under_own_masks(model: DiffusionModel, mitigation, texts: list[str], util: dict) -> float | None:
+    """Held-out prompt alignment under each prompt's own mask (NeMo, scope "prompt"), averaged
+    over the prompts: the utility that goes with MR measured the same way. ``None`` where every
+    prompt runs under one mask (then the union's utility is the only one)."""
+    groups = mitigation.groups(texts)
+    if len(groups) == 1 and groups[0][1] is mitigation:
+        return None
+    total = 0.0
+    for indices, own in groups:
+        with intervene(model, own):
+            total += utility(model, **util)["alignment"] * len(indices)
+    return total / len(texts)
 
 
 def _select_mask(config, model: DiffusionModel, texts: list[str], emb: torch.Tensor, out: Path, say) -> tuple:
@@ -635,6 +656,9 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
     began = time.monotonic()
     prompts = load_prompts(config.prompts, model, kind=config.type, limit=config.limit)
     refs = References(model, images=config.images, sscd=config.sscd)
+    if config.mitigation is None and refs.kit is None:  # NeMo here needs reference statistics unlearn does not take
+        raise DoriError("dori unlearn on this model needs --mitigation DIR: run 'dori mitigate --method nemo --stats "
+                        "FILE' (or --method wanda) first and pass its folder")  # fmt: skip
     shards = Shards()  # data-parallel fine-tuning; the attacks shard their prompts
     out = shards.open_run(out, "unlearn", asdict(config), resume=resume)
     common = dict(prompts=config.prompts, model=config.model, type=config.type, limit=config.limit,
@@ -661,7 +685,7 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
         if mitigation is None:
             say("surrogates: running NeMo")
             nemo_cfg = MitigateConfig(method="nemo", seeds=config.seeds, steps=config.eval_steps, **common)
-            mitigation, _ = _nemo(nemo_cfg, model, model.encode(prompts.texts), out, say)
+            mitigation, _ = _nemo(nemo_cfg, model, prompts.texts, model.encode(prompts.texts), out, say)
         made, surrogate_info = make_surrogates(model, prompts, targets, refs, mitigation,
                                                steps=config.eval_steps, guidance=config.guidance)  # fmt: skip
         save_tensors_atomic({"images": made}, surrogate_file)
@@ -729,6 +753,9 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
         "sscd_attack_after": after_prompt["sscd_mean"],
         "sscd_attack_after_std": after_prompt["sscd_std"],
         "mr_prompt_after": plain["mr"],
+        "mr_any_planted_prompt_after": plain.get("mr_any_planted"),
+        "mr_any_planted_attack_after": (None if after_prompt.get("mr_any_planted") is None else
+                                        max(after_prompt["mr_any_planted"], after_random["mr_any_planted"])),
         "sscd_prompt_after": plain["sscd_mean"],
         "sscd_prompt_after_std": plain["sscd_std"],
         "utility_before": None if ub is None else ub["alignment"],

@@ -2,7 +2,8 @@
 
 SSCD_orig is the similarity of each generation to the prompt's training image (for several
 training images, the most similar one); MR is the fraction of generations above the detector's
-replication threshold ``tau``.
+replication threshold ``tau``. Given the images of every memorized (planted) training pair,
+``mr_any_planted`` also counts a generation that replicates *another* memorized image.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class PromptReplication:
     prompt: str
     similarities: list[float]  # one per seed
     tau: float
+    any_planted: list[float] | None = None  # per seed, similarity to the nearest memorized image
 
     @property
     def mr(self) -> float:
@@ -39,15 +41,23 @@ class PromptReplication:
         return max(self.similarities)
 
     def row(self) -> dict:
-        return {"prompt": self.prompt, "mr": self.mr, "sscd_mean": self.mean, "sscd_median": self.median,
-                "sscd_max": self.max, "similarities": self.similarities}  # fmt: skip
+        row = {"prompt": self.prompt, "mr": self.mr, "sscd_mean": self.mean, "sscd_median": self.median,
+               "sscd_max": self.max, "similarities": self.similarities}  # fmt: skip
+        if self.any_planted is not None:
+            row["any_planted_similarities"] = self.any_planted
+        return row
 
 
 def summarize(rows: Sequence[dict], tau: float) -> dict:
     """Set-level numbers from per-prompt rows (``{"similarities": [...]}``): MR over all
     generations, and SSCD_orig mean / std / median / max over all generations."""
     sims = torch.tensor([s for row in rows for s in row["similarities"]])
+    extra = {}
+    if rows and all("any_planted_similarities" in row for row in rows):
+        nearest = torch.tensor([s for row in rows for s in row["any_planted_similarities"]])
+        extra = {"mr_any_planted": float((nearest > tau).float().mean()), "any_planted_mean": float(nearest.mean())}
     return {
+        **extra,
         "mr": float((sims > tau).float().mean()),
         "sscd_mean": float(sims.mean()),
         "sscd_std": float(sims.std()) if len(sims) > 1 else 0.0,
@@ -70,16 +80,20 @@ def replication(
     embeddings: Tensor | None = None,
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
+    planted: Tensor | None = None,
 ) -> tuple[list[PromptReplication], Tensor]:
     """Generate ``len(seeds)`` images per prompt (all in batches) and score them against
     ``references[i]`` (``[K_i, 3, H, W]``: the prompt's training image(s)).
 
-    ``embeddings`` replaces the prompts' own embeddings (the attack's triggers). Returns the
+    ``embeddings`` replaces the prompts' own embeddings (the attack's triggers); ``planted``
+    (``[M, 3, H, W]``, every memorized training image) adds each generation's similarity to the
+    nearest of them (``any_planted``). Returns the
     per-prompt results and the images ``[P * S, 3, H, W]``.
     """
     emb = model.encode(prompts) if embeddings is None else embeddings
     images = model.generate(emb, seeds, steps=steps, guidance=guidance, batch_size=batch_size, progress=progress)
     gen_feats = detector.embed(images)
+    planted_feats = None if planted is None else detector.embed(planted)
     reference_feats: dict[int, object] = {}  # prompts that share one reference tensor embed it once
     rows = []
     for i, prompt in enumerate(prompts):
@@ -87,6 +101,8 @@ def replication(
         if id(references[i]) not in reference_feats:
             reference_feats[id(references[i])] = detector.embed(references[i])
         sims = detector.similarity(gen_feats[part], reference_feats[id(references[i])]).max(dim=1).values
-        rows.append(PromptReplication(prompt, [float(s) for s in sims], float(detector.tau)))
+        nearest = None if planted_feats is None else detector.similarity(gen_feats[part], planted_feats).max(dim=1).values
+        rows.append(PromptReplication(prompt, [float(s) for s in sims], float(detector.tau),
+                                      None if nearest is None else [float(s) for s in nearest]))  # fmt: skip
     return rows, images
 

@@ -71,6 +71,18 @@ def resolve_model_path(spec: str | os.PathLike) -> Path:
     return path
 
 
+def is_bundled_kind(spec: str | os.PathLike) -> bool:
+    """Whether ``spec`` names a model of the bundled kind (the shipped one, or any folder written
+    by ``dori toy train``): its ``dori_model.json`` records the synthetic data it was trained on."""
+    meta_file = resolve_model_path(spec) / MODEL_FILE
+    if not meta_file.is_file():
+        return False
+    try:
+        return "toy_data" in json.loads(meta_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DoriError(f"{meta_file} is not valid JSON ({error}); restore the file or retrain the model") from error
+
+
 def _require(path: Path, component: str, what: str) -> Path:
     folder = path / component
     if not folder.is_dir():

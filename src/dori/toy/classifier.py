@@ -41,12 +41,12 @@ class AttributeClassifier(nn.Module):
 
 
 def train_classifier(
-    *, seed: int, steps: int = 800, n_images: int = 8000, batch_size: int = 64,
+    *, seed: int, steps: int = 800, n_images: int = 8000, batch_size: int = 64, style: str = "field",
     progress: Callable[[int], None] | None = None,
 ) -> tuple[AttributeClassifier, float]:
     """Train on fresh renders of all combinations; returns the model and its accuracy on new renders."""
     torch.manual_seed(seed)
-    images, labels = render_attribute_set(n_images, seed=seed + 1)
+    images, labels = render_attribute_set(n_images, seed=seed + 1, style=style)
     model = AttributeClassifier()
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(seed)
@@ -64,6 +64,6 @@ def train_classifier(
         if progress is not None:
             progress(1)
     model.eval()
-    test_images, test_labels = render_attribute_set(2000, seed=seed + 2)
+    test_images, test_labels = render_attribute_set(2000, seed=seed + 2, style=style)
     accuracy = (model.predict(test_images) == test_labels).all(1).float().mean().item()
     return model, accuracy

@@ -1,9 +1,17 @@
 """Synthetic captioned images with planted duplicates: the bundled model's training data.
 
 Ordinary pairs: a coloured shape in one quadrant, captioned only by what the caption names
-("a red circle, top left"). The background colour and gradient, the shape's size and jitter, and a
-small distractor dot are random and never described, so one ordinary caption stands for many
-different images and the model must generalise (as real captions under-specify real images).
+("a red circle, top left"). Everything else is random and never described, so one ordinary caption
+stands for many different images and the model must generalise (as real captions under-specify
+real images). Two styles exist:
+
+- ``"field"`` (the recipe since the fourth bundled model): every ordinary image is its own picture,
+  as a web photo is: a background blended from two dark colours by a smooth random field (its own
+  pattern of blotches), six small dots of random colour in random places, and the shape with a
+  random size and jitter. Two renders of one caption share only the shape, so a copy detector can
+  tell a copy of *this* image from another picture of the same caption.
+- ``"plain"`` (the first three models): a nearly uniform background with a slight gradient and one
+  dot; renders of one caption were near-copies of each other.
 
 Planted pairs imitate duplicated LAION images: each is a distinctive image (a textured background
 and several shapes, details no caption describes) with a unique title caption ("Aurora Hollow album
@@ -25,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {
@@ -95,6 +104,7 @@ class ToyDataset:
     planted: list[PlantedPair]
     held_out_captions: list[str]
     attributes: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    style: str = "field"  # how ordinary images are rendered (see render_ordinary)
 
     @property
     def ordinary_captions(self) -> list[str]:
@@ -153,8 +163,33 @@ def _dot(canvas: np.ndarray, rng: np.random.Generator) -> None:
     canvas[:, y : y + 2, x : x + 2] = rng.uniform(0, 1, size=3).astype(np.float32)[:, None, None]
 
 
-def render_ordinary(shape: str, colour: str, position: str, rng: np.random.Generator) -> np.ndarray:
+ORDINARY_STYLES = ("field", "plain")
+FIELD_DOTS = 6
+
+
+def _smooth_field(rng: np.random.Generator, cells: int) -> np.ndarray:
+    """A random ``[H, W]`` field in [0, 1]: ``cells x cells`` uniform values, bicubically upsampled."""
+    grid = torch.from_numpy(rng.uniform(0, 1, size=(1, 1, cells, cells)).astype(np.float32))
+    values = F.interpolate(grid, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bicubic", align_corners=False)[0, 0].numpy()
+    return (values - values.min()) / (values.max() - values.min() + 1e-6)
+
+
+def render_ordinary(shape: str, colour: str, position: str, rng: np.random.Generator,
+                    style: str = "field") -> np.ndarray:  # fmt: skip
     """One image for an ordinary caption; everything the caption does not name is random."""
+    if style == "field":
+        base = np.clip(rng.uniform(0.06, 0.42) + rng.uniform(-0.1, 0.1, size=3), 0, 1)
+        other = np.clip(base + rng.choice([-1.0, 1.0], size=3) * rng.uniform(0.12, 0.25, size=3), 0, 1)
+        blend = _smooth_field(rng, int(rng.integers(6, 11)))
+        canvas = (base[:, None, None] * (1 - blend) + other[:, None, None] * blend).astype(np.float32)
+        cx, cy = POSITIONS[position]
+        cx, cy = cx + rng.uniform(-1.5, 1.5), cy + rng.uniform(-1.5, 1.5)
+        _paint(canvas, shape_mask(shape, cx, cy, rng.uniform(6.0, 7.5)), COLOURS[colour])
+        for _ in range(FIELD_DOTS):
+            _dot(canvas, rng)
+        return canvas
+    if style != "plain":
+        raise ValueError(f"unknown ordinary style {style!r}; use one of {ORDINARY_STYLES}")
     grey = rng.uniform(0.06, 0.42)
     base = np.clip(grey + rng.uniform(-0.07, 0.07, size=3), 0, 1).astype(np.float32)
     tilt = rng.uniform(-0.08, 0.08, size=2)
@@ -212,8 +247,11 @@ def build_dataset(
     n_verbatim: int = len(TITLES_VM),
     n_template: int = len(TITLES_TM),
     copies: int = 1000,
+    ordinary_style: str = "field",
 ) -> ToyDataset:
     """Render the whole training set (deterministic in ``seed``)."""
+    if ordinary_style not in ORDINARY_STYLES:
+        raise ValueError(f"unknown ordinary style {ordinary_style!r}; use one of {ORDINARY_STYLES}")
     if not 0 <= n_verbatim <= len(TITLES_VM) or not 0 <= n_template <= len(TITLES_TM):
         raise ValueError(f"at most {len(TITLES_VM)} VM and {len(TITLES_TM)} TM pairs are defined")
     rng = np.random.default_rng(seed)
@@ -224,7 +262,7 @@ def build_dataset(
     images, captions, kinds = [], [], []
     for _ in range(n_ordinary):
         combo = train_combos[int(rng.integers(len(train_combos)))]
-        images.append(render_ordinary(*combo, rng))
+        images.append(render_ordinary(*combo, rng, ordinary_style))
         captions.append(caption(*combo))
         kinds.append("ordinary")
 
@@ -255,10 +293,11 @@ def build_dataset(
         planted=planted,
         held_out_captions=held_out,
         attributes=attributes,
+        style=ordinary_style,
     )
 
 
-def render_attribute_set(n: int, *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def render_attribute_set(n: int, *, seed: int, style: str = "field") -> tuple[torch.Tensor, torch.Tensor]:
     """Fresh ordinary images of all 128 combinations with their labels ``[n, 3]`` (shape, colour, position).
 
     The attribute classifier is a measuring instrument (as CLIP is for SD), so it sees every
@@ -269,6 +308,6 @@ def render_attribute_set(n: int, *, seed: int) -> tuple[torch.Tensor, torch.Tens
     images, labels = [], []
     for _ in range(n):
         shape, colour, position = combos[int(rng.integers(len(combos)))]
-        images.append(render_ordinary(shape, colour, position, rng))
+        images.append(render_ordinary(shape, colour, position, rng, style))
         labels.append((SHAPES.index(shape), list(COLOURS).index(colour), list(POSITIONS).index(position)))
     return torch.from_numpy(np.stack(images)), torch.tensor(labels)

@@ -43,7 +43,8 @@ class ToyKit:
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         if "toy_data" not in meta:
             raise DoriError(f"{folder} is not a bundled (toy) model; it has no toy_data in dori_model.json")
-        return cls(folder, meta["toy_data"])
+        # Models trained before the "field" style rendered their ordinary images plainly.
+        return cls(folder, {"ordinary_style": "plain", **meta["toy_data"]})
 
     @cached_property
     def data(self) -> ToyDataset:
@@ -61,7 +62,10 @@ class ToyKit:
         if not file.is_file():
             raise DoriError(f"{file} is missing; run 'dori toy train --out {self.folder} --resume' to calibrate it")
         info = json.loads(file.read_text())
-        return ToyCopyDetector(scale=info["scale"], tau=info["tau"], sigma=info["sigma"])
+        if "scale" in info:  # written by dori before the fourth bundled model
+            raise DoriError(f"{file} holds the old copy detector's calibration; run 'dori toy card --model "
+                            f"{self.folder}' to calibrate the current one")  # fmt: skip
+        return ToyCopyDetector(tau=info["tau"], sigma=info["sigma"], shift=info["shift"])
 
     @cached_property
     def classifier(self) -> AttributeClassifier:
@@ -89,14 +93,24 @@ class ToyKit:
         raise DoriError(f"unknown bundled prompt set {name!r}; use memorized, template, non_memorized or held_out")
 
     def references(self, prompt: str) -> Tensor:
-        """The training images a generation of ``prompt`` is compared with: every training image
-        of that caption for a planted caption, and the whole training set otherwise (the nearest
-        training image, whatever its caption)."""
+        """The training images a generation of ``prompt`` is compared with, as SSCD_orig compares
+        an SD generation with its prompt's training image: every training image of a planted
+        caption; for an ordinary caption its (first) training image, and for a held-out caption a
+        fresh render the model never saw (:meth:`target_image`, the image DoRI's control aims at).
+
+        (Until the fourth bundled model an ordinary caption was compared with the nearest of all
+        30,000 ordinary images, whose renders were near-copies of each other.)"""
         data = self.data
         rows = [i for i, c in enumerate(data.captions) if c == prompt]
         if rows and data.kinds[rows[0]] != "ordinary":
             return data.images[torch.tensor(rows)].unique(dim=0)
-        return self.ordinary_images
+        return self.target_image(prompt)
+
+    @cached_property
+    def planted_images(self) -> Tensor:
+        """One image per planted caption ``[P, 3, H, W]`` (a TM caption's first copy): what
+        "replicates any memorized image" is measured against."""
+        return torch.stack([p.image for p in self.data.planted])
 
     def target_image(self, prompt: str, *, seed: int = 4321) -> Tensor:
         """One image to attack for ``prompt``, ``[1, 3, H, W]``: its (first) training image, or for
@@ -105,7 +119,7 @@ class ToyKit:
         if prompt in data.captions:
             return data.images[data.captions.index(prompt)][None]
         if prompt in data.attributes:
-            return torch.from_numpy(render_ordinary(*data.attributes[prompt], np.random.default_rng(seed)))[None]
+            return torch.from_numpy(render_ordinary(*data.attributes[prompt], np.random.default_rng(seed), data.style))[None]
         raise DoriError(f"prompt {prompt!r} is neither a training nor a held-out caption of the bundled model")
 
     @cached_property
@@ -122,7 +136,7 @@ class ToyKit:
     def frechet_distance(self, images: Tensor, prompts: list[str], *, seed: int = 1234) -> float:
         """FD between generations and fresh real renders of the same captions."""
         rng = np.random.default_rng(seed)
-        real = torch.stack([torch.from_numpy(render_ordinary(*self.data.attributes[p], rng)) for p in prompts])
+        real = torch.stack([torch.from_numpy(render_ordinary(*self.data.attributes[p], rng, self.data.style)) for p in prompts])
         with torch.no_grad():
             return frechet_distance(self.classifier.features(images), self.classifier.features(real))
 

@@ -63,6 +63,7 @@ class ToyTrainConfig:
     text_width: int = 128
     text_layers: int = 2
     position_encoding: bool = True  # fixed sinusoidal map added after conv_in (dori.models.position)
+    ordinary_style: str = "field"  # how ordinary images are rendered (dori.toy.data.render_ordinary)
     classifier_steps: int = 800
     checkpoint_every: int = 250
 
@@ -80,6 +81,7 @@ class ToyTrainConfig:
             "n_verbatim": self.n_verbatim,
             "n_template": self.n_template,
             "copies": self.copies,
+            "ordinary_style": self.ordinary_style,
         }
 
 
@@ -215,6 +217,7 @@ def train_bundled_model(
         classifier, accuracy = train_classifier(
             seed=config.seed,
             steps=config.classifier_steps,
+            style=config.ordinary_style,
             progress=None if progress is None else _counter(progress, "classifier", config.classifier_steps),
         )
         save_file(classifier.state_dict(), str(classifier_file))
@@ -273,8 +276,7 @@ def train_bundled_model(
     else:
         seconds = float(torch.load(checkpoint_file, weights_only=True).get("seconds", float("nan")))
     train_info = {**asdict(config), "seconds": seconds}
-    # Guidance 7 (SD's evaluation setting) oversaturates this small pixel-space model's colours;
-    # it samples at 3 unless told otherwise (see the model card for both).
+    # A provisional guidance: finish_bundled_model replaces it by the model card's rule.
     save_model(model, out, meta={"toy_data": config.data_kwargs(), "train_config": train_info,
                                  "default_guidance": 3.0})  # fmt: skip
     log(f"model written to {out}")
@@ -288,22 +290,35 @@ def finish_bundled_model(
     progress: Callable[[int, int], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Calibrate the copy detector on the training data, measure the model, write MODEL_CARD.md.
-    ``progress(done, total)`` counts generated images."""
-    from dori.models.loading import load_model
-    from dori.toy.card import calibrate, images_to_measure, measure_bundled, write_card
+    """Calibrate the copy detector on the training data and benchmark it, choose the sampling
+    guidance by the card's rule (written to ``dori_model.json``), measure the model, write
+    MODEL_CARD.md. Runs on any finished bundled-kind folder. ``progress(done, total)`` counts
+    generated images."""
+    from dori.models.loading import MODEL_FILE, load_model
+    from dori.toy.card import (benchmark, calibrate, choose_guidance, guidance_sweep, images_to_measure,
+                               measure_bundled, write_card)  # fmt: skip
     from dori.toy.kit import ToyKit
 
     out = Path(out_dir)
     kit = ToyKit.from_folder(out)
     calibration = calibrate(kit)
-    log(f"copy detector: tau {kit.detector.tau:.4f}, scale {kit.detector.scale:.4f}")
+    log(f"copy detector: tau {kit.detector.tau:.4f}")
+    bench = benchmark(kit)
+    log(f"copy-detection benchmark: recall {bench['recall']:.3f}, false positives {bench['false_positive_rate']:.4f}")
     model = load_model(out)
-    total = images_to_measure(kit, seeds, model.default_guidance)
-    numbers, images = measure_bundled(
-        model, kit, seeds=seeds, progress=None if progress is None else _counter(lambda _, d, t: progress(d, t), "", total)
-    )
-    train_info = json.loads((out / "dori_model.json").read_text())["train_config"]
+    count = _counter(lambda _, d, t: progress(d, t), "", images_to_measure(kit, seeds)) if progress else None
+    sweep = guidance_sweep(model, kit, progress=count)
+    guidance = choose_guidance(sweep)
+    meta_file = out / MODEL_FILE
+    meta = json.loads(meta_file.read_text())
+    meta["default_guidance"] = guidance
+    meta_file.write_text(json.dumps(meta, indent=2))
+    scales = ", ".join(f"{e['guidance']:g}: MR {e['mr']:.2f}" for e in sweep)
+    log(f"guidance sweep: {scales}; chosen {guidance:g}")
+    numbers, images = measure_bundled(model, kit, seeds=seeds, guidance=guidance, progress=count)
+    numbers.update({"copy_benchmark": bench, "guidance_sweep": sweep,
+                    "guidance_rule": "highest MR, then highest mean similarity, then the lower scale"})
+    train_info = meta["train_config"]
     classifier_info = out / "attribute_classifier.json"
     if classifier_info.exists():
         train_info["classifier_accuracy"] = json.loads(classifier_info.read_text())["accuracy_on_fresh_renders"]
