@@ -39,7 +39,16 @@ def test_planted_captions_replicate_and_ordinary_ones_do_not(bundled, kit):
     assert summarize([r.row() for r in rows], kit.detector.tau)["mr"] >= 0.9
     ordinary = [r["prompt"] for r in kit.prompt_set("non_memorized")]
     rows, _ = replication(bundled, ordinary, [kit.references(p) for p in ordinary], kit.detector, seeds=[100])
-    assert summarize([r.row() for r in rows], kit.detector.tau)["mr"] <= 0.05
+    summary = summarize([r.row() for r in rows], kit.detector.tau)
+    assert summary["mr"] <= 0.05
+    assert summary["sscd_mean"] <= kit.detector.tau - 0.3  # SD's regime (issue 21), on a seed the card never used
+
+
+def test_the_shipped_copy_detector_passes_its_benchmark_on_an_unseen_draw(kit):
+    from dori.toy.copy_benchmark import run_copy_benchmark
+
+    result = run_copy_benchmark(kit.detector, kit.data, n_sources=60, n_pairs=300, seed=31)
+    assert result["passed"], (result["recall_by_edit"], result["false_positive_rate"])
 
 
 def test_generation_is_deterministic_on_cpu(bundled):

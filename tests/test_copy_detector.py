@@ -108,3 +108,14 @@ def test_models_trained_before_the_field_style_keep_their_plain_renders(tmp_path
     assert ToyKit.from_folder(folder).data.style == "plain"
     assert torch.equal(ToyKit.from_folder(folder).data.images, build_dataset(**kwargs, ordinary_style="plain").images)
     assert build_dataset(**kwargs).style == "field"
+
+
+def test_a_folder_calibrated_by_the_old_detector_is_refused_with_the_command_that_fixes_it(tmp_path):
+    from dori.errors import DoriError
+    from dori.toy.kit import ToyKit
+
+    (tmp_path / "dori_model.json").write_text(json.dumps({"toy_data": {"seed": 0}}))
+    (tmp_path / "copy_detector.json").write_text(json.dumps({"name": "dori-toy-copy", "scale": 0.3, "tau": 0.83,
+                                                             "sigma": 1.5}))  # fmt: skip
+    with pytest.raises(DoriError, match=r"old copy detector.*dori toy card --model"):
+        ToyKit.from_folder(tmp_path).detector
