@@ -6,8 +6,10 @@ for each memorized prompt as it is and with every neuron of NeMo's sites zeroed 
 the U-Net at all), beside the empty prompt, the ordinary prompts and the threshold NeMo uses
 (mean + 1 std over the ordinary prompts). A prompt whose fully-zeroed score is still above the
 threshold can never pass the check: NeMo's search ends with every neuron selected and reports the
-prompt as not mitigated. On the bundled model (--steps 20, as the study runs NeMo) every memorized
-title scores 0.387 with its text zeroed, under the threshold 0.518:
+prompt as not mitigated. On the third bundled model (--steps 20, as the study runs NeMo) every
+memorized title scored 0.387 with its text zeroed, under the threshold 0.518; on the fourth (shipped)
+0.489, above the threshold 0.457 (the empty prompt: 0.467), so a title whose partial masks never
+pass ends with every value neuron selected:
 
     python tools/nemo_check_floor.py [--model bundled] [--prompts bundled:memorized] [--steps 20]
 
