@@ -43,8 +43,8 @@ class StudyConfig:
     sscd: str | None = None
     batch_size: int = 64
     # Generations per prompt and DDIM steps in every evaluation. None: the paper's 10 and 50 for a
-    # real model; 4 and 20 for a model of the bundled kind (wherever it was loaded from), so that its whole study fits in 15 minutes on 2
-    # CPU cores (its model card reports 10 seeds at 50 steps). On the bundled model the study's
+    # real model; 4 and 20 for a model of the bundled kind (wherever it was loaded from), so that
+    # its whole study runs in minutes on 2 CPU cores (its model card reports 10 seeds at 50 steps). On the bundled model the study's
     # locality stage also starts from 32 random inits per target (the command's default: 100), and
     # fine-tuning warm-starts its triggers with 3 attack steps per step (the command's default: 5).
     seeds: int | None = None
