@@ -119,3 +119,9 @@ def test_a_folder_calibrated_by_the_old_detector_is_refused_with_the_command_tha
                                                              "sigma": 1.5}))  # fmt: skip
     with pytest.raises(DoriError, match=r"old copy detector.*dori toy card --model"):
         ToyKit.from_folder(tmp_path).detector
+
+
+def test_paired_similarity_is_the_diagonal_of_the_full_similarity(field_data):
+    detector = ToyCopyDetector(tau=0.5)
+    a, b = detector.embed(field_data.images[:12]), detector.embed(field_data.images[12:24])
+    assert torch.allclose(detector.paired_similarity(a, b), detector.similarity(a, b).diagonal(), atol=1e-6)

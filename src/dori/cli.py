@@ -44,12 +44,16 @@ GuidanceOption = Annotated[float | None, typer.Option("--guidance", help="Classi
 BatchOption = Annotated[int, typer.Option("--batch-size", help="Images per U-Net batch.")]
 
 
+def _columns() -> tuple:
+    """The columns of every progress bar: description, bar, done/total, elapsed, remaining."""
+    return (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TimeRemainingColumn())  # fmt: skip
+
+
 @contextmanager
 def progress_bar(description: str, total: int):
     """Yield ``advance(n)`` for a rich progress bar on stderr."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())  # fmt: skip
-    with Progress(*columns, console=console, transient=False) as bar:
+    with Progress(*_columns(), console=console, transient=False) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)
 
@@ -423,8 +427,7 @@ def toy_train(
     config = ToyTrainConfig(seed=seed, **({} if steps is None else {"steps": steps}))
     out = prepare_out_dir(out)
     bars: dict[str, Callable] = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=console) as bar:  # fmt: skip
+    with Progress(*_columns(), console=console) as bar:
 
         def progress(phase: str, done: int, total: int) -> None:
             if phase not in bars:
@@ -453,8 +456,7 @@ def toy_card(
     if str(model) == "bundled" or not is_bundled_kind(model):
         raise DoriError(f"{model} is not a folder written by 'dori toy train'; pass --model DIR of a trained bundled model")
     seeds = _positive("--eval-seeds", eval_seeds)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=console) as bar:  # fmt: skip
+    with Progress(*_columns(), console=console) as bar:
         task = bar.add_task("model card", total=None)
         finish_bundled_model(model, seeds=seeds, log=bar.console.print,
                              progress=lambda done, total: bar.update(task, completed=done, total=total))  # fmt: skip

@@ -212,9 +212,14 @@ class Mitigation:
             return sum(len(v) for v in self.neurons.values())
         return int(sum(int(m.sum()) for m in self.weights.values()))
 
+    @property
+    def has_own_masks(self) -> bool:
+        """Whether prompts run under their own neurons (NeMo, scope "prompt") rather than one mask."""
+        return self.kind == "neurons" and self.scope == "prompt" and bool(self.per_prompt)
+
     def groups(self, texts: list[str]) -> list[tuple[list[int], Mitigation]]:
         """Which of ``texts`` (by index) run under which single mask, in order of first use."""
-        if self.kind != "neurons" or self.scope != "prompt" or not self.per_prompt:
+        if not self.has_own_masks:
             return [(list(range(len(texts))), self)]
         buckets: dict[str | None, list[int]] = {}
         for i, text in enumerate(texts):

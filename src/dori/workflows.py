@@ -369,13 +369,11 @@ def _utility_under_own_masks(model: DiffusionModel, mitigation, texts: list[str]
     """Held-out prompt alignment under each prompt's own mask (NeMo, scope "prompt"), averaged
     over the prompts: the utility that goes with MR measured the same way. ``None`` where every
     prompt runs under one mask (then the union's utility is the only one)."""
-    groups = mitigation.groups(texts)
-    if len(groups) == 1 and groups[0][1] is mitigation:
+    if not mitigation.has_own_masks:
         return None
     total = 0.0
-    for indices, own in groups:
-        with intervene(model, own):
-            total += utility(model, **util)["alignment"] * len(indices)
+    for group in each_mask(model, mitigation, texts):
+        total += utility(model, **util)["alignment"] * len(group)
     return total / len(texts)
 
 

@@ -97,11 +97,19 @@ class ToyCopyDetector:
 
     def similarity(self, a: Tensor, b: Tensor) -> Tensor:
         """All pairwise similarities ``[len(a), len(b)]`` of embedded images (1 = identical)."""
+        return self._best_over_shifts(a, b, lambda centre, window: centre @ window.T)
+
+    def paired_similarity(self, a: Tensor, b: Tensor) -> Tensor:
+        """``[N]``: the similarity of ``a[i]`` to ``b[i]`` only (the diagonal of :meth:`similarity`)."""
+        return self._best_over_shifts(a, b, lambda centre, window: (centre * window).sum(1))
+
+    def _best_over_shifts(self, a: Tensor, b: Tensor, correlate) -> Tensor:
         centre = self._window(a, self.shift, self.shift)
-        best = torch.full((len(a), len(b)), -1.0)
+        best = None
         for dy in range(2 * self.shift + 1):
             for dx in range(2 * self.shift + 1):
-                best = torch.maximum(best, centre @ self._window(b, dy, dx).T)
+                value = correlate(centre, self._window(b, dy, dx))
+                best = value if best is None else torch.maximum(best, value)
         return best
 
     def to_dict(self) -> dict:

@@ -14,6 +14,7 @@ from dori.measure.replication import replication, summarize
 from dori.measure.similarity import calibrate_toy_detector
 from dori.models.base import DiffusionModel
 from dori.report_images import save_grid
+from dori.runs import write_json_atomic
 from dori.toy.copy_benchmark import benchmark_lines, run_copy_benchmark
 from dori.toy.kit import DETECTOR_FILE, ToyKit
 
@@ -31,7 +32,7 @@ REGIME_MARGIN = 0.3
 def calibrate(kit: ToyKit) -> dict:
     """Calibrate the copy detector on the training data and write ``copy_detector.json``."""
     detector, stats = calibrate_toy_detector(kit.ordinary_images)
-    (kit.folder / DETECTOR_FILE).write_text(json.dumps({**detector.to_dict(), "calibration": stats}, indent=2))
+    write_json_atomic(kit.folder / DETECTOR_FILE, {**detector.to_dict(), "calibration": stats})
     kit.__dict__.pop("detector", None)
     return stats
 
@@ -117,7 +118,7 @@ def _dist(values: list[float]) -> str:
 
 
 def write_card(folder: Path, numbers: dict, calibration: dict, train_info: dict, images: dict, kit: ToyKit) -> None:
-    (folder / "card.json").write_text(json.dumps(numbers, indent=2))
+    write_json_atomic(folder / "card.json", numbers)
     seeds = numbers["seeds"]
     for name, imgs in images.items():
         save_grid(imgs, folder / f"card_{name}.png", columns=seeds)

@@ -113,7 +113,7 @@ def run_copy_benchmark(
     recall, positives = {}, []
     for kind in KINDS:
         edited = torch.stack([edit(image, kind, rng) for image in sources])
-        scores = _paired(detector, detector.embed(edited), source_feats)
+        scores = detector.paired_similarity(detector.embed(edited), source_feats)
         positives.append(scores)
         recall[kind] = float((scores > detector.tau).float().mean())
     positives = torch.cat(positives)
@@ -121,7 +121,8 @@ def run_copy_benchmark(
     first = torch.from_numpy(rng.choice(ordinary, size=n_pairs))
     second = torch.from_numpy(rng.choice(ordinary, size=n_pairs))
     keep = first != second
-    random_pairs = _paired(detector, detector.embed(data.images[first[keep]]), detector.embed(data.images[second[keep]]))
+    random_pairs = detector.paired_similarity(detector.embed(data.images[first[keep]]),
+                                              detector.embed(data.images[second[keep]]))
     by_caption: dict[str, list[int]] = {}
     for i in ordinary:
         by_caption.setdefault(data.captions[i], []).append(i)
@@ -132,8 +133,9 @@ def run_copy_benchmark(
         a, b = rng.choice(len(rows), size=2, replace=False)
         same_a.append(rows[int(a)])
         same_b.append(rows[int(b)])
-    same_caption = (_paired(detector, detector.embed(data.images[torch.tensor(same_a)]),
-                            detector.embed(data.images[torch.tensor(same_b)])) if same_a else torch.zeros(0))  # fmt: skip
+    same_caption = (detector.paired_similarity(detector.embed(data.images[torch.tensor(same_a)]),
+                                               detector.embed(data.images[torch.tensor(same_b)]))
+                    if same_a else torch.zeros(0))  # fmt: skip
     negatives = torch.cat([random_pairs, same_caption])
     result = {
         "tau": detector.tau,
@@ -152,12 +154,6 @@ def run_copy_benchmark(
     }
     result["passed"] = result["recall"] >= RECALL_BAR and result["false_positive_rate"] <= FP_BAR
     return result
-
-
-def _paired(detector: ToyCopyDetector, a: Tensor, b: Tensor, chunk: int = 256) -> Tensor:
-    """Similarity of ``a[i]`` to ``b[i]`` for each i."""
-    return torch.cat([detector.similarity(a[s : s + chunk], b[s : s + chunk]).diagonal()
-                      for s in range(0, len(a), chunk)]) if len(a) else torch.zeros(0)  # fmt: skip
 
 
 def _quantiles(values: Tensor) -> dict:

@@ -295,6 +295,7 @@ def finish_bundled_model(
     MODEL_CARD.md. Runs on any finished bundled-kind folder. ``progress(done, total)`` counts
     generated images."""
     from dori.models.loading import MODEL_FILE, load_model
+    from dori.runs import write_json_atomic
     from dori.toy.card import (benchmark, calibrate, choose_guidance, guidance_sweep, images_to_measure,
                                measure_bundled, write_card)  # fmt: skip
     from dori.toy.kit import ToyKit
@@ -309,10 +310,8 @@ def finish_bundled_model(
     count = _counter(lambda _, d, t: progress(d, t), "", images_to_measure(kit, seeds)) if progress else None
     sweep = guidance_sweep(model, kit, progress=count)
     guidance = choose_guidance(sweep)
-    meta_file = out / MODEL_FILE
-    meta = json.loads(meta_file.read_text())
-    meta["default_guidance"] = guidance
-    meta_file.write_text(json.dumps(meta, indent=2))
+    meta = json.loads((out / MODEL_FILE).read_text())
+    write_json_atomic(out / MODEL_FILE, {**meta, "default_guidance": guidance})
     scales = ", ".join(f"{e['guidance']:g}: MR {e['mr']:.2f}" for e in sweep)
     log(f"guidance sweep: {scales}; chosen {guidance:g}")
     numbers, images = measure_bundled(model, kit, seeds=seeds, guidance=guidance, progress=count)
