@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-STAGES = ("detect", "replicate", "nemo", "wanda", "nemo_dori", "wanda_dori", "locality", "unlearn")
+from dori.configs import STUDY_DEFAULT_STAGES as STAGES  # light: no torch import
 TASKS = ("generate", "detect", "nemo", "attack")
 
 

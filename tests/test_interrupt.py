@@ -98,9 +98,8 @@ def test_replicate_killed_with_sigkill_resumes_to_the_same_numbers(tiny_sd_dir, 
 
 def test_attack_interrupted_with_sigint_resumes_to_the_same_numbers(tiny_sd_dir, many_prompts, sscd_file, tmp_path):
     args = ["attack", "--model", tiny_sd_dir, "--prompts", many_prompts / "mem.csv", "--images",
-            many_prompts / "images", "--sscd", sscd_file, "--steps", "3", "--steps-curve", "0,1,2", "--seeds", "10",
-            "--eval-steps", "6",
-            "--attack-batch", "2", "--no-control", "--batch-size", "4"]  # fmt: skip
+            many_prompts / "images", "--sscd", sscd_file, "--steps", "3", "--steps-curve", "0,1,2", "--seeds", "3",
+            "--eval-steps", "4", "--attack-batch", "2", "--no-control", "--batch-size", "4"]  # fmt: skip
     stopped = tmp_path / "stopped"
     process = _start(args + ["--out", stopped])
     # Interrupted while measuring, after the embeddings were saved.
@@ -131,8 +130,8 @@ def test_detect_killed_with_sigkill_resumes_to_the_same_numbers(tiny_sd_dir, man
 
 def test_mitigate_killed_while_measuring_resumes_without_selecting_again(tiny_sd_dir, many_prompts, sscd_file, tmp_path):
     args = ["mitigate", "--method", "wanda", "--ratio", "0.1", "--model", tiny_sd_dir, "--prompts",
-            many_prompts / "mem.csv", "--images", many_prompts / "images", "--sscd", sscd_file, "--seeds", "4",
-            "--steps", "6", "--batch-size", "2"]  # fmt: skip
+            many_prompts / "mem.csv", "--images", many_prompts / "images", "--sscd", sscd_file, "--seeds", "2",
+            "--steps", "4", "--batch-size", "8"]  # fmt: skip
     killed = tmp_path / "killed"
     process = _start(args + ["--out", killed])
     # Killed after the mask was chosen, while the mitigated model is being measured.
@@ -167,7 +166,7 @@ def test_unlearn_killed_mid_fine_tuning_resumes_to_the_same_numbers(tiny_sd_dir,
               "--sscd", sscd_file, "--limit", "2", "--batch-size", "4"]  # fmt: skip
     _dori(["mitigate", "--method", "wanda", "--ratio", "0.1", "--seeds", "1", "--steps", "2", *common, "--out",
            tmp_path / "wanda"], check=True)  # fmt: skip
-    steps = 40
+    steps = 24
     args = ["unlearn", *common, "--mitigation", tmp_path / "wanda", "--retain-prompts", many_prompts / "mem.csv",
             "--steps", steps, "--retain-batch", "2", "--triggers", "2", "--inner-steps", "1", "--eval-attack-steps",
             "1", "--seeds", "2", "--eval-steps", "2", "--utility-seeds", "1", "--checkpoint-every", "1"]  # fmt: skip

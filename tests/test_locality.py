@@ -54,7 +54,8 @@ def test_wanda_masks_share_an_exactly_rescaled_base(tiny_sd):
     masks = wanda_masks(tiny_sd, groups, sites=sites, config=config)
     for group, mask in zip(groups, masks):
         base = column_norms(tiny_sd, tiny_sd.empty_embedding().expand(group.shape[0], -1, -1), sites, config)
-        direct = _prune(tiny_sd, sites, column_norms(tiny_sd, group, sites, config), base, config)
+        direct = _prune(tiny_sd, sites, column_norms(tiny_sd, group, sites, config), base, config.ratio,
+                        config.timesteps)  # fmt: skip
         assert all(torch.equal(mask[name], direct[name]) for name in sites)
     assert any(m.any() for mask in masks for m in mask.values())
 

@@ -25,3 +25,26 @@ def test_the_nemo_sentence_gives_the_median_neurons_per_prompt():
     assert even.startswith("NeMo: 29.5 neurons per prompt (median; 11 to 80), 120 in the union")
     odd = _mitigations({"nemo": {"neurons_per_prompt": [5, 1, 3], "union_neurons": 6, "scope": "union"}})[0]
     assert odd.startswith("NeMo: 3 neurons per prompt (median; 1 to 5)") and "every prompt under the union" in odd
+
+
+def test_the_optional_wanda_sweep_stage_is_in_the_report(tiny_sd, prompt_files, sscd_file, tmp_path):
+    config = StudyConfig(model=str(tiny_sd.source), memorized=str(prompt_files / "mem.csv"),
+                         non_memorized=str(prompt_files / "non.txt"), stages="wanda_sweep", quick=True,
+                         images=str(prompt_files / "images"), sscd=str(sscd_file), sampling_steps=2, seeds=1)  # fmt: skip
+    assert "wanda_sweep" not in StudyConfig().stage_list()  # optional: not in the default study
+    summary = run_study(config, tiny_sd, tmp_path / "study")
+    rows = summary["wanda_sweep"]["rows"]
+    assert [r["ratio"] for r in rows] == [0.01, 0.1]
+    report = (tmp_path / "study" / "report.html").read_text()
+    section = report.split("How hard must Wanda prune before DoRI fails?</h2>")[1].split("<h2>")[0]
+    assert section.count("<tr><th>0.") == 2 and 'alt="MR and utility against Wanda' in section
+
+
+def test_the_wanda_sentence_states_the_rule_and_the_ladder():
+    auto = {"ratio_rule": "auto", "ratio": 0.05, "auto_satisfied": True, "defender_seeds": [1000, 1003],
+            "ladder_mr": [{"ratio": 0.01, "mr": 1.0}, {"ratio": 0.02, "mr": 0.5}, {"ratio": 0.05, "mr": 0.0}],
+            "pruned_weights": 40, "sparsity": 0.01, "sites": "ffn"}  # fmt: skip
+    line = _mitigations({"wanda": auto})[0]
+    assert "ratio 0.05, the smallest on the ladder" in line and "0.02: 0.50" in line and "seeds 1000-1003" in line
+    failed = _mitigations({"wanda": {**auto, "auto_satisfied": False, "ratio": 0.5}})[0]
+    assert "none stopped replication" in failed

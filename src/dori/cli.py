@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -13,12 +14,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from dori.configs import (
+    STUDY_DEFAULT_STAGES,
+    STUDY_STAGES,
     AttackRunConfig,
     DetectConfig,
     LocalityConfig,
     MitigateConfig,
     ReplicateConfig,
     UnlearnRunConfig,
+    WandaSweepConfig,
 )
 from dori.errors import DoriError
 
@@ -88,15 +92,25 @@ def generate(
     dtype: DtypeOption = "float32",
 ) -> None:
     """Generate images from prompts or saved embeddings: one PNG per row and seed, and a grid."""
+    import torch
+
     from dori.report_images import save_grid, to_pil
     from dori.runs import prepare_out_dir, write_json_atomic, write_manifest
 
     _positive("--seeds", seeds)
     _positive("--steps", steps)
     _positive("--batch-size", batch_size)
+    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
+        raise DoriError(f"--guidance must be a finite number of at least 0, got {guidance}")
+    if first_seed < 0:
+        raise DoriError(f"--first-seed must be at least 0, got {first_seed}")
     if bool(prompt) == (embeddings is not None):
         raise DoriError("give either --prompt TEXT (repeat for several) or --embeddings FILE")
     diffusion = _load(model, device, dtype)
+    if str(out).strip() in ("", "."):
+        raise DoriError("--out must name a new folder for the images")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DoriError(f"{out} already exists and is not an empty folder; choose a new --out")
     if embeddings is not None:
         from dori.attack import load_embeddings
 
@@ -104,14 +118,17 @@ def generate(
         prompt = [f"{embeddings.name}[{i}]" for i in range(emb.shape[0])]
     else:
         emb = diffusion.encode(prompt)
-    out = prepare_out_dir(out)
     seed_list = list(range(first_seed, first_seed + seeds))
     config = {"model": model, "prompts": prompt, "embeddings": None if embeddings is None else str(embeddings),
               "key": key, "seeds": seed_list, "steps": steps, "guidance": guidance}  # fmt: skip
-    write_manifest(out, "generate", config)
     with progress_bar("generating", len(prompt) * seeds) as advance:
         images = diffusion.generate(emb, seed_list, steps=steps, guidance=guidance, batch_size=batch_size,
                                     progress=advance)  # fmt: skip
+    if not torch.isfinite(images).all():
+        raise DoriError("the model generated NaN or infinite pixels; check its weights and --dtype (float16 can "
+                        "overflow on CPU; use float32)")  # fmt: skip
+    out = prepare_out_dir(out)  # created only once there are images to write
+    write_manifest(out, "generate", config)
     files = []
     for i, p in enumerate(prompt):
         for j, seed in enumerate(seed_list):
@@ -209,7 +226,7 @@ def mitigate(
     stats: Annotated[str | None, typer.Option("--stats", help="NeMo: a statistics file (e.g. nemo_sd14_value_stats.pt).")] = MitigateConfig.stats,
     threshold: Annotated[float | None, typer.Option("--threshold", help="NeMo: SSIM threshold (0.428 for SD v1.4).")] = MitigateConfig.threshold,
     sites: Annotated[str, typer.Option("--sites", help="Wanda: ffn or value sites.")] = MitigateConfig.sites,
-    ratio: Annotated[float, typer.Option("--ratio", help="Wanda: top fraction of each row considered.")] = MitigateConfig.ratio,
+    ratio: Annotated[str, typer.Option("--ratio", help="Wanda: top fraction of each row considered, or 'auto': the smallest of 0.01, 0.02, 0.05, 0.1, 0.2, 0.5 that stops replication on the defender's own seeds.")] = str(MitigateConfig.ratio),
     scope: Annotated[str, typer.Option("--scope", help="NeMo: 'prompt' runs each prompt under its own neurons (as NeMo evaluates); 'union' runs all prompts under all neurons.")] = MitigateConfig.scope,
     seeds: Annotated[int, typer.Option("--seeds", help="Generations per prompt for MR before / after.")] = MitigateConfig.seeds,
     utility_seeds: Annotated[int, typer.Option("--utility-seeds")] = MitigateConfig.utility_seeds,
@@ -232,6 +249,9 @@ def mitigate(
     diffusion = _load(model, device, dtype)
     with console.status("mitigating") as status:
         summary = _workflows().run_mitigate(config, diffusion, out, resume=resume, progress=status.update)
+    if summary.get("ratio_rule") == "auto":
+        ladder = ", ".join(f"{r['ratio']:g}: {r['mr']:.2f}" for r in summary["ladder_mr"])
+        console.print(f"wanda: ratio {summary['ratio']:g} chosen (defender's MR by ratio {ladder})")
     console.print(f"{method}: MR {summary['mr_before']:.3f} -> {summary['mr_after']:.3f}, similarity "
                   f"{summary['sscd_mean_before']:.3f} -> {summary['sscd_mean_after']:.3f}, utility "
                   f"{summary['utility_before']} -> {summary['utility_after']} -> {out}/summary.json")  # fmt: skip
@@ -282,6 +302,46 @@ def attack(
     for name, result in summary.get("control", {}).items():
         console.print(f"control {name}: MR {result['mr']:.3f}, similarity {result['sscd_mean']:.3f}")
     console.print(f"-> {out}/summary.json")
+
+
+@app.command("wanda-sweep")
+def wanda_sweep(
+    prompts: Annotated[str, typer.Option("--prompts", help="The memorized prompts.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder (results.jsonl, sweep.csv, sweep.png, summary.json).")],
+    model: ModelOption = "bundled",
+    sites: Annotated[str, typer.Option("--sites", help="ffn or value sites.")] = WandaSweepConfig.sites,
+    ladder: Annotated[str, typer.Option("--ladder", help="Comma-separated Wanda ratios, increasing.")] = WandaSweepConfig.ladder,
+    seeds: Annotated[int, typer.Option("--seeds", help="Generations per prompt.")] = WandaSweepConfig.seeds,
+    utility_seeds: Annotated[int, typer.Option("--utility-seeds")] = WandaSweepConfig.utility_seeds,
+    steps: Annotated[int, typer.Option("--steps", help="DDIM steps of every generation.")] = WandaSweepConfig.steps,
+    guidance: GuidanceOption = WandaSweepConfig.guidance,
+    attack_steps: Annotated[int, typer.Option("--attack-steps", help="DoRI steps at each ratio.")] = WandaSweepConfig.attack_steps,
+    learning_rate: Annotated[float, typer.Option("--lr")] = WandaSweepConfig.learning_rate,
+    attack_batch: Annotated[int, typer.Option("--attack-batch", help="(noise, t) pairs per step.")] = WandaSweepConfig.attack_batch,
+    attack_seed: Annotated[int, typer.Option("--attack-seed")] = WandaSweepConfig.attack_seed,
+    type: TypeOption = WandaSweepConfig.type,
+    limit: LimitOption = WandaSweepConfig.limit,
+    images: ImagesOption = WandaSweepConfig.images,
+    sscd: SscdOption = WandaSweepConfig.sscd,
+    batch_size: BatchOption = WandaSweepConfig.batch_size,
+    resume: ResumeOption = False,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
+) -> None:
+    """How hard must Wanda prune before DoRI fails? MR, MR after DoRI and utility at each ratio."""
+    from dori.sweep import run_wanda_sweep
+
+    config = WandaSweepConfig(prompts=prompts, model=model, sites=sites, ladder=ladder, seeds=seeds,
+                              utility_seeds=utility_seeds, steps=steps, guidance=guidance, attack_steps=attack_steps,
+                              learning_rate=learning_rate, attack_batch=attack_batch, attack_seed=attack_seed,
+                              type=type, limit=limit, images=images, sscd=sscd, batch_size=batch_size)  # fmt: skip
+    diffusion = _load(model, device, dtype)
+    with console.status("wanda sweep") as status:
+        summary = run_wanda_sweep(config, diffusion, out, resume=resume, progress=status.update)
+    for row in summary["rows"]:
+        utility = "–" if row["utility"] is None else f"{row['utility']:.2f}"
+        console.print(f"ratio {row['ratio']:<5g}: MR {row['mr']:.2f}, after DoRI {row['mr_dori']:.2f}, utility {utility}")
+    console.print(f"-> {out}/summary.json, {out}/sweep.png")
 
 
 @app.command()
@@ -385,8 +445,7 @@ def study(
     model: ModelOption = "bundled",
     memorized: Annotated[str, typer.Option("--memorized")] = "bundled:memorized",
     non_memorized: Annotated[str, typer.Option("--non-memorized")] = "bundled:non_memorized",
-    stages: Annotated[str, typer.Option("--stages", help="Comma-separated subset of the stages.")] = ",".join(
-        ("detect", "replicate", "nemo", "wanda", "nemo_dori", "wanda_dori", "locality", "unlearn")),
+    stages: Annotated[str, typer.Option("--stages", help=f"Comma-separated stages, from {', '.join(STUDY_STAGES)} (wanda_sweep, Wanda's trade-off curve, is not in the default).")] = ",".join(STUDY_DEFAULT_STAGES),
     quick: Annotated[bool, typer.Option("--quick", help="Reduced settings (for tests and a first look).")] = False,
     images: ImagesOption = None,
     sscd: SscdOption = None,
@@ -485,13 +544,29 @@ def toy_benchmark(
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2 (usage errors are
     typer's own message, also exit 2); Ctrl-C exits 130 with a hint to resume."""
+    import signal
+
+    def terminated(signum, frame):  # SIGTERM (a job scheduler, `kill`) stops like Ctrl-C, with the same hint
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
     try:
         app()  # standalone: typer reports usage errors and turns Ctrl-C into exit code 130
     except DoriError as error:
+        from dori.runs import discard_unstarted_runs
+
+        discard_unstarted_runs()  # a refused run leaves nothing that would block the corrected command
         console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except SystemExit as done:
         if done.code == 130:
-            console.print("interrupted: finished results are saved; rerun the same command with --resume to continue",
-                          highlight=False, soft_wrap=True)  # fmt: skip
+            words = [a for a in sys.argv[1:3] if not a.startswith("-")]
+            command = " ".join(words[:2]) if words[:1] == ["toy"] else (words[0] if words else "")
+            hint = ("interrupted: the results written so far are kept; rerun the same command with --resume to continue"
+                    if command in RESUMABLE else "interrupted: this command does not resume; run it again")  # fmt: skip
+            console.print(hint, highlight=False, soft_wrap=True)
         raise
+
+
+# The commands that write as they go and continue with --resume.
+RESUMABLE = ("replicate", "detect", "mitigate", "attack", "wanda-sweep", "locality", "unlearn", "study", "toy train")

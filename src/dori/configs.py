@@ -3,7 +3,8 @@ and the command line takes its defaults from them. (No torch import here: ``dori
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 from dori.errors import DoriError
 
@@ -20,10 +21,48 @@ class Selection:
     batch_size: int = 64
 
 
+# ``dori study``'s stages in the order they run; the default runs all but the optional ones.
+STUDY_STAGES = ("detect", "replicate", "nemo", "wanda", "nemo_dori", "wanda_dori", "wanda_sweep", "locality", "unlearn")
+STUDY_OPTIONAL_STAGES = ("wanda_sweep",)  # Wanda's trade-off curve: several minutes more on 2 cores
+STUDY_DEFAULT_STAGES = tuple(s for s in STUDY_STAGES if s not in STUDY_OPTIONAL_STAGES)
+
+
+# Options that must not be negative (besides the counts that _check_positive covers).
+NON_NEGATIVE = ("guidance", "learning_rate", "adv_weight")
+OPTION_NAMES = {"learning_rate": "lr"}  # where the command-line flag differs from the field
+
+
+def _check_numbers(config) -> None:
+    """Every number of a config is finite (NaN and infinity would flow into the results as if
+    they were measurements), and the non-negative ones are not below zero."""
+    for item in fields(config):
+        value = getattr(config, item.name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        flag = "--" + OPTION_NAMES.get(item.name, item.name).replace("_", "-")
+        if not math.isfinite(value):
+            raise DoriError(f"{flag} must be a finite number, got {value}")
+        if item.name in NON_NEGATIVE and value < 0:
+            raise DoriError(f"{flag} must be at least 0, got {value}")
+
+
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if value < 1:
             raise DoriError(f"{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def parse_ratio(value: float | str) -> float | str:
+    """A Wanda ratio: ``"auto"`` or a number in (0, 1] (``"0.05"`` from the command line too)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        ratio = float(value)
+    except (TypeError, ValueError):
+        raise DoriError(f"--ratio must be auto or a number in (0, 1], got {value!r}") from None
+    if not 0 < ratio <= 1:  # also refuses nan
+        raise DoriError(f"--ratio must be auto or a number in (0, 1], got {value!r}")
+    return ratio
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,6 +77,7 @@ class ReplicateConfig(Selection):
     sscd_convention: str = "resize320"
 
     def __post_init__(self) -> None:
+        _check_numbers(self)
         _check_positive(seeds=self.seeds, steps=self.steps, batch_size=self.batch_size)
 
 
@@ -56,6 +96,7 @@ class DetectConfig:
     batch_size: int = 64
 
     def __post_init__(self) -> None:
+        _check_numbers(self)
         _check_positive(generations=self.generations, steps=self.steps, batch_size=self.batch_size)
         if self.consistency_seeds < 2:
             raise DoriError(f"consistency-seeds must be at least 2 (pairs of seeds), got {self.consistency_seeds}")
@@ -70,7 +111,10 @@ class MitigateConfig(Selection):
     stats: str | None = None  # a NeMo statistics file (e.g. nemo_sd14_value_stats.pt)
     threshold: float | None = None  # NeMo's SSIM threshold (default: mean + 1 std on the reference set)
     sites: str = "ffn"  # Wanda: ffn or value
-    ratio: float = 0.01  # Wanda: fraction of each row's weights considered
+    # Wanda: fraction of each row's weights considered, or "auto": the smallest ratio on
+    # mitigate.wanda.WANDA_LADDER whose mitigated model replicates none of the prompts on the
+    # defender's own seeds (mitigate.wanda.DEFENDER_FIRST_SEED on; disjoint from the evaluation's).
+    ratio: float | str = 0.01
     scope: str = "prompt"  # NeMo: each prompt under its own neurons ("prompt") or all under the union ("union")
     seeds: int = 10  # generations per prompt for MR before / after
     utility_seeds: int = 4
@@ -79,15 +123,59 @@ class MitigateConfig(Selection):
     baseline: str | None = None  # a 'dori replicate' run of the same prompts and settings: its numbers are "before"
 
     def __post_init__(self) -> None:
+        _check_numbers(self)
         if self.method not in ("nemo", "wanda"):
             raise DoriError(f"unknown method {self.method!r}; use nemo or wanda")
         if self.sites not in ("ffn", "value"):
             raise DoriError(f"unknown site set {self.sites!r}; use ffn or value")
-        if not 0 < self.ratio <= 1:
-            raise DoriError(f"ratio must be in (0, 1], got {self.ratio}")
+        object.__setattr__(self, "ratio", parse_ratio(self.ratio))
         if self.scope not in ("prompt", "union"):
             raise DoriError(f"unknown scope {self.scope!r}; use prompt (each prompt under its own neurons) or union")
         _check_positive(seeds=self.seeds, utility_seeds=self.utility_seeds, steps=self.steps, batch_size=self.batch_size)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WandaSweepConfig(Selection):
+    """``dori wanda-sweep``: for each Wanda ratio on ``ladder``, MR without the attack, MR after
+    ``attack_steps`` DoRI steps, and held-out utility (issue 24's trade-off curve)."""
+
+    prompts: str
+    model: str = "bundled"
+    sites: str = "ffn"
+    ladder: str = "0.01,0.02,0.05,0.1,0.2,0.5"  # mitigate.wanda.WANDA_LADDER
+    seeds: int = 10  # generations per prompt (evaluation seeds 0 ..)
+    utility_seeds: int = 4
+    steps: int = 50  # DDIM steps of every generation
+    guidance: float | None = None
+    attack_steps: int = 50
+    learning_rate: float = 0.1
+    attack_batch: int = 8
+    attack_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_numbers(self)
+        if self.sites not in ("ffn", "value"):
+            raise DoriError(f"unknown site set {self.sites!r}; use ffn or value")
+        ratios = self.ratios()
+        if ratios != sorted(set(ratios)):
+            raise DoriError(f"--ladder must list distinct ratios in increasing order, got {self.ladder!r}")
+        _check_positive(seeds=self.seeds, utility_seeds=self.utility_seeds, steps=self.steps,
+                        attack_steps=self.attack_steps, attack_batch=self.attack_batch, batch_size=self.batch_size)  # fmt: skip
+
+    def ratios(self) -> list[float]:
+        parts = [p for p in self.ladder.split(",") if p.strip()]
+        ratios = [parse_ratio(p) for p in parts]
+        if not ratios or "auto" in ratios:
+            raise DoriError(f"--ladder must be comma-separated numbers in (0, 1], got {self.ladder!r}")
+        return ratios
+
+    def attack(self) -> AttackRunConfig:
+        """The DoRI run at each ratio, measured before (step 0: the prompt's own embedding) and after."""
+        return AttackRunConfig(prompts=self.prompts, model=self.model, steps=self.attack_steps,
+                               learning_rate=self.learning_rate, attack_batch=self.attack_batch, steps_curve="0",
+                               control=False, seeds=self.seeds, eval_steps=self.steps, guidance=self.guidance,
+                               attack_seed=self.attack_seed, type=self.type, limit=self.limit, images=self.images,
+                               sscd=self.sscd, batch_size=self.batch_size)  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,6 +197,7 @@ class AttackRunConfig(Selection):
     attack_seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_numbers(self)
         if self.init not in ("prompt", "random", "other"):
             raise DoriError(f"unknown --init {self.init!r}; use prompt, random or other")
         if self.steps < 0:
@@ -150,6 +239,7 @@ class UnlearnRunConfig(Selection):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_numbers(self)
         _check_positive(steps=self.steps, retain_batch=self.retain_batch, triggers_per_target=self.triggers_per_target,
                         seeds=self.seeds, utility_seeds=self.utility_seeds, eval_steps=self.eval_steps,
                         checkpoint_every=self.checkpoint_every, batch_size=self.batch_size)  # fmt: skip
@@ -184,6 +274,7 @@ class LocalityConfig(Selection):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_numbers(self)
         _check_positive(targets=self.targets, inits=self.inits, seeds=self.seeds, attack_batch=self.attack_batch,
                         eval_steps=self.eval_steps, agreement_triggers=self.agreement_triggers,
                         batch_size=self.batch_size)  # fmt: skip

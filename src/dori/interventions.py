@@ -261,15 +261,44 @@ def load_mask(folder: str | os.PathLike, model: DiffusionModel) -> Mitigation:
     if info.get("model") != model.fingerprint():
         raise DoriError(f"the mask in {folder} was made for another model ({info.get('model')}), not this one "
                         f"({model.fingerprint()}); run 'dori mitigate' on this model")  # fmt: skip
-    if info["kind"] == "neurons":
-        neurons = {name: [int(c) for c in chans] for name, chans in info["neurons"].items()}
-        per_prompt = {text: {name: [int(c) for c in chans] for name, chans in own.items()}
-                      for text, own in info.get("per_prompt", {}).items()}  # fmt: skip
-        model.sites(list(neurons))  # unknown site names fail here, clearly
+    rerun = f"{file} is damaged ({{}}); rerun 'dori mitigate' into a new folder"
+    try:
+        kind = info["kind"]
+        if kind == "neurons":
+            neurons = {name: [int(c) for c in chans] for name, chans in info["neurons"].items()}
+            per_prompt = {text: {name: [int(c) for c in chans] for name, chans in own.items()}
+                          for text, own in info.get("per_prompt", {}).items()}  # fmt: skip
+        elif kind == "weights":
+            weights_file = (folder / str(info["weights"])).resolve()
+        else:
+            raise ValueError(f"unknown kind {kind!r}")
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise DoriError(rerun.format(error)) from error
+    if kind == "neurons":
+        selections = [*neurons.items(), *(item for own in per_prompt.values() for item in own.items())]
+        # unknown site names fail here, clearly
+        widths = {site.name: site.width for site in model.sites(sorted({name for name, _ in selections}))}
+        for name, chans in selections:
+            width = widths[name]
+            if any(not 0 <= c < width for c in chans):
+                raise DoriError(rerun.format(f"a neuron index of {name} lies outside 0..{width - 1}"))
         return Mitigation("neurons", info["model"], neurons=neurons, method=info.get("method", ""),
                           per_prompt=per_prompt, scope=info.get("scope", "union"))  # fmt: skip
-    weights = {name: t.bool() for name, t in load_file(str(folder / info["weights"])).items()}
-    model.sites(list(weights))
+    if weights_file.parent != folder.resolve() or not weights_file.is_file():
+        raise DoriError(rerun.format(f"its weights file {info['weights']!r} is not a file inside the folder"))
+    try:
+        loaded = load_file(str(weights_file))
+    except Exception as error:  # noqa: BLE001 - safetensors raises several kinds for a corrupt file
+        raise DoriError(rerun.format(f"{weights_file.name} is not a readable safetensors file")) from error
+    weights = {}
+    for site in model.sites(list(loaded)):
+        t = loaded[site.name]
+        if t.dtype not in (torch.bool, torch.uint8) or (t.dtype == torch.uint8 and bool((t > 1).any())):
+            raise DoriError(rerun.format(f"{site.name} holds {t.dtype} values, not a 0/1 mask"))
+        if tuple(t.shape) != tuple(site.module.weight.shape):
+            raise DoriError(rerun.format(f"{site.name} has shape {list(t.shape)}, the site's weight "
+                                         f"{list(site.module.weight.shape)}"))  # fmt: skip
+        weights[site.name] = t.bool()
     return Mitigation("weights", info["model"], weights=weights, method=info.get("method", ""))
 
 

@@ -35,6 +35,7 @@ from dori.interventions import capture, each_mask
 from dori.measure.replication import replication
 from dori.models.base import DiffusionModel
 from dori.parallel import Shards
+from dori.report_images import save_figure
 from dori.runs import save_tensors_atomic, write_json_atomic
 
 Say = Callable[[str], None]
@@ -71,9 +72,15 @@ def iou(a: set | Tensor, b: set | Tensor) -> float:
     return 1.0 if union == 0 else len(a & b) / union
 
 
-def mean_pairwise_iou(selections: list) -> float:
+def mean_pairwise_iou(selections: list) -> float | None:
+    """``None`` for fewer than two selections (no pair: undefined, written as null)."""
     pairs = list(itertools.combinations(range(len(selections)), 2))
-    return float(sum(iou(selections[i], selections[j]) for i, j in pairs) / len(pairs)) if pairs else float("nan")
+    return float(sum(iou(selections[i], selections[j]) for i, j in pairs) / len(pairs)) if pairs else None
+
+
+def _mean(values: list) -> float | None:
+    defined = [v for v in values if v is not None]
+    return sum(defined) / len(defined) if defined else None
 
 
 # --------------------------------------------------------------------- views
@@ -147,7 +154,7 @@ def weight_agreement_view(model: DiffusionModel, groups: list[Tensor], mem: Tens
         rows = []
         for name in names:
             adv = [mean_pairwise_iou([selections[i][name] for i in rng]) for rng in bounds]
-            rows.append({"site": name, "adv": sum(adv) / len(adv),
+            rows.append({"site": name, "adv": _mean(adv),
                          "mem": mean_pairwise_iou([selections[i][name] for i in mem_rows])})  # fmt: skip
         return rows
 
@@ -236,8 +243,9 @@ def plot_sites(rows: list[dict], path: Path, *, title: str, ylabel: str, labels=
 
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(rows) + 2), 3.6))
-    ax.bar(x - 0.2, [r["adv"] for r in rows], 0.4, label=labels[0], color="#d62728")
-    ax.bar(x + 0.2, [r["mem"] for r in rows], 0.4, label=labels[1], color="#1f77b4")
+    undefined = float("nan")  # no bar where a value is undefined (null in the summary)
+    ax.bar(x - 0.2, [undefined if r["adv"] is None else r["adv"] for r in rows], 0.4, label=labels[0], color="#d62728")
+    ax.bar(x + 0.2, [undefined if r["mem"] is None else r["mem"] for r in rows], 0.4, label=labels[1], color="#1f77b4")
     ax.set_xticks(x)
     ax.set_xticklabels([_short(r["site"]) for r in rows], rotation=70, fontsize=6)
     ax.set_ylabel(ylabel)
@@ -253,12 +261,7 @@ def _short(site: str) -> str:
 
 
 def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=110)
 
 
 # --------------------------------------------------------------------- the run
@@ -275,10 +278,17 @@ def verdicts(summary: dict) -> dict:
     agree = summary["weight_agreement"]
     spread = emb["trigger_l2_over_non_memorized_l2"]
     near = emb["moved_over_init_spread"]
-    nemo = [r["adv"] for r in agree["nemo"]["sites"]]
-    wanda = [r["adv"] for r in agree["wanda"]["sites"]]
-    nemo_iou, wanda_iou = sum(nemo) / len(nemo), sum(wanda) / len(wanda)
-    wanda_low = sum(v < PAPER_IOU for v in wanda)
+    nemo = [r["adv"] for r in agree["nemo"]["sites"] if r["adv"] is not None]
+    wanda = [r["adv"] for r in agree["wanda"]["sites"] if r["adv"] is not None]
+    if not nemo or not wanda:
+        weight_text = "undefined: no target has two successful triggers to compare"
+    else:
+        nemo_iou, wanda_iou = sum(nemo) / len(nemo), sum(wanda) / len(wanda)
+        wanda_low = sum(v < PAPER_IOU for v in wanda)
+        weight_text = (f"mean IoU among triggers: NeMo {nemo_iou:.2f} (paper about {PAPER_IOU}): "
+                       + ("partial agreement, as the paper says" if nemo_iou <= PAPER_IOU + IOU_MARGIN else "higher than the paper")
+                       + f"; Wanda {wanda_iou:.2f}, below {PAPER_IOU} at {wanda_low}/{len(wanda)} sites: "
+                       + ("low agreement, as the paper says" if wanda_low > len(wanda) / 2 else "high agreement, unlike the paper"))  # fmt: skip
     return {
         "embedding": (f"triggers succeed {emb['success_rate']:.0%} of the time; their pairwise L2 distance is "
                       f"{spread:.2f}x that between different non-memorized prompts and each moved "
@@ -287,10 +297,7 @@ def verdicts(summary: dict) -> dict:
         "activation": (f"median trigger/prompt activation-distance ratio {act['ratio_median']:.2f} over {act['n_sites']} sites "
                        f"(triggers above prompts at {act['sites_adv_above_mem']}): "
                        + ("comparable or higher, as the paper says" if act["ratio_median"] >= 0.8 else "triggers agree more than different prompts, unlike the paper")),
-        "weight_agreement": (f"mean IoU among triggers: NeMo {nemo_iou:.2f} (paper about {PAPER_IOU}): "
-                             + ("partial agreement, as the paper says" if nemo_iou <= PAPER_IOU + IOU_MARGIN else "higher than the paper")
-                             + f"; Wanda {wanda_iou:.2f}, below {PAPER_IOU} at {wanda_low}/{len(wanda)} sites: "
-                             + ("low agreement, as the paper says" if wanda_low > len(wanda) / 2 else "high agreement, unlike the paper")),
+        "weight_agreement": weight_text,
     }  # fmt: skip
 
 

@@ -29,9 +29,11 @@ class Prompt:
     prompt: str
     type: str = "unknown"  # VM, TM, none, held_out, unknown
     index: str | None = None  # training-image id (LAION index), if any
+    truncated: bool = False  # longer than the text encoder's window: its end is cut
 
     def to_dict(self) -> dict:
-        return {"prompt": self.prompt, "type": self.type, "index": self.index}
+        out = {"prompt": self.prompt, "type": self.type, "index": self.index}
+        return {**out, "truncated": True} if self.truncated else out
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,9 @@ def write_report(root: Path, summary: dict, results: dict, configs: dict, model)
             ("embedding_projection_0.png", "initialisations and triggers, 2-D projections"),
             ("activation_discrepancy.png", "activation discrepancy per site"),
             ("agreement_nemo.png", "NeMo agreement per site"), ("agreement_wanda.png", "Wanda agreement per site"))))  # fmt: skip
+    sweep = summary.get("wanda_sweep")
+    sweep_html = "<p>not run (add wanda_sweep to the study's --stages, or run 'dori wanda-sweep')</p>" if sweep is None \
+        else _sweep_table(sweep) + _file_img(stages / "wanda_sweep" / "sweep.png", "MR and utility against Wanda's ratio")  # fmt: skip
     timing = "".join(f"<tr><th>{html.escape(k)}</th><td>{v:.0f} s</td></tr>" for k, v in summary["timing"].items())
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>dori study: {html.escape(model.name)}</title>
@@ -137,12 +140,30 @@ Utility = prompt alignment on held-out captions (bundled model).</p>
 {"".join(f"<p>{html.escape(line)}</p>" for line in summary.get("mitigations", []))}
 <h2>Each memorized target</h2>{"".join(strips)}
 <h2>MR against DoRI steps</h2>{curves or "<p>not run</p>"}
+<h2>How hard must Wanda prune before DoRI fails?</h2>{sweep_html}
 <h2>Detection</h2>{det_html}
 <h2>Locality</h2>{loc_html}
 <h2>Time per stage</h2><table>{timing}</table>
 </body></html>
 """
     return write_text_atomic(root / "report.html", page)
+
+
+def _sweep_table(sweep: dict) -> str:
+    """Wanda's trade-off curve as an HTML table: one row per ratio, in ladder order."""
+    rows = "".join(
+        f"<tr><th>{r['ratio']:g}</th><td>{r['pruned_weights']}</td><td>{100 * r['sparsity']:.2f}%</td>"
+        f"<td>{_fmt(r['mr'])}</td><td>{_fmt(r['mr_dori'])}</td><td>{_fmt(r['utility'])}</td></tr>"
+        for r in sweep["rows"]
+    )  # fmt: skip
+    fails = sweep.get("dori_fails_at")
+    verdict = (f"DoRI ({sweep['attack_steps']} steps) brings no image back from ratio {fails:g} on." if fails is not None
+               else f"DoRI ({sweep['attack_steps']} steps) brings images back at every ratio of the ladder.")  # fmt: skip
+    return (f"<p>Wanda on the {html.escape(str(sweep.get('sites', 'ffn')))} sites. {html.escape(verdict)} Utility of the "
+            f"unmitigated model: {_fmt(sweep.get('utility_unmitigated'))}. "
+            "The paper's Wanda 10% on SD v1.4: Wanda + DoRI MR 0.01, at the price of the concept.</p>"
+            "<table><tr><th>ratio</th><th>weights pruned</th><th>sparsity</th><th>MR, Wanda</th>"
+            f"<th>MR, Wanda + DoRI</th><th>utility</th></tr>{rows}</table>")  # fmt: skip
 
 
 def markdown_table(summary: dict) -> str:
@@ -165,11 +186,20 @@ def markdown_table(summary: dict) -> str:
     for method, curve in curves.items():
         ours = ", ".join(f"{k}: {v:.2f}" for k, v in sorted(curve.items(), key=lambda kv: int(kv[0])))
         notes.append(f"{method} + DoRI, MR by attack steps: {ours} (paper {'/'.join(f'{v:.2f}' for v in PAPER_CURVES[method])}).")
+    sweep = summary.get("wanda_sweep")
+    if sweep:
+        notes.append("Wanda sweep (ratio: MR / MR after DoRI / utility): " + "; ".join(
+            f"{r['ratio']:g}: {_fmt(r['mr'])} / {_fmt(r['mr_dori'])} / {_fmt(r['utility'])}" for r in sweep["rows"]) + ".")
     locality = summary.get("locality")
     if locality:
         notes += [f"Locality, {view}: {text}." for view, text in locality["verdicts"].items()]
     timing = summary.get("timing") or {}
     if timing:
-        notes.append(f"Time: {sum(timing.values()) / 60:.1f} min in all ("
-                     + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items()) + ").")
+        from dori.configs import STUDY_OPTIONAL_STAGES
+
+        default = {k: v for k, v in timing.items() if k not in STUDY_OPTIONAL_STAGES}
+        optional = {k: v for k, v in timing.items() if k in STUDY_OPTIONAL_STAGES}
+        notes.append(f"Time: {sum(default.values()) / 60:.1f} min for the default stages ("
+                     + ", ".join(f"{k} {v:.0f} s" for k, v in default.items()) + ")"
+                     + "".join(f"; the optional {k} {v:.0f} s more" for k, v in optional.items()) + ".")  # fmt: skip
     return "\n".join(lines) + "\n" + "".join(f"\n{note}\n" for note in notes)

@@ -59,3 +59,17 @@ def save_grid(images: Tensor, path: str | Path, *, columns: int) -> Path:
     grid(images, columns=columns).save(tmp, format="PNG")
     tmp.replace(path)
     return path
+
+
+def save_figure(fig, path: str | Path, *, dpi: int = 120) -> Path:
+    """Save a matplotlib figure as PNG through a temporary file and a rename, and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    tmp.replace(path)
+    return path

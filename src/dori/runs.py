@@ -66,13 +66,23 @@ def save_tensors_atomic(tensors: dict, path: str | os.PathLike, metadata: dict |
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> Path:
-    return write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+    """Valid JSON only: a NaN or infinite number is refused (it would be a wrong result written as
+    if it were one) and nothing is written."""
+    return write_text_atomic(path, _finite_json(obj, path, indent=2) + "\n")
 
 
-def write_manifest(out: Path, command: str, config: dict) -> Path:
+def _finite_json(obj, path: str | os.PathLike, **options) -> str:
+    try:
+        return json.dumps(obj, allow_nan=False, **options)
+    except ValueError as error:
+        raise DoriError(f"a result for {Path(path).name} is not a finite number (NaN or infinite), so it was not "
+                        "written; check the inputs (model weights, embeddings, similarity model) for NaN") from error  # fmt: skip
+
+
+def write_manifest(out: Path, command: str, config: dict, inputs: dict | None = None) -> Path:
     return write_json_atomic(
         out / "config.json",
-        {"command": command, "argv": sys.argv, "config": config, "versions": versions()},
+        {"command": command, "argv": sys.argv, "config": config, "inputs": inputs or {}, "versions": versions()},
     )
 
 
@@ -80,12 +90,61 @@ def _normalised(config: dict) -> dict:
     return json.loads(json.dumps(config))
 
 
+def input_fingerprints(config: dict) -> dict[str, str]:
+    """A content hash of every input *file* the config names (prompt lists, statistics, SSCD):
+    a resume checks them, so an input edited between a kill and its resume cannot mix old and new
+    rows. Folders (models, images, earlier runs) are not hashed."""
+    import hashlib
+
+    prints = {}
+    for key, value in sorted(config.items()):
+        if isinstance(value, str) and value and not value.startswith("bundled"):
+            path = Path(value).expanduser()
+            if path.is_file():
+                digest = hashlib.sha256()
+                with path.open("rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 20), b""):
+                        digest.update(block)
+                prints[key] = digest.hexdigest()[:16]
+    return prints
+
+
+# Run folders created by this process and not yet holding any result: if the command is refused
+# before it writes one, ``discard_unstarted_runs`` removes them so the corrected command can start.
+_FRESH_RUNS: list[tuple[Path, bool]] = []  # (folder, whether this process created it)
+
+
+def discard_unstarted_runs() -> None:
+    for out, created in reversed(_FRESH_RUNS):
+        try:
+            if {p.name for p in out.iterdir()} == {"config.json"}:
+                (out / "config.json").unlink()
+                if created:
+                    out.rmdir()
+        except OSError:
+            pass
+    _FRESH_RUNS.clear()
+
+
+RESULT_FILES = ("results.jsonl", "summary.json", "scores.jsonl")
+
+
 def open_run(path: str | os.PathLike, command: str, config: dict, *, resume: bool) -> Path:
-    """Prepare a run folder. A folder holding a run is only reused with ``resume`` and the same
-    parameters; otherwise the user gets a clear message and nothing is touched."""
+    """Prepare a run folder. A folder holding a run is only reused with ``resume``, the same
+    parameters and the same input files; otherwise the user gets a clear message and nothing is
+    touched."""
+    if str(path).strip() == "":
+        raise DoriError("--out is empty; name an output folder")
+    created = not Path(path).expanduser().exists()
     out = prepare_out_dir(path)
     manifest = out / "config.json"
     config = _normalised(config)
+    inputs = input_fingerprints(config)
+    if not manifest.exists():
+        orphans = sorted(name for name in RESULT_FILES if (out / name).exists())
+        if orphans:
+            raise DoriError(f"{out} holds {', '.join(orphans)} but no config.json, so its parameters are unknown; "
+                            "choose a new --out")  # fmt: skip
     if manifest.exists():
         try:
             old = json.loads(manifest.read_text(encoding="utf-8"))
@@ -101,8 +160,16 @@ def open_run(path: str | os.PathLike, command: str, config: dict, *, resume: boo
             what = ", ".join(changed) or "command"
             raise DoriError(f"cannot resume {out}: it was started with other parameters ({what}); "
                             "rerun with the same ones or choose a new --out")  # fmt: skip
+        before = old.get("inputs")
+        if before is not None:  # runs started by an older dori have no fingerprints
+            edited = sorted(k for k in set(before) | set(inputs) if before.get(k) != inputs.get(k))
+            if edited:
+                names = ", ".join(f"{k} ({config.get(k)})" for k in edited)
+                raise DoriError(f"cannot resume {out}: the input file(s) {names} changed since it started; restore "
+                                "them or start a new run in a new --out")  # fmt: skip
         return out
-    write_manifest(out, command, config)
+    write_manifest(out, command, config, inputs)
+    _FRESH_RUNS.append((out, created))
     return out
 
 
@@ -113,13 +180,20 @@ class ResultsFile:
         self.path = Path(path)
         self.rows: list[dict] = []
         if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
+            lines = [line for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+            for number, line in enumerate(lines, 1):
+                try:
                     self.rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    if number == len(lines):
+                        break  # the last row, torn by a kill mid-write: dropped, so it is computed again
+                    raise DoriError(f"{self.path} line {number} is not a result row; restore the file or choose a "
+                                    "new --out") from error  # fmt: skip
 
     def keys(self, field: str = "id") -> set:
         return {row[field] for row in self.rows}
 
     def extend(self, rows: list[dict]) -> None:
+        text = "".join(_finite_json(row, self.path) + "\n" for row in [*self.rows, *rows])
+        write_text_atomic(self.path, text)
         self.rows.extend(rows)
-        write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in self.rows))

@@ -17,19 +17,22 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from dori.configs import (
+    STUDY_DEFAULT_STAGES,
+    STUDY_STAGES,
     AttackRunConfig,
     DetectConfig,
     LocalityConfig,
     MitigateConfig,
     ReplicateConfig,
     UnlearnRunConfig,
+    WandaSweepConfig,
 )
 from dori.errors import DoriError
 from dori.models.base import DiffusionModel
 from dori.models.loading import is_bundled_kind
 from dori.runs import open_run, write_json_atomic
 
-STAGES = ("detect", "replicate", "nemo", "wanda", "nemo_dori", "wanda_dori", "locality", "unlearn")
+STAGES = STUDY_STAGES
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class StudyConfig:
     model: str = "bundled"
     memorized: str = "bundled:memorized"
     non_memorized: str = "bundled:non_memorized"
-    stages: str = ",".join(STAGES)
+    stages: str = ",".join(STUDY_DEFAULT_STAGES)  # add wanda_sweep for Wanda's trade-off curve
     quick: bool = False
     images: str | None = None
     sscd: str | None = None
@@ -81,7 +84,9 @@ def stage_configs(config: StudyConfig, root: Path) -> dict:
         "replicate_non_memorized": ReplicateConfig(**{**mem, "prompts": config.non_memorized}, seeds=seeds, **gen),
         "nemo": MitigateConfig(method="nemo", seeds=seeds, utility_seeds=1 if q else 4, baseline=str(stages / "replicate"),
                                **mem, **gen),  # fmt: skip
-        "wanda": MitigateConfig(method="wanda", seeds=seeds, utility_seeds=1 if q else 4,
+        # Wanda's ratio as a defender picks it (issue 24): the smallest on the ladder that stops
+        # replication on the defender's own seeds.
+        "wanda": MitigateConfig(method="wanda", ratio="auto", seeds=seeds, utility_seeds=1 if q else 4,
                                 baseline=str(stages / "replicate"), **mem, **gen),  # fmt: skip
         "nemo_dori": AttackRunConfig(mitigation=str(stages / "nemo"), steps=5 if q else 50,
                                      steps_curve="0,1,5" if q else "0,1,10,25,50", seeds=seeds,
@@ -89,7 +94,9 @@ def stage_configs(config: StudyConfig, root: Path) -> dict:
         "wanda_dori": AttackRunConfig(mitigation=str(stages / "wanda"), steps=5 if q else 50,
                                       steps_curve="0,1,5" if q else "0,1,10,25,50", seeds=seeds,
                                       eval_steps=gen["steps"], control=False, **mem),  # fmt: skip
-        "locality": LocalityConfig(prompts=config.memorized, non_memorized=config.non_memorized,
+        "wanda_sweep": WandaSweepConfig(ladder="0.01,0.1" if q else WandaSweepConfig.ladder, seeds=seeds,
+                                        utility_seeds=1 if q else 4, attack_steps=5 if q else 50, **mem, **gen),  # fmt: skip
+        "locality": LocalityConfig(prompts=config.memorized, non_memorized=config.non_memorized, limit=limit,
                                    inits=4 if q else 32 if bundled else LocalityConfig.inits,
                                    steps=5 if q else LocalityConfig.steps,
                                    seeds=1 if q else LocalityConfig.seeds, eval_steps=gen["steps"],
@@ -109,6 +116,7 @@ def run_study(config: StudyConfig, model: DiffusionModel, out: str | Path, *, re
               progress: Callable[[str], None] | None = None) -> dict:  # fmt: skip
     from dori import workflows as wf
     from dori.locality import run_locality
+    from dori.sweep import run_wanda_sweep
 
     say = progress or (lambda message: None)
     # Which stages run is not a parameter of the results: a study started with some stages can be
@@ -125,6 +133,7 @@ def run_study(config: StudyConfig, model: DiffusionModel, out: str | Path, *, re
         "wanda": [("wanda", wf.run_mitigate)],
         "nemo_dori": [("nemo_dori", wf.run_attack)],
         "wanda_dori": [("wanda_dori", wf.run_attack)],
+        "wanda_sweep": [("wanda_sweep", run_wanda_sweep)],
         "locality": [("locality", run_locality)],
         "unlearn": [("unlearn", wf.run_unlearn)],
     }
@@ -142,7 +151,7 @@ def run_study(config: StudyConfig, model: DiffusionModel, out: str | Path, *, re
                 continue
             say(f"stage {name}")
             began = time.monotonic()
-            kwargs = {"progress": say} if runner in (wf.run_mitigate, wf.run_unlearn, run_locality) else {}
+            kwargs = {"progress": say} if runner in (wf.run_mitigate, wf.run_unlearn, run_locality, run_wanda_sweep) else {}
             stage_config = configs[name]
             if getattr(stage_config, "baseline", None) and not (Path(stage_config.baseline) / "summary.json").exists():
                 stage_config = replace(stage_config, baseline=None)  # no replicate run to reuse: measure "before"
@@ -158,7 +167,7 @@ def run_study(config: StudyConfig, model: DiffusionModel, out: str | Path, *, re
     summary = {"table": table(results), "detection": _detection(results), "timing": timing,
                "quick": config.quick, "stages_run": config.stage_list(),
                "locality": _locality(results), "steps_curve": _curves(results),
-               "mitigations": _mitigations(results)}  # fmt: skip
+               "mitigations": _mitigations(results), "wanda_sweep": _sweep(results)}  # fmt: skip
     write_json_atomic(root / "summary.json", summary)
     from dori.report import markdown_table, write_report
     from dori.runs import write_text_atomic
@@ -232,8 +241,27 @@ def _mitigations(results: dict) -> list[str]:
                      f"{utility_text}.")  # fmt: skip
     if "wanda" in results:
         w = results["wanda"]
-        lines.append(f"Wanda: {w['pruned_weights']} weights pruned ({100 * w['sparsity']:.2f}% of its {w['sites']} sites).")
+        if w.get("ratio_rule") == "auto":
+            ladder = ", ".join(f"{r['ratio']:g}: {r['mr']:.2f}" for r in w["ladder_mr"])
+            seeds = w["defender_seeds"]
+            how = (f"ratio {w['ratio']:g}, the smallest on the ladder that replicates none of the memorized prompts on "
+                   f"the defender's seeds {seeds[0]}-{seeds[1]} (MR by ratio {ladder})" if w["auto_satisfied"] else
+                   f"ratio {w['ratio']:g}, the largest on the ladder: none stopped replication on the defender's seeds "
+                   f"{seeds[0]}-{seeds[1]} (MR by ratio {ladder})")  # fmt: skip
+        else:
+            how = f"ratio {w.get('ratio', 0.01):g} (fixed)"
+        lines.append(f"Wanda: {how}; {w['pruned_weights']} weights pruned ({100 * w['sparsity']:.2f}% of its "
+                     f"{w['sites']} sites).")  # fmt: skip
     return lines
+
+
+def _sweep(results: dict) -> dict | None:
+    """Wanda's trade-off curve (the optional ``wanda_sweep`` stage)."""
+    if "wanda_sweep" not in results:
+        return None
+    s = results["wanda_sweep"]
+    return {"rows": s["rows"], "utility_unmitigated": s["utility_unmitigated"], "dori_fails_at": s["dori_fails_at"],
+            "attack_steps": s["attack_steps"], "sites": s["sites"]}  # fmt: skip
 
 
 def _curves(results: dict) -> dict:

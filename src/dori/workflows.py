@@ -18,7 +18,7 @@ from dori.measure.replication import replication, summarize
 from dori.models.base import DiffusionModel
 from dori.parallel import Shards
 from dori.prompts import Prompt, PromptSet, load_prompt_set, training_image_path
-from dori.report_images import save_grid
+from dori.report_images import save_figure, save_grid
 from dori.runs import ResultsFile, open_run, save_tensors_atomic, write_json_atomic
 
 Progress = Callable[[int], None]
@@ -34,7 +34,21 @@ def toy_kit_for(model: DiffusionModel):
 
 
 def load_prompts(spec: str, model: DiffusionModel, *, kind: str | None = None, limit: int | None = None) -> PromptSet:
-    return load_prompt_set(spec, model_folder=model.source if "toy_data" in model.meta else None).only(kind).head(limit)
+    """A prompt set; prompts longer than the text encoder's window are marked ``truncated`` (the
+    mark goes into every result row) and named in a warning on stderr."""
+    import dataclasses
+    import sys
+
+    prompts = load_prompt_set(spec, model_folder=model.source if "toy_data" in model.meta else None).only(kind).head(limit)
+    cut = model.truncated(prompts.texts)
+    if not any(cut):
+        return prompts
+    first = next(p.prompt for p, c in zip(prompts.prompts, cut) if c)
+    print(f"warning: {sum(cut)} prompt(s) of {prompts.name} are longer than the text encoder's {model.max_length} "
+          f"tokens and are cut at the end, as Stable Diffusion cuts them (the first: {first[:60]!r}...); their result "
+          "rows say 'truncated': true", file=sys.stderr)  # fmt: skip
+    marked = tuple(dataclasses.replace(p, truncated=c) for p, c in zip(prompts.prompts, cut))
+    return dataclasses.replace(prompts, prompts=marked)
 
 
 class References:
@@ -224,10 +238,7 @@ def plot_roc(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("true-positive rate")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------- shared evaluation
@@ -235,11 +246,14 @@ def plot_roc(rows: list[dict], path: Path) -> None:
 
 def evaluate_replication(model: DiffusionModel, prompts: PromptSet, refs: References, *, seeds: int, steps: int,
                          guidance: float, batch_size: int, embeddings: torch.Tensor | None = None,
-                         targets: list[torch.Tensor] | None = None, progress: Progress | None = None) -> tuple[dict, list[dict], torch.Tensor]:  # fmt: skip
+                         targets: list[torch.Tensor] | None = None, progress: Progress | None = None,
+                         first_seed: int = 0) -> tuple[dict, list[dict], torch.Tensor]:  # fmt: skip
     """Replication of ``prompts`` (or of ``embeddings``, one per prompt) under whatever
-    intervention is active: (summary, per-prompt rows, images)."""
+    intervention is active, seeds ``first_seed .. first_seed + seeds - 1``: (summary, per-prompt
+    rows, images)."""
     references = targets if targets is not None else [refs.of(p) for p in prompts.prompts]
-    rows, images = replication(model, prompts.texts, references, refs.detector, seeds=list(range(seeds)), steps=steps,
+    rows, images = replication(model, prompts.texts, references, refs.detector,
+                               seeds=list(range(first_seed, first_seed + seeds)), steps=steps,
                                guidance=guidance, embeddings=embeddings, batch_size=batch_size, progress=progress,
                                planted=refs.planted)  # fmt: skip
     rows = [{"id": i, **p.to_dict(), **r.row()} for i, (p, r) in enumerate(zip(prompts.prompts, rows))]
@@ -320,7 +334,7 @@ def run_mitigate(config, model: DiffusionModel, out: str | Path, *, resume: bool
         say("resuming: the mask is already selected")
         mitigation, extra = load_mask(out, model), json.loads(selection_file.read_text())
     else:
-        mitigation, extra = _select_mask(config, model, prompts.texts, emb, out, say)
+        mitigation, extra = _select_mask(config, model, prompts, refs, emb, out, say)
         save_mask(mitigation, out)
         write_json_atomic(selection_file, extra)
     with baked(model, mitigation) as changed:
@@ -377,23 +391,54 @@ def _utility_under_own_masks(model: DiffusionModel, mitigation, texts: list[str]
     return total / len(texts)
 
 
-def _select_mask(config, model: DiffusionModel, texts: list[str], emb: torch.Tensor, out: Path, say) -> tuple:
+def _select_mask(config, model: DiffusionModel, prompts: PromptSet, refs: References, emb: torch.Tensor, out: Path,
+                 say) -> tuple:  # fmt: skip
     """The mitigation mask of ``dori mitigate`` and the numbers that describe it."""
-    from dori.interventions import Mitigation
-
     if config.method == "nemo":
-        return _nemo(config, model, texts, emb, out, say)
-    from dori.mitigate.wanda import WandaConfig, wanda_mask
+        return _nemo(config, model, prompts.texts, emb, out, say)
+    from dori.mitigate.wanda import DEFENDER_FIRST_SEED, WANDA_LADDER, first_clean_ratio
 
     say("wanda: recording activations")
-    sites = [s.name for s in (model.ffn_sites() if config.sites == "ffn" else model.value_sites())]
-    mask = wanda_mask(model, emb, sites=sites, config=WandaConfig(ratio=config.ratio, batch_size=config.batch_size))
-    mitigation = Mitigation("weights", model.fingerprint(), weights=mask, method="wanda")
-    total = sum(m.numel() for m in mask.values())
-    extra = {"sites": config.sites, "ratio": config.ratio, "pruned_weights": mitigation.size(),
-             "sparsity": mitigation.size() / total,
-             "per_site": {name: int(m.sum()) for name, m in mask.items()}}  # fmt: skip
+    scores = wanda_scores_for(model, [emb], config.sites, config.batch_size)
+    extra: dict = {"sites": config.sites}
+    if config.ratio == "auto":
+        def defender_mr(ratio: float) -> float:
+            say(f"wanda: ratio {ratio:g} on the defender's seeds")
+            mitigation = wanda_mitigation(model, scores.mask(model, 0, ratio))
+            return evaluate_under(model, mitigation, prompts, refs, seeds=config.seeds, first_seed=DEFENDER_FIRST_SEED,
+                                  steps=config.steps, guidance=config.guidance, batch_size=config.batch_size)[0]["mr"]  # fmt: skip
+
+        ratio, rungs, satisfied = first_clean_ratio(WANDA_LADDER, defender_mr)
+        extra.update({"ratio_rule": "auto", "ladder": list(WANDA_LADDER), "ladder_mr": rungs,
+                      "auto_satisfied": satisfied,
+                      "defender_seeds": [DEFENDER_FIRST_SEED, DEFENDER_FIRST_SEED + config.seeds - 1]})  # fmt: skip
+    else:
+        ratio = float(config.ratio)
+        extra["ratio_rule"] = "fixed"
+    mitigation = wanda_mitigation(model, scores.mask(model, 0, ratio))
+    extra.update({"ratio": ratio, **mask_size(mitigation)})
     return mitigation, extra
+
+
+def wanda_scores_for(model: DiffusionModel, groups: list[torch.Tensor], sites: str, batch_size: int):
+    """Wanda's recorded scores on the ``ffn`` or ``value`` sites (each ratio's mask comes from them)."""
+    from dori.mitigate.wanda import WandaConfig, wanda_scores
+
+    names = [s.name for s in (model.ffn_sites() if sites == "ffn" else model.value_sites())]
+    return wanda_scores(model, groups, sites=names, config=WandaConfig(batch_size=batch_size))
+
+
+def wanda_mitigation(model: DiffusionModel, mask):
+    from dori.interventions import Mitigation
+
+    return Mitigation("weights", model.fingerprint(), weights=mask, method="wanda")
+
+
+def mask_size(mitigation) -> dict:
+    """How many weights a Wanda mask prunes, in all and per site."""
+    total = sum(m.numel() for m in mitigation.weights.values())
+    return {"pruned_weights": mitigation.size(), "sparsity": mitigation.size() / total,
+            "per_site": {name: int(m.sum()) for name, m in mitigation.weights.items()}}  # fmt: skip
 
 
 def _baseline(config, model: DiffusionModel, prompts: PromptSet, refs: References) -> tuple[dict, list[dict]]:
@@ -427,7 +472,10 @@ def cached_value_statistics(model: DiffusionModel, reference: str, say: Callable
     key = hashlib.sha256("\n".join([model.fingerprint(), *texts]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("DORI_CACHE", Path.home() / ".cache" / "dori")) / f"nemo_stats_{key}.pt"
     if cache.is_file():
-        return load_statistics(cache, model)
+        try:
+            return load_statistics(cache, model)
+        except DoriError:  # a damaged cache is only a cache: computed again below and replaced
+            say(f"nemo: the cached statistics {cache} are unreadable; computing them again")
     say(f"nemo: value statistics over {reference} ({len(texts)} prompts)")
     stats = value_statistics(model, texts)
     try:
@@ -629,10 +677,7 @@ def plot_steps_curve(summary: dict, path: Path) -> None:
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------- unlearn

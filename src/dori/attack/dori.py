@@ -180,4 +180,13 @@ def load_embeddings(path, model: DiffusionModel, key: str | None = None) -> Tens
                         f"[N, {model.embedding_shape[0]}, {model.embedding_shape[1]}]; use embeddings made for this model")  # fmt: skip
     if not torch.isfinite(emb).all():
         raise DoriError(f"{file}:{key} contains NaN or inf; regenerate the embeddings")
+    largest = float(emb.abs().max()) if emb.numel() else 0.0
+    if largest > EMBEDDING_LIMIT:
+        raise DoriError(f"{file}:{key} holds values up to {largest:.3g}, beyond {EMBEDDING_LIMIT:g} (text embeddings "
+                        "are of order 1 to 100; such values overflow the model); regenerate the embeddings")  # fmt: skip
     return emb.to(model.device, model.dtype)
+
+
+# The largest magnitude accepted in a loaded embedding: CLIP's hidden states stay within about 100;
+# values far beyond overflow attention in half precision and saturate it in single precision.
+EMBEDDING_LIMIT = 1e4

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dori.errors import DoriError
 from dori.models.base import DiffusionModel
 
 
@@ -102,6 +103,9 @@ def replication(
             reference_feats[id(references[i])] = detector.embed(references[i])
         sims = detector.similarity(gen_feats[part], reference_feats[id(references[i])]).max(dim=1).values
         nearest = None if planted_feats is None else detector.similarity(gen_feats[part], planted_feats).max(dim=1).values
+        if not torch.isfinite(sims).all() or (nearest is not None and not torch.isfinite(nearest).all()):
+            raise DoriError(f"the copy detector scored a generation of {prompt!r} as NaN or infinite (NaN pixels from "
+                            "the model, or a broken similarity model); check --sscd FILE and the model's weights")  # fmt: skip
         rows.append(PromptReplication(prompt, [float(s) for s in sims], float(detector.tau),
                                       None if nearest is None else [float(s) for s in nearest]))  # fmt: skip
     return rows, images

@@ -72,6 +72,13 @@ def load_statistics(path: str | os.PathLike, model: DiffusionModel) -> ValueStat
         raise DoriError(f"{path} is not a NeMo statistics file (a tuple of mean and std tensors)") from error
     sites = model.value_sites()
     widths = [site.width for site in sites]
+    try:
+        means = [torch.as_tensor(m).float().flatten() for m in means]
+        stds = [torch.as_tensor(s).float().flatten() for s in stds]
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise DoriError(f"{path} is not a NeMo statistics file (a tuple of mean and std tensors)") from error
+    if not all(bool(torch.isfinite(t).all()) for t in (*means, *stds)):
+        raise DoriError(f"{path} holds NaN or infinite statistics; compute them again (--reference-prompts SET)")
     if [len(m) for m in means] != widths or [len(s) for s in stds] != widths:
         raise DoriError(f"{path} holds statistics for value layers of widths {[len(m) for m in means]}, "
                         f"this model's are {widths}; compute them for this model instead")  # fmt: skip

@@ -23,6 +23,12 @@ from dori.interventions import WeightMask, capture
 from dori.models.base import DiffusionModel
 
 
+# ``--ratio auto`` walks this ladder (issue 24): the paper's 1% (Chavhan et al.) up to half of each row.
+WANDA_LADDER = (0.01, 0.02, 0.05, 0.10, 0.20, 0.50)
+# The defender's seeds for ``--ratio auto`` start here: disjoint from every evaluation's (0, 1, ...).
+DEFENDER_FIRST_SEED = 1000
+
+
 @dataclass(frozen=True)
 class WandaConfig:
     ratio: float = 0.01
@@ -84,28 +90,70 @@ def wanda_masks(
     config: WandaConfig = WandaConfig(),
     progress: Callable[[int], None] | None = None,
 ) -> list[WeightMask]:
-    """One mask per group of embeddings (each ``[P_i, L, D]``: a prompt set, or one trigger).
+    """One mask per group of embeddings (each ``[P_i, L, D]``: a prompt set, or one trigger)."""
+    scores = wanda_scores(model, groups, sites=sites, config=config, progress=progress)
+    return [scores.mask(model, i, config.ratio) for i in range(len(groups))]
+
+
+@dataclass(frozen=True)
+class WandaScores:
+    """The recorded column norms of each group and of the empty-prompt base: recorded once, they
+    give the mask at any ratio (the ratio only decides how many candidates each row keeps)."""
+
+    sites: list[str]
+    base: list[dict[str, Tensor]]  # the base rescaled to each group's size
+    memorized: list[dict[str, Tensor]]
+    timesteps: int
+
+    def mask(self, model: DiffusionModel, group: int, ratio: float) -> WeightMask:
+        return _prune(model, self.sites, self.memorized[group], self.base[group], ratio, self.timesteps)
+
+
+def wanda_scores(
+    model: DiffusionModel,
+    groups: Sequence[Tensor],
+    *,
+    sites: Sequence[str] | None = None,
+    config: WandaConfig = WandaConfig(),
+    progress: Callable[[int], None] | None = None,
+) -> WandaScores:
+    """Record the column norms for each group of embeddings and for the base.
 
     The base is the empty prompt repeated ``P_i`` times with the same seeds: its column norms are
     exactly ``sqrt(P_i)`` times those of one copy, so it is recorded once and rescaled."""
     sites = [s.name for s in model.ffn_sites()] if sites is None else list(sites)
     base = column_norms(model, model.empty_embedding()[:1], sites, config, progress)
-    masks = []
+    memorized, scaled = [], []
     for emb in groups:
-        memorized = column_norms(model, emb, sites, config, progress)
-        scaled = {name: norms * emb.shape[0] ** 0.5 for name, norms in base.items()}
-        masks.append(_prune(model, sites, memorized, scaled, config))
-    return masks
+        memorized.append(column_norms(model, emb, sites, config, progress))
+        scaled.append({name: norms * emb.shape[0] ** 0.5 for name, norms in base.items()})
+    return WandaScores(sites, scaled, memorized, config.timesteps)
+
+
+def first_clean_ratio(ladder: Sequence[float], mr_at: Callable[[float], float]) -> tuple[float, list[dict], bool]:
+    """The defender's rule for ``--ratio auto``: walk ``ladder`` upwards and stop at the first
+    ratio whose mitigated model replicates none of the memorized prompts (``mr_at(ratio) == 0``,
+    measured by the caller with the defender's own seeds). Returns (ratio, the rungs measured,
+    satisfied); where no rung satisfies the rule, the largest ratio and ``False``."""
+    if not ladder or list(ladder) != sorted(ladder):
+        raise ValueError(f"the ladder must be a non-empty increasing list, got {list(ladder)}")
+    rungs = []
+    for ratio in ladder:
+        mr = float(mr_at(ratio))
+        rungs.append({"ratio": ratio, "mr": mr})
+        if mr == 0.0:
+            return ratio, rungs, True
+    return ladder[-1], rungs, False
 
 
 def _prune(model: DiffusionModel, sites: Sequence[str], memorized: dict[str, Tensor], base: dict[str, Tensor],
-           config: WandaConfig) -> WeightMask:  # fmt: skip
+           ratio: float, timesteps: int) -> WeightMask:  # fmt: skip
     mask = {}
     for site in model.sites(list(sites)):
         weight = site.module.weight.detach().abs().float()
-        keep_k = max(1, int(round(config.ratio * weight.shape[1])))
+        keep_k = max(1, int(round(ratio * weight.shape[1])))
         pruned = torch.zeros_like(weight, dtype=torch.bool)
-        for t in range(config.timesteps):
+        for t in range(timesteps):
             score_mem = weight * memorized[site.name][t]
             score_base = weight * base[site.name][t]
             top = score_mem.topk(keep_k, dim=1).indices

@@ -163,6 +163,12 @@ class DiffusionModel:
         )
         return batch.input_ids.to(self.device)
 
+    def truncated(self, prompts: Sequence[str]) -> list[bool]:
+        """Which prompts are longer than the text encoder's window and lose their end in
+        :meth:`tokenize` (SD: 77 tokens, start and end tokens included)."""
+        lengths = self.tokenizer(list(prompts), truncation=False, verbose=False).input_ids
+        return [len(ids) > self.max_length for ids in lengths]
+
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> Tensor:
         """The conditioning embedding ``[B, L, D]`` of each prompt (the DoRI attack's variable)."""

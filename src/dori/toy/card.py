@@ -184,6 +184,7 @@ def write_card(folder: Path, numbers: dict, calibration: dict, train_info: dict,
         "|---|---|---|",
         *(f"| {e['guidance']:g} | {e['mr']:.3f} | {e['sscd_mean']:.3f} |" for e in numbers["guidance_sweep"]),
         "",
+        *study_rule_lines(),
         "## What it measures",
         "",
         f"Generation: DDIM {numbers['steps']} steps, guidance {numbers['guidance']}, seeds 0-{seeds - 1}.",
@@ -223,6 +224,21 @@ def write_card(folder: Path, numbers: dict, calibration: dict, train_info: dict,
     lines += ["", "Generations: `card_memorized.png`, `card_template.png`, `card_non_memorized.png`, "
               "`card_held_out.png` (one row per prompt, one column per seed).", ""]  # fmt: skip
     (folder / "MODEL_CARD.md").write_text("\n".join(lines))
+
+
+def study_rule_lines() -> list[str]:
+    """The study's rules that choose a setting on the model itself, stated in every card."""
+    from dori.mitigate.wanda import DEFENDER_FIRST_SEED, WANDA_LADDER
+
+    return [
+        "## Wanda's ratio in the study, by rule",
+        "",
+        f"`dori study` prunes with Wanda at `--ratio auto`: the smallest ratio on the ladder "
+        f"{', '.join(f'{r:g}' for r in WANDA_LADDER)} at which the pruned model, generating from the memorized "
+        f"prompts with the defender's own seeds ({DEFENDER_FIRST_SEED} on, disjoint from every evaluation's), "
+        "replicates none of them; where no ratio does, the largest, marked as such. The same rule for every model.",
+        "",
+    ]
 
 
 def _dist_from(calibration: dict) -> str:
