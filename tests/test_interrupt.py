@@ -146,8 +146,10 @@ def test_locality_interrupted_with_sigint_resumes_to_the_same_numbers(tiny_sd_di
     args = ["locality", "--model", tiny_sd_dir, "--prompts", many_prompts / "mem.csv", "--images",
             many_prompts / "images", "--sscd", sscd_file, "--non-memorized", many_prompts / "non.txt", "--inits", "24",
             "--steps", "2", "--attack-batch", "1", "--seeds", "4", "--eval-steps", "8", "--agreement-triggers", "2",
-            "--threshold", "1.0", "--reference-prompts", many_prompts / "non.txt", "--no-tsne", "--batch-size", "4"]  # fmt: skip
-    # --threshold 1.0: NeMo's check calls nothing memorized, so its search is short (this test is about resuming).
+            "--threshold", "1.0", "--reference-prompts", many_prompts / "non.txt", "--no-tsne", "--batch-size", "4",
+            "--limit", "6"]  # fmt: skip
+    # --threshold 1.0: NeMo's check calls nothing memorized, so its search is short; --limit 6: NeMo and
+    # Wanda run on 6 prompts besides the triggers (this test is about resuming, not about the numbers).
     stopped = tmp_path / "stopped"
     process = _start(args + ["--out", stopped])
     # Interrupted after the triggers were found, while checking which of them succeed.
