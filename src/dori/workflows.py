@@ -401,11 +401,17 @@ def _select_mask(config, model: DiffusionModel, prompts: PromptSet, refs: Refere
     say("wanda: recording activations")
     scores = wanda_scores_for(model, [emb], config.sites, config.batch_size)
     extra: dict = {"sites": config.sites}
+    tried: dict[float, object] = {}  # each rung's mitigation, so the chosen one is not built twice
+
+    def at(ratio: float):
+        if ratio not in tried:
+            tried[ratio] = wanda_mitigation(model, scores.mask(model, 0, ratio))
+        return tried[ratio]
+
     if config.ratio == "auto":
         def defender_mr(ratio: float) -> float:
             say(f"wanda: ratio {ratio:g} on the defender's seeds")
-            mitigation = wanda_mitigation(model, scores.mask(model, 0, ratio))
-            return evaluate_under(model, mitigation, prompts, refs, seeds=config.seeds, first_seed=DEFENDER_FIRST_SEED,
+            return evaluate_under(model, at(ratio), prompts, refs, seeds=config.seeds, first_seed=DEFENDER_FIRST_SEED,
                                   steps=config.steps, guidance=config.guidance, batch_size=config.batch_size)[0]["mr"]  # fmt: skip
 
         ratio, rungs, satisfied = first_clean_ratio(WANDA_LADDER, defender_mr)
@@ -415,7 +421,7 @@ def _select_mask(config, model: DiffusionModel, prompts: PromptSet, refs: Refere
     else:
         ratio = float(config.ratio)
         extra["ratio_rule"] = "fixed"
-    mitigation = wanda_mitigation(model, scores.mask(model, 0, ratio))
+    mitigation = at(ratio)
     extra.update({"ratio": ratio, **mask_size(mitigation)})
     return mitigation, extra
 
