@@ -210,3 +210,10 @@ def test_a_prompt_longer_than_the_text_window_is_named_and_marked(tiny_sd, tmp_p
     assert prompts.prompts[1].to_dict()["truncated"] is True and "truncated" not in prompts.prompts[0].to_dict()
     err = capsys.readouterr().err
     assert "1 prompt(s)" in err and "cut at the end" in err
+
+
+def test_the_interrupt_hint_offers_resume_only_where_the_command_has_it():
+    from dori.cli import _resumable
+
+    assert _resumable(["attack"]) and _resumable(["toy", "train"]) and _resumable(["wanda-sweep"])
+    assert not _resumable(["generate"]) and not _resumable(["toy", "card"]) and not _resumable([])

@@ -560,13 +560,19 @@ def main() -> None:
         sys.exit(2)
     except SystemExit as done:
         if done.code == 130:
-            words = [a for a in sys.argv[1:3] if not a.startswith("-")]
-            command = " ".join(words[:2]) if words[:1] == ["toy"] else (words[0] if words else "")
             hint = ("interrupted: the results written so far are kept; rerun the same command with --resume to continue"
-                    if command in RESUMABLE else "interrupted: this command does not resume; run it again")  # fmt: skip
+                    if _resumable(sys.argv[1:3]) else "interrupted: this command does not resume; run it again")  # fmt: skip
             console.print(hint, highlight=False, soft_wrap=True)
         raise
 
 
-# The commands that write as they go and continue with --resume.
-RESUMABLE = ("replicate", "detect", "mitigate", "attack", "wanda-sweep", "locality", "unlearn", "study", "toy train")
+def _resumable(words: list[str]) -> bool:
+    """Whether the command named by ``words`` (``attack``, ``toy train``...) takes ``--resume``."""
+    import inspect
+
+    words = [w for w in words if not w.startswith("-")]
+    group, name = (toy_app, words[1:2]) if words[:1] == ["toy"] else (app, words[:1])
+    for command in group.registered_commands:
+        if [command.name or command.callback.__name__.replace("_", "-")] == name:
+            return "resume" in inspect.signature(command.callback).parameters
+    return False
