@@ -6,8 +6,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -217,3 +221,137 @@ def test_the_interrupt_hint_offers_resume_only_where_the_command_has_it():
 
     assert _resumable(["attack"]) and _resumable(["toy", "train"]) and _resumable(["wanda-sweep"])
     assert not _resumable(["generate"]) and not _resumable(["toy", "card"]) and not _resumable([])
+
+
+def test_a_second_process_on_the_same_out_is_refused_while_the_first_runs(tiny_sd_dir, prompt_files, sscd_file,
+                                                                           tmp_path, capsys):  # fmt: skip
+    """Class 9: the folder is locked before its state is read, so two processes cannot both pass
+    the "is it free" check. The lock dies with its process, however it ends."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dori.runs import open_run; "
+                               f"open_run({str(out)!r}, 'replicate', {{}}, resume=False); print('held', flush=True); "
+                               "time.sleep(120)"], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = ["replicate", "--model", tiny_sd_dir, "--prompts", prompt_files / "mem.csv", "--images",
+                prompt_files / "images", "--sscd", sscd_file, "--out", out]  # fmt: skip
+        for extra in ([], ["--resume"]):
+            code, err = run_cli([*args, *extra], capsys)
+            assert_clear_error(code, err, "another dori process is writing to")
+        assert json.loads((out / "config.json").read_text())["command"] == "replicate"  # the holder's, untouched
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(DoriError, match="other parameters"):  # free again: refused now only for its settings
+        open_run(out, "replicate", {"seeds": 3}, resume=True)
+
+
+def test_generate_streams_images_to_disk_and_leaves_nothing_when_stopped(tiny_sd, tiny_sd_dir, tmp_path, capsys,
+                                                                         monkeypatch):  # fmt: skip
+    """Class 6: each batch is on disk before the next is computed; the folder appears complete or
+    not at all."""
+    from dori.models.base import DiffusionModel
+
+    original = DiffusionModel.generate_chunks
+    on_disk = []
+
+    def watched(self, *args, **kwargs):
+        for rows, images in original(self, *args, **kwargs):
+            yield rows, images
+            on_disk.append(len(list(tmp_path.glob(".g.partial-*/*.png"))))
+
+    monkeypatch.setattr(DiffusionModel, "generate_chunks", watched)
+    base = ["generate", "--model", tiny_sd_dir, "--prompt", "a cat", "--prompt", "a dog", "--seeds", "3",
+            "--steps", "1", "--batch-size", "2"]  # fmt: skip
+    code, err = run_cli([*base, "--out", tmp_path / "g"], capsys)
+    assert code == 0, err
+    assert on_disk == [2, 4, 6]  # every batch written as it came, memory held at one batch
+    written = json.loads((tmp_path / "g" / "images.json").read_text())
+    assert [(r["prompt"], r["seed"]) for r in written] == [(p, s) for p in ("a cat", "a dog") for s in (0, 1, 2)]
+    whole = tiny_sd.generate(tiny_sd.encode(["a cat", "a dog"]), [0, 1, 2], steps=1)
+    from PIL import Image
+
+    last = np.asarray(Image.open(tmp_path / "g" / "prompt001_seed2.png"))
+    assert np.abs(last.astype(int) - (whole[5].permute(1, 2, 0).numpy() * 255).round().astype(int)).max() <= 1
+    assert not list(tmp_path.glob(".g.partial-*"))
+
+    def stop_after_first(self, *args, **kwargs):
+        for n, item in enumerate(original(self, *args, **kwargs)):
+            if n == 1:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(DiffusionModel, "generate_chunks", stop_after_first)
+    code, err = run_cli([*base, "--out", tmp_path / "stopped"], capsys)
+    assert code == 130 and "this command does not resume" in err
+    assert not (tmp_path / "stopped").exists() and not list(tmp_path.glob(".stopped.partial-*"))
+
+
+def _variant(tiny_sd_dir, tmp_path, name):
+    copy = tmp_path / name
+    shutil.copytree(tiny_sd_dir, copy)
+    return copy
+
+
+def test_model_folders_whose_parts_do_not_fit_or_are_malformed_fail_at_load(tiny_sd_dir, tmp_path):
+    """Class 5: checked at load, not in the middle of a run."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dori.models.loading import load_model
+
+    wide = _variant(tiny_sd_dir, tmp_path, "wide_text")
+    shutil.rmtree(wide / "text_encoder")
+    CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=48, intermediate_size=37, num_hidden_layers=1,
+                                 num_attention_heads=4, max_position_embeddings=77)).save_pretrained(wide / "text_encoder")  # fmt: skip
+    with pytest.raises(DoriError, match=r"text encoder's width \(48\) is not the U-Net's cross-attention width \(32\)"):
+        load_model(wide)
+    vae8 = _variant(tiny_sd_dir, tmp_path, "vae8")
+    shutil.rmtree(vae8 / "vae")
+    AutoencoderKL(block_out_channels=(8,), latent_channels=8, norm_num_groups=4).save_pretrained(vae8 / "vae")
+    with pytest.raises(DoriError, match=r"U-Net takes 4 channels .* the VAE's latents \(8 channels\)"):
+        load_model(vae8)
+    cases = {
+        "dori_model.json": [("{", "is not valid JSON"), ("[1, 2]", "holds a JSON list, not a JSON object"),
+                            ('{"pixel_space": "yes"}', "'pixel_space' has the wrong type"),
+                            ('{"token_map": "../../x.json"}', "must name a file in text_encoder/")],
+        "scheduler/scheduler_config.json": [("", "is not valid JSON"),
+                                            ('{"num_train_timesteps": "many"}', "not describe a usable noise schedule")],
+    }  # fmt: skip
+    for file, damages in cases.items():
+        for n, (text, message) in enumerate(damages):
+            folder = _variant(tiny_sd_dir, tmp_path, f"{file.replace('/', '_')}{n}")
+            (folder / file).write_text(text)
+            with pytest.raises(DoriError, match=message):
+                load_model(folder)
+
+
+class _Pickled:
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+def test_pickle_format_weights_load_only_as_plain_tensors(tiny_sd_dir, tmp_path, capsys):
+    """Class 7: ``*.bin`` weights are read with ``weights_only=True`` by dori's own rule; a file
+    that holds other pickled objects is refused with a clear message and never executed."""
+    from dori.models.loading import load_model
+
+    for part, name in (("unet", "diffusion_pytorch_model"), ("text_encoder", "model")):
+        folder = _variant(tiny_sd_dir, tmp_path, f"bin_{part}")
+        tensors = load_file(str(folder / part / f"{name}.safetensors"))
+        (folder / part / f"{name}.safetensors").unlink()
+        binary = folder / part / ("diffusion_pytorch_model.bin" if part == "unet" else "pytorch_model.bin")
+        torch.save(tensors, binary)
+        assert load_model(folder).unet is not None  # plain tensors in pickle format: loaded
+        torch.save({**tensors, "extra": _Pickled()}, binary)
+        with pytest.raises(DoriError, match="hold pickled objects other than tensors, which dori does not load"):
+            load_model(folder)
+        assert "this ran while loading" not in capsys.readouterr().out
+
+
+def test_every_file_of_a_run_has_the_permissions_of_the_users_umask(wanda_run):
+    """Class 7: temporary-then-rename writes, safetensors, PNGs and JSON all get one mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in wanda_run.rglob("*") if path.is_file()}
+    assert len(modes) >= 5 and set(modes.values()) == {oct(0o666 & ~umask)}, modes

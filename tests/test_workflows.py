@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -107,6 +108,20 @@ def test_unlearn_fine_tunes_saves_a_loadable_model_and_resumes(tiny_sd_dir, prom
     assert again["history"] == summary["history"]
     assert {k: again[k] for k in ("mr_attack_after", "mr_prompt_after")} == {
         k: summary[k] for k in ("mr_attack_after", "mr_prompt_after")}
+    # Issue 23, class 5: a damaged checkpoint or result file is a clear error naming the file to delete.
+    run = tmp_path / "unlearn"
+    checkpoint = (run / "checkpoint.pt").read_bytes()
+    (run / "checkpoint.pt").write_bytes(checkpoint[: len(checkpoint) // 2])
+    with pytest.raises(DoriError, match=r"checkpoint.pt is damaged \(not a readable checkpoint\); delete it"):
+        run_unlearn(config, load_model(tiny_sd_dir), run, resume=True)
+    saved = torch.load(io.BytesIO(checkpoint), weights_only=True)
+    saved["unet"] = {k: v[..., :1] for k, v in saved["unet"].items()}
+    torch.save(saved, run / "checkpoint.pt")
+    with pytest.raises(DoriError, match="checkpoint.pt does not fit this model or run"):
+        run_unlearn(config, load_model(tiny_sd_dir), run, resume=True)
+    (run / "before.json").write_text('{"attack": ')
+    with pytest.raises(DoriError, match=r"before.json is damaged \(not valid JSON\)"):
+        run_unlearn(config, load_model(tiny_sd_dir), run, resume=True)
 
 
 def test_surrogates_are_the_least_similar_generation_or_the_empty_prompts(tiny_sd, prompt_files, sscd_file):

@@ -76,6 +76,9 @@ def _load(model: str, device: str, dtype: str):
         return load_model(model, device=device_for(device), dtype=dtype)
 
 
+GRID_SEEDS, GRID_PROMPTS = 16, 64  # dori generate's grid.png: at most this many seeds (columns) and prompts (rows)
+
+
 @app.command()
 def generate(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
@@ -93,6 +96,9 @@ def generate(
 ) -> None:
     """Generate images from prompts or saved embeddings: one PNG per row and seed, and a grid."""
     import torch
+
+    import os
+    import shutil
 
     from dori.report_images import save_grid, to_pil
     from dori.runs import prepare_out_dir, write_json_atomic, write_manifest
@@ -121,23 +127,42 @@ def generate(
     seed_list = list(range(first_seed, first_seed + seeds))
     config = {"model": model, "prompts": prompt, "embeddings": None if embeddings is None else str(embeddings),
               "key": key, "seeds": seed_list, "steps": steps, "guidance": guidance}  # fmt: skip
-    with progress_bar("generating", len(prompt) * seeds) as advance:
-        images = diffusion.generate(emb, seed_list, steps=steps, guidance=guidance, batch_size=batch_size,
-                                    progress=advance)  # fmt: skip
-    if not torch.isfinite(images).all():
-        raise DoriError("the model generated NaN or infinite pixels; check its weights and --dtype (float16 can "
-                        "overflow on CPU; use float32)")  # fmt: skip
-    out = prepare_out_dir(out)  # created only once there are images to write
-    write_manifest(out, "generate", config)
+    # Images stream to a hidden folder beside --out, batch by batch (memory stays at one batch), and
+    # the folder takes its name only when every image is written: a refused or interrupted run
+    # leaves nothing behind (generate does not resume), a finished one is complete.
+    staging = prepare_out_dir(out.parent / f".{out.name}.partial-{os.getpid()}")
+    grid_columns, grid_rows = min(seeds, GRID_SEEDS), min(len(prompt), GRID_PROMPTS)
+    shown = torch.zeros(grid_rows * grid_columns, 3, *diffusion.image_size)
     files = []
-    for i, p in enumerate(prompt):
-        for j, seed in enumerate(seed_list):
-            name = f"prompt{i:03d}_seed{seed}.png"
-            to_pil(images[i * seeds + j]).save(out / name)
-            files.append({"prompt": p, "seed": seed, "file": name})
-    save_grid(images, out / "grid.png", columns=seeds)
-    write_json_atomic(out / "images.json", files)
-    console.print(f"wrote {len(files)} images and grid.png to {out}")
+    try:
+        with progress_bar("generating", len(prompt) * seeds) as advance:
+            for rows, images in diffusion.generate_chunks(emb, seed_list, steps=steps, guidance=guidance,
+                                                          batch_size=batch_size):  # fmt: skip
+                if not torch.isfinite(images).all():
+                    raise DoriError("the model generated NaN or infinite pixels; check its weights and --dtype "
+                                    "(float16 can overflow on CPU; use float32)")  # fmt: skip
+                for n, image in zip(range(rows.start, rows.stop), images):
+                    i, j = divmod(n, seeds)
+                    name = f"prompt{i:03d}_seed{seed_list[j]}.png"
+                    to_pil(image).save(staging / name)
+                    files.append({"prompt": prompt[i], "seed": seed_list[j], "file": name})
+                    if i < grid_rows and j < grid_columns:
+                        shown[i * grid_columns + j] = image
+                advance(rows.stop - rows.start)
+        save_grid(shown, staging / "grid.png", columns=grid_columns)
+        write_json_atomic(staging / "images.json", files)
+        write_manifest(staging, "generate", config)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise DoriError(f"{out} was filled by something else while generating; choose a new --out")
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    part = "" if (grid_rows, grid_columns) == (len(prompt), seeds) else \
+        f" (the grid shows the first {grid_columns} seeds of the first {grid_rows} prompts)"  # fmt: skip
+    console.print(f"wrote {len(files)} images and grid.png to {out}{part}")
 
 
 ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out (same parameters).")]
@@ -551,7 +576,7 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, terminated)
     try:
-        app()  # standalone: typer reports usage errors and turns Ctrl-C into exit code 130
+        _run_app()
     except DoriError as error:
         from dori.runs import discard_unstarted_runs
 
@@ -564,6 +589,15 @@ def main() -> None:
                     if _resumable(sys.argv[1:3]) else "interrupted: this command does not resume; run it again")  # fmt: skip
             console.print(hint, highlight=False, soft_wrap=True)
         raise
+
+
+def _run_app() -> None:
+    from dori.runs import release_all
+
+    try:
+        app()  # standalone: typer reports usage errors and turns Ctrl-C into exit code 130
+    finally:
+        release_all()  # the run folders this command locked (the process may live on: tests, notebooks)
 
 
 def _resumable(words: list[str]) -> bool:

@@ -36,7 +36,7 @@ from dori.measure.replication import replication
 from dori.models.base import DiffusionModel
 from dori.parallel import Shards
 from dori.report_images import save_figure
-from dori.runs import save_tensors_atomic, write_json_atomic
+from dori.runs import read_json, read_tensors, save_tensors_atomic, write_json_atomic
 
 Say = Callable[[str], None]
 
@@ -304,8 +304,6 @@ def verdicts(summary: dict) -> dict:
 def run_locality(config: LocalityConfig, model: DiffusionModel, out: str | Path, *, resume: bool = False,
                  progress: Say | None = None) -> dict:  # fmt: skip
     """``dori locality``: the three views of METHOD.md stage 5, written to ``out``."""
-    from safetensors.torch import load_file
-
     from dori.attack import AttackConfig, dori_attack, initial_embeddings
     from dori.report_images import save_grid
     from dori.workflows import References, attack_targets, load_mitigation, load_prompts
@@ -336,7 +334,7 @@ def run_locality(config: LocalityConfig, model: DiffusionModel, out: str | Path,
     texts = [p for p in targets.texts for _ in range(k)]  # the target prompt of every trigger
     trigger_file = out / "triggers.safetensors"
     if trigger_file.exists():
-        triggers = load_file(str(trigger_file))["triggers"].to(model.device)
+        triggers = read_tensors(trigger_file, keys=("triggers",))["triggers"].to(model.device)
     else:
         say(f"locality: attacking {len(targets)} target(s) from {k} random initialisations each")
         attack = AttackConfig(steps=config.steps, learning_rate=config.learning_rate, batch=config.attack_batch)
@@ -367,7 +365,7 @@ def run_locality(config: LocalityConfig, model: DiffusionModel, out: str | Path,
         first_images.update({i: part[n * config.seeds : (n + 1) * config.seeds] for n, i in enumerate(rows) if i < 16})
     if not shards.main:  # the remaining views are cheap: the main process computes and writes them
         shards.wait()
-        return json.loads((out / "summary.json").read_text())
+        return read_json(out / "summary.json")
     save_grid(torch.cat([first_images[i] for i in sorted(first_images)]), out / "trigger_generations.png",
               columns=config.seeds)  # fmt: skip
 

@@ -87,7 +87,7 @@ class Shards:
                 write_json_atomic(out / "processes.json", {"processes": self.world})
         self.wait()
         if not self.main:
-            out = open_run(path, command, config, resume=True)
+            out = open_run(path, command, config, resume=True, lock=False)  # the main process holds the lock
         return out
 
     def results(self, out: Path, name: str) -> ResultsFile:

@@ -50,6 +50,15 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def with_user_mode(*paths: Path) -> None:
+    """Give files the mode an ordinary ``open`` gives them (0o666 less the umask): safetensors
+    creates its files 0o600, so a run folder would otherwise mix two modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in paths:
+        os.chmod(path, 0o666 & ~umask)
+
+
 def save_tensors_atomic(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:
     """``safetensors.torch.save_file`` through a temporary file and a rename (see ``write_text_atomic``)."""
     from safetensors.torch import save_file
@@ -58,6 +67,7 @@ def save_tensors_atomic(tensors: dict, path: str | os.PathLike, metadata: dict |
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        with_user_mode(tmp)
         os.replace(tmp, path)
     except OSError as error:
         tmp.unlink(missing_ok=True)
@@ -77,6 +87,58 @@ def _finite_json(obj, path: str | os.PathLike, **options) -> str:
     except ValueError as error:
         raise DoriError(f"a result for {Path(path).name} is not a finite number (NaN or infinite), so it was not "
                         "written; check the inputs (model weights, embeddings, similarity model) for NaN") from error  # fmt: skip
+
+
+def _damaged(path: Path, why: str) -> DoriError:
+    return DoriError(f"{path} is damaged ({why}); delete it and rerun with --resume to compute it again, or "
+                     "choose a new --out")  # fmt: skip
+
+
+def read_json(path: str | os.PathLike):
+    """A JSON file that a run wrote earlier (a resume reads it back): a damaged one is a clear error
+    naming the file to delete, never a traceback."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise _damaged(path, "not valid JSON") from error
+
+
+def read_tensors(path: str | os.PathLike, *, keys: tuple[str, ...] = ()) -> dict:
+    """A safetensors file that a run wrote earlier, with its finite tensors (``keys`` must be there)."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        tensors = load_file(str(path))
+    except Exception as error:  # noqa: BLE001 - safetensors raises several kinds for a damaged file
+        raise _damaged(path, "not a readable safetensors file") from error
+    missing = [k for k in keys if k not in tensors]
+    if missing:
+        raise _damaged(path, f"it lacks {', '.join(missing)}")
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise _damaged(path, f"{name} holds NaN or infinite values")
+    return tensors
+
+
+def read_checkpoint(path: str | os.PathLike, *, keys: tuple[str, ...]) -> dict:
+    """A ``torch.save`` checkpoint that dori wrote (``weights_only=True``: tensors and plain
+    containers, never arbitrary pickled objects), with ``keys`` present."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    try:
+        saved = torch.load(str(path), weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
+        raise _damaged(path, "not a readable checkpoint") from error
+    missing = [k for k in keys if not isinstance(saved, dict) or k not in saved]
+    if missing:
+        raise _damaged(path, f"it lacks {', '.join(missing)}")
+    return saved
 
 
 def write_manifest(out: Path, command: str, config: dict, inputs: dict | None = None) -> Path:
@@ -119,6 +181,7 @@ def discard_unstarted_runs() -> None:
         try:
             if {p.name for p in out.iterdir()} == {"config.json"}:
                 (out / "config.json").unlink()
+                release_folder(out)
                 if created:
                     out.rmdir()
         except OSError:
@@ -129,14 +192,57 @@ def discard_unstarted_runs() -> None:
 RESULT_FILES = ("results.jsonl", "summary.json", "scores.jsonl")
 
 
-def open_run(path: str | os.PathLike, command: str, config: dict, *, resume: bool) -> Path:
+# Folders this process holds locked: the open descriptor keeps the lock until the process ends,
+# however it ends (the kernel releases a flock with its last descriptor), so no stale lock survives a kill.
+_LOCKS: dict[Path, int] = {}
+
+
+def lock_folder(out: Path) -> None:
+    """Take an exclusive lock on the run folder, or refuse: two processes writing one ``--out``
+    would mix their rows. The lock is taken *before* the folder's state is read, so the check and
+    the write that follow cannot race with another process. Where the platform has no ``flock``
+    (Windows) the folder is not locked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    key = out.resolve()
+    if key in _LOCKS:  # this process already holds it (a parallel run's processes join it below)
+        return
+    fd = os.open(key, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        os.close(fd)
+        raise DoriError(f"another dori process is writing to {out}; wait for it to finish (or stop it) and "
+                        "rerun with --resume, or choose another --out") from error  # fmt: skip
+    _LOCKS[key] = fd
+
+
+def release_folder(out: Path) -> None:
+    fd = _LOCKS.pop(Path(out).resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def release_all() -> None:
+    """Release every run folder this process locked (the CLI does so when a command ends; a
+    library caller may, once its runs have returned)."""
+    for out in list(_LOCKS):
+        release_folder(out)
+
+
+def open_run(path: str | os.PathLike, command: str, config: dict, *, resume: bool, lock: bool = True) -> Path:
     """Prepare a run folder. A folder holding a run is only reused with ``resume``, the same
     parameters and the same input files; otherwise the user gets a clear message and nothing is
-    touched."""
+    touched. With ``lock`` the folder is locked for the rest of the process (see :func:`lock_folder`);
+    the extra processes of a data-parallel run join their main process's folder without it."""
     if str(path).strip() == "":
         raise DoriError("--out is empty; name an output folder")
     created = not Path(path).expanduser().exists()
     out = prepare_out_dir(path)
+    if lock:
+        lock_folder(out)
     manifest = out / "config.json"
     config = _normalised(config)
     inputs = input_fingerprints(config)

@@ -30,7 +30,7 @@ from dori.configs import (
 from dori.errors import DoriError
 from dori.models.base import DiffusionModel
 from dori.models.loading import is_bundled_kind
-from dori.runs import open_run, write_json_atomic
+from dori.runs import open_run, read_json, write_json_atomic
 
 STAGES = STUDY_STAGES
 
@@ -125,7 +125,7 @@ def run_study(config: StudyConfig, model: DiffusionModel, out: str | Path, *, re
     root = open_run(out, "study", settings, resume=resume)
     configs = stage_configs(config, root)
     timing_file = root / "timing.json"
-    timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
+    timing = read_json(timing_file) if timing_file.exists() else {}
     runners = {
         "detect": [("detect", wf.run_detect)],
         "replicate": [("replicate", wf.run_replicate), ("replicate_non_memorized", wf.run_replicate)],
@@ -144,10 +144,10 @@ def run_study(config: StudyConfig, model: DiffusionModel, out: str | Path, *, re
             done = folder / "summary.json"
             if stage not in config.stage_list():
                 if done.exists():
-                    results[name] = json.loads(done.read_text())
+                    results[name] = read_json(done)
                 continue
             if done.exists():
-                results[name] = json.loads(done.read_text())
+                results[name] = read_json(done)
                 continue
             say(f"stage {name}")
             began = time.monotonic()

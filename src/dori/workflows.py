@@ -19,7 +19,15 @@ from dori.models.base import DiffusionModel
 from dori.parallel import Shards
 from dori.prompts import Prompt, PromptSet, load_prompt_set, training_image_path
 from dori.report_images import save_figure, save_grid
-from dori.runs import ResultsFile, open_run, save_tensors_atomic, write_json_atomic
+from dori.runs import (
+    ResultsFile,
+    open_run,
+    read_checkpoint,
+    read_json,
+    read_tensors,
+    save_tensors_atomic,
+    write_json_atomic,
+)
 
 Progress = Callable[[int], None]
 
@@ -332,7 +340,7 @@ def run_mitigate(config, model: DiffusionModel, out: str | Path, *, resume: bool
     selection_file = out / "selection.json"  # written after the mask: a resumed run skips the search
     if selection_file.exists():
         say("resuming: the mask is already selected")
-        mitigation, extra = load_mask(out, model), json.loads(selection_file.read_text())
+        mitigation, extra = load_mask(out, model), read_json(selection_file)
     else:
         mitigation, extra = _select_mask(config, model, prompts, refs, emb, out, say)
         save_mask(mitigation, out)
@@ -558,18 +566,17 @@ def attack_and_measure(model: DiffusionModel, prompts: PromptSet, refs: Referenc
     """Run DoRI on ``prompts`` (under ``mitigation``), save the embeddings, measure MR at every
     step of the curve. Results are cached per label, so a resumed run skips finished parts.
     Under ``accelerate launch`` each process attacks and measures every ``world``-th prompt."""
-    from safetensors.torch import load_file
-
     from dori.attack import AttackConfig, dori_attack, initial_embeddings
+
     shards = Shards()
     done_file = out / f"{label}_summary.json"
     if done_file.exists():
-        return json.loads(done_file.read_text())
+        return read_json(done_file)
     curve = config.curve() if curve is None else curve
     emb_file = out / f"{label}_embeddings.safetensors"
     mine = shards.mine(range(len(prompts)))
     if emb_file.exists():
-        saved = load_file(str(emb_file))
+        saved = read_tensors(emb_file, keys=tuple(f"step_{k}" for k in curve))
         snapshots = {int(k.split("_")[1]): v[mine].to(model.device) for k, v in saved.items()}
     else:
         others = load_prompts(config.other_prompts, model).texts if config.other_prompts else None
@@ -695,7 +702,6 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
     (a fresh DoRI attack from the prompt and from random starts, plain prompts, utility)."""
     import time
 
-    from safetensors.torch import load_file
 
     from dori.configs import AttackRunConfig, MitigateConfig
     from dori.models.loading import save_model
@@ -718,7 +724,7 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
     util = dict(seeds=config.utility_seeds, steps=config.eval_steps, guidance=config.guidance, batch_size=config.batch_size)
     before_file = out / "before.json"
     if before_file.exists():
-        before = json.loads(before_file.read_text())
+        before = read_json(before_file)
     else:
         say("measuring the original model (DoRI attack, utility)")
         attack_before = attack_and_measure(model, prompts, refs, attack_cfg, label="before_attack", out=out)
@@ -741,8 +747,8 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
         write_json_atomic(out / "surrogates.json", {"tau": refs.detector.tau, "surrogates": surrogate_info})  # fmt: skip
         save_grid(torch.cat([torch.cat(targets), made]), out / "surrogates.png", columns=len(prompts))
     shards.wait()
-    surrogates = load_file(str(surrogate_file))["images"]
-    surrogate_info = json.loads((out / "surrogates.json").read_text())["surrogates"]
+    surrogates = read_tensors(surrogate_file, keys=("images",))["images"]
+    surrogate_info = read_json(out / "surrogates.json")["surrogates"]
 
     retain_images, retain_captions = retained_pairs(model, config, refs)
     unique = sorted(set(retain_captions))
@@ -751,9 +757,13 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
     checkpoint = out / "checkpoint.pt"
     state, optimizer_state = None, None
     if checkpoint.exists():
-        saved = torch.load(str(checkpoint), weights_only=True)
-        model.unet.load_state_dict(saved["unet"])
-        state = UnlearnState(int(saved["step"]), saved["triggers"].to(model.device), json.loads(saved["history"]))
+        saved = read_checkpoint(checkpoint, keys=("unet", "optimizer", "step", "triggers", "history"))
+        try:
+            model.unet.load_state_dict(saved["unet"])
+            state = UnlearnState(int(saved["step"]), saved["triggers"].to(model.device), json.loads(saved["history"]))
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise DoriError(f"{checkpoint} does not fit this model or run ({str(error).splitlines()[0]}); delete it "
+                            "to fine-tune again from step 0, or choose a new --out") from error  # fmt: skip
         optimizer_state = saved["optimizer"]
         say(f"resumed fine-tuning at step {state.step}")
     ft_config = UnlearnConfig(steps=config.steps, learning_rate=config.learning_rate, retain_batch=config.retain_batch,

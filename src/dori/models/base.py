@@ -13,7 +13,7 @@ training timesteps in ``[0, num_train_timesteps)``.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -274,23 +274,41 @@ class DiffusionModel:
         :attr:`default_guidance`.
         ``progress`` is called with the number of images finished after each chunk.
         """
+        images = []
+        for _, chunk in self.generate_chunks(emb, seeds, steps=steps, guidance=guidance, batch_size=batch_size,
+                                             callback=callback):  # fmt: skip
+            images.append(chunk)
+            if progress is not None:
+                progress(chunk.shape[0])
+        return torch.cat(images)
+
+    @torch.no_grad()
+    def generate_chunks(
+        self,
+        emb: Tensor,
+        seeds: Sequence[int],
+        *,
+        steps: int = 50,
+        guidance: float | None = None,
+        batch_size: int = 64,
+        callback: Callable[[StepInfo], None] | None = None,
+    ) -> Iterator[tuple[slice, Tensor]]:
+        """:meth:`generate` one batch at a time: yields ``(rows, images)``, ``rows`` indexing the
+        prompt-major order of :meth:`generate`. Memory stays at one batch however many images are
+        asked for (``dori generate`` writes each batch to disk as it comes)."""
         if steps < 1:
             raise DoriError(f"steps must be at least 1, got {steps}")
         if len(seeds) == 0:
             raise DoriError("no seeds given: pass at least one seed")
         guidance = self.default_guidance if guidance is None else guidance
         emb = emb.to(self.device, self.dtype)
-        n_prompts, n_seeds = emb.shape[0], len(seeds)
-        all_emb = emb.repeat_interleave(n_seeds, dim=0)
-        all_noise = self.initial_noise(seeds).repeat(n_prompts, 1, 1, 1)
-        images = []
-        for start in range(0, all_emb.shape[0], batch_size):
-            rows = slice(start, min(start + batch_size, all_emb.shape[0]))
-            latents = self._sample(all_emb[rows], all_noise[rows], steps, guidance, rows, callback)
-            images.append(self.from_latents(latents))
-            if progress is not None:
-                progress(rows.stop - rows.start)
-        return torch.cat(images)
+        n_seeds, total = len(seeds), emb.shape[0] * len(seeds)
+        for start in range(0, total, batch_size):
+            rows = slice(start, min(start + batch_size, total))
+            index = torch.arange(rows.start, rows.stop)
+            noise = self.initial_noise([seeds[i] for i in (index % n_seeds).tolist()])
+            latents = self._sample(emb[index // n_seeds], noise, steps, guidance, rows, callback)
+            yield rows, self.from_latents(latents)
 
     def guided_outputs(self, latents: Tensor, t: Tensor, emb: Tensor, guidance: float) -> tuple[Tensor, Tensor, Tensor | None]:
         """One denoising call with classifier-free guidance: (guided, conditional, unconditional)

@@ -74,13 +74,36 @@ def resolve_model_path(spec: str | os.PathLike) -> Path:
 def is_bundled_kind(spec: str | os.PathLike) -> bool:
     """Whether ``spec`` names a model of the bundled kind (the shipped one, or any folder written
     by ``dori toy train``): its ``dori_model.json`` records the synthetic data it was trained on."""
-    meta_file = resolve_model_path(spec) / MODEL_FILE
-    if not meta_file.is_file():
-        return False
+    return "toy_data" in _model_meta(resolve_model_path(spec))
+
+
+def _read_model_json(file: Path, what: str, kind: type):
+    """A JSON file of a model folder, of the expected ``kind``, or a clear error naming it."""
     try:
-        return "toy_data" in json.loads(meta_file.read_text(encoding="utf-8"))
+        value = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DoriError(f"{meta_file} is not valid JSON ({error}); restore the file or retrain the model") from error
+        raise DoriError(f"{file} ({what}) is not valid JSON; restore it from the model's source") from error
+    if not isinstance(value, kind):
+        raise DoriError(f"{file} ({what}) holds a JSON {type(value).__name__}, not a JSON "
+                        f"{'object' if kind is dict else 'list'}; restore it from the model's source")  # fmt: skip
+    return value
+
+
+def _model_meta(path: Path) -> dict:
+    """``dori_model.json``, checked: an object whose known fields have the right types."""
+    file = path / MODEL_FILE
+    if not file.is_file():
+        return {}
+    meta = _read_model_json(file, "dori's model description", dict)
+    expected = {"name": str, "pixel_space": bool, "tokenizer": str, "token_map": str, "toy_data": dict,
+                "default_guidance": (int, float), "position_encoding": str}  # fmt: skip
+    for key, kind in expected.items():
+        if key in meta and not isinstance(meta[key], kind):
+            raise DoriError(f"{file}: '{key}' has the wrong type ({type(meta[key]).__name__}); restore the file "
+                            "from the model's source")  # fmt: skip
+    if "token_map" in meta and (path / meta["token_map"]).resolve().parent != (path / "text_encoder").resolve():
+        raise DoriError(f"{file}: 'token_map' must name a file in text_encoder/, not {meta['token_map']!r}")
+    return meta
 
 
 def _require(path: Path, component: str, what: str) -> Path:
@@ -93,12 +116,56 @@ def _require(path: Path, component: str, what: str) -> Path:
     return folder
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
 def _load_component(loader, folder: Path, what: str, **kwargs):
+    """One component through its library's ``from_pretrained``. Weights in safetensors are read as
+    such; pickle-format weights (``*.bin``) only as plain tensors (``weights_only=True``, dori's
+    rule, whatever torch's default): a file holding other pickled objects is refused, clearly."""
+    import pickle
+
+    has_safetensors = any(folder.glob("*.safetensors"))
+    pickles = [f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES] if folder.is_dir() else []
+    if not has_safetensors and pickles:
+        kwargs["use_safetensors"] = False
+        if "transformers" in getattr(loader, "__module__", "") or "transformers" in repr(loader):
+            kwargs["weights_only"] = True
     try:
         return loader(str(folder), local_files_only=True, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as error:
+    except Exception as error:  # noqa: BLE001 - a damaged or mismatched component raises many kinds
+        chain, link = [], error
+        while link is not None and len(chain) < 10:  # the libraries wrap torch's refusal in their own errors
+            chain.append(link)
+            link = link.__cause__ or link.__context__
+        if any(isinstance(e, pickle.UnpicklingError) for e in chain):
+            raise DoriError(f"the {what} weights in {folder} ({', '.join(pickles)}) hold pickled objects other "
+                            "than tensors, which dori does not load; convert them to safetensors") from error  # fmt: skip
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DoriError(f"could not load the {what} from {folder}: {first}") from error
+
+
+def _check_fit(unet, text_encoder, vae, tokenizer, token_map, path: Path) -> None:
+    """Components that do not fit each other fail here, at load, not in the middle of a run."""
+    width, cross = text_encoder.config.hidden_size, unet.config.cross_attention_dim
+    if width != cross:
+        raise DoriError(f"{path}: the text encoder's width ({width}) is not the U-Net's cross-attention width "
+                        f"({cross}); text_encoder/ and unet/ come from different models")  # fmt: skip
+    channels = 3 if vae is None else vae.config.latent_channels
+    where = "pixel space (3 channels)" if vae is None else f"the VAE's latents ({channels} channels)"
+    if unet.config.in_channels != channels or unet.config.out_channels != channels:
+        raise DoriError(f"{path}: the U-Net takes {unet.config.in_channels} channels and returns "
+                        f"{unet.config.out_channels}, but the model works in {where}; unet/ and vae/ come from "
+                        "different models")  # fmt: skip
+    rows = text_encoder.config.vocab_size
+    ids = len(tokenizer) if token_map is None else int(token_map.max()) + 1
+    if ids > rows:
+        raise DoriError(f"{path}: the tokenizer gives {ids} token ids but the text encoder has {rows} embedding "
+                        "rows; tokenizer/ and text_encoder/ come from different models")  # fmt: skip
+    positions = text_encoder.config.max_position_embeddings
+    if tokenizer.model_max_length > positions:
+        raise DoriError(f"{path}: the tokenizer pads to {tokenizer.model_max_length} tokens but the text encoder has "
+                        f"{positions} positions; tokenizer/ and text_encoder/ come from different models")  # fmt: skip
 
 
 def load_model(
@@ -115,9 +182,7 @@ def load_model(
             raise DoriError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
     path = resolve_model_path(spec)
-    meta = {}
-    if (path / MODEL_FILE).is_file():
-        meta = json.loads((path / MODEL_FILE).read_text(encoding="utf-8"))
+    meta = _model_meta(path)
     pixel_space = bool(meta.get("pixel_space", False))
 
     unet = _load_component(UNet2DConditionModel.from_pretrained, _require(path, "unet", "the U-Net"), "U-Net")
@@ -127,7 +192,14 @@ def load_model(
     scheduler_file = _require(path, "scheduler", "the noise schedule") / "scheduler_config.json"
     if not scheduler_file.is_file():
         raise DoriError(f"{scheduler_file} is missing; the scheduler folder must hold scheduler_config.json")
-    scheduler_config = json.loads(scheduler_file.read_text(encoding="utf-8"))
+    scheduler_config = _read_model_json(scheduler_file, "the noise schedule", dict)
+    try:
+        from diffusers import DDIMScheduler
+
+        DDIMScheduler.from_config(scheduler_config, clip_sample=False).set_timesteps(2)
+    except Exception as error:  # noqa: BLE001 - a bad schedule raises many kinds inside diffusers
+        raise DoriError(f"{scheduler_file} does not describe a usable noise schedule ({error}); restore it from "
+                        "the model's source") from error  # fmt: skip
 
     if meta.get("tokenizer") == "clip":
         tokenizer = clip_tokenizer()
@@ -145,6 +217,7 @@ def load_model(
     token_map = None
     if "token_map" in meta:
         token_map = _token_map(path / meta["token_map"], len(tokenizer))
+    _check_fit(unet, text_encoder, vae, tokenizer, token_map, path)
 
     return DiffusionModel(
         name=str(meta.get("name", path.name)),
@@ -163,7 +236,11 @@ def load_model(
 
 def _token_map(file: Path, vocab_size: int) -> torch.Tensor:
     """CLIP id -> row of a compact embedding table; ids never seen in training map to row 0."""
-    used = json.loads(file.read_text(encoding="utf-8"))
+    if not file.is_file():
+        raise DoriError(f"{file} (the token-id map named in {MODEL_FILE}) is missing; restore it from the model's source")
+    used = _read_model_json(file, "the token-id map", list)
+    if not all(isinstance(i, int) and 0 <= i < vocab_size for i in used) or len(set(used)) != len(used):
+        raise DoriError(f"{file} must list distinct token ids in 0..{vocab_size - 1}; restore it from the model's source")
     table = torch.zeros(vocab_size, dtype=torch.long)
     table[torch.tensor(used, dtype=torch.long)] = torch.arange(1, len(used) + 1)
     return table
@@ -195,4 +272,7 @@ def save_model(model: DiffusionModel, out_dir: str | os.PathLike, *, meta: dict 
         model.tokenizer.save_pretrained(out / "tokenizer")
     info.update(meta or {})
     (out / MODEL_FILE).write_text(json.dumps(info, indent=2))
+    from dori.runs import with_user_mode
+
+    with_user_mode(*(f for f in out.rglob("*") if f.is_file()))  # the libraries' safetensors files are 0o600
     return out

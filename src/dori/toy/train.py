@@ -38,6 +38,7 @@ from dori.errors import DoriError
 from dori.models.base import DiffusionModel
 from dori.models import position
 from dori.models.loading import clip_tokenizer, save_model
+from dori.runs import read_checkpoint
 from dori.toy.classifier import train_classifier
 from dori.toy.data import TITLES_TM, TITLES_VM, ToyDataset, build_dataset
 
@@ -228,10 +229,14 @@ def train_bundled_model(
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.01)
     start, seconds, began = 0, 0.0, time.monotonic()
     if resume and checkpoint_file.exists():
-        state = torch.load(checkpoint_file, weights_only=True)
-        unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
-        optimizer.load_state_dict(state["optimizer"])
+        state = read_checkpoint(checkpoint_file, keys=("unet", "text_encoder", "optimizer", "step"))
+        try:
+            unet.load_state_dict(state["unet"])
+            text_encoder.load_state_dict(state["text_encoder"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise DoriError(f"{checkpoint_file} does not fit this recipe ({str(error).splitlines()[0]}); delete it "
+                            "to train from step 0, or choose a new --out") from error  # fmt: skip
         start, seconds = int(state["step"]), float(state.get("seconds", 0.0))
         log(f"resumed at step {start}")
     unet.train().requires_grad_(True)
@@ -271,10 +276,8 @@ def train_bundled_model(
 
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
-    if start < config.steps:
+    if start < config.steps:  # otherwise the checkpoint's own time stands
         seconds += time.monotonic() - began
-    else:
-        seconds = float(torch.load(checkpoint_file, weights_only=True).get("seconds", float("nan")))
     train_info = {**asdict(config), "seconds": seconds}
     # A provisional guidance: finish_bundled_model replaces it by the model card's rule.
     save_model(model, out, meta={"toy_data": config.data_kwargs(), "train_config": train_info,
