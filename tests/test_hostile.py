@@ -23,8 +23,11 @@ from dori.runs import ResultsFile, open_run, write_json_atomic
 
 
 class _NanEmbedder(torch.nn.Module):
+    """Finite on the plain image dori probes at load, NaN on every real picture."""
+
     def forward(self, x):
-        return torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1) * float("nan")
+        scale = float("nan") if bool(x.std() > 1e-3) else 1.0
+        return torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1) * scale
 
 
 def _configs_with_numbers():
@@ -355,3 +358,23 @@ def test_every_file_of_a_run_has_the_permissions_of_the_users_umask(wanda_run):
     os.umask(umask)
     modes = {path.name: oct(path.stat().st_mode & 0o777) for path in wanda_run.rglob("*") if path.is_file()}
     assert len(modes) >= 5 and set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
+def test_a_run_stopped_before_its_first_result_keeps_nothing_and_says_so(tiny_sd_dir, prompt_files, sscd_file,
+                                                                          tmp_path, capsys, monkeypatch):  # fmt: skip
+    """Class 6: the interrupt hint tells the truth about what was kept."""
+    from dori import workflows
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workflows, "replication", stopped)
+    out = tmp_path / "rep"
+    args = ["replicate", "--model", tiny_sd_dir, "--prompts", prompt_files / "mem.csv", "--images",
+            prompt_files / "images", "--sscd", sscd_file, "--seeds", "1", "--steps", "1", "--out", out]  # fmt: skip
+    code, err = run_cli(args, capsys)
+    assert code == 130 and "before any result was written, so nothing was kept; run the same command again" in err
+    assert not out.exists()
+    monkeypatch.undo()
+    code, err = run_cli(args, capsys)  # the same command, as the hint says
+    assert code == 0, err

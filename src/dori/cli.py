@@ -103,13 +103,13 @@ def generate(
     from dori.report_images import save_grid, to_pil
     from dori.runs import prepare_out_dir, write_json_atomic, write_manifest
 
-    _positive("--seeds", seeds)
-    _positive("--steps", steps)
-    _positive("--batch-size", batch_size)
+    from dori.configs import MAX_COUNT, MAX_SEED, check_range
+
+    for flag, value in (("--seeds", seeds), ("--steps", steps), ("--batch-size", batch_size)):
+        check_range(flag, value, 1, MAX_COUNT)
+    check_range("--first-seed", first_seed, 0, MAX_SEED)
     if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
         raise DoriError(f"--guidance must be a finite number of at least 0, got {guidance}")
-    if first_seed < 0:
-        raise DoriError(f"--first-seed must be at least 0, got {first_seed}")
     if bool(prompt) == (embeddings is not None):
         raise DoriError("give either --prompt TEXT (repeat for several) or --embeddings FILE")
     diffusion = _load(model, device, dtype)
@@ -585,8 +585,15 @@ def main() -> None:
         sys.exit(2)
     except SystemExit as done:
         if done.code == 130:
-            hint = ("interrupted: the results written so far are kept; rerun the same command with --resume to continue"
-                    if _resumable(sys.argv[1:3]) else "interrupted: this command does not resume; run it again")  # fmt: skip
+            from dori.runs import discard_unstarted_runs
+
+            discarded, started = discard_unstarted_runs()  # a run stopped before its first result is not kept
+            if not _resumable(sys.argv[1:3]):
+                hint = "interrupted: this command does not resume; run it again"
+            elif started and discarded == started:
+                hint = "interrupted before any result was written, so nothing was kept; run the same command again"
+            else:
+                hint = "interrupted: the results written so far are kept; rerun the same command with --resume to continue"
             console.print(hint, highlight=False, soft_wrap=True)
         raise
 

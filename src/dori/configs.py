@@ -29,21 +29,42 @@ STUDY_DEFAULT_STAGES = tuple(s for s in STUDY_STAGES if s not in STUDY_OPTIONAL_
 
 # Options that must not be negative (besides the counts that _check_positive covers).
 NON_NEGATIVE = ("guidance", "learning_rate", "adv_weight")
+# The smallest value of the integer options that _check_positive does not cover.
+MINIMUM = {"limit": 1, "first_seed": 0, "seed": 0, "attack_seed": 0, "control_limit": 0, "inner_steps": 1,
+           "fresh_steps": 0, "eval_attack_steps": 0}  # fmt: skip
+SEED_OPTIONS = ("first_seed", "seed", "attack_seed")
+MAX_SEED = 2**31 - 1  # seeds derived from these (seed * 1_000_003 + i) stay within torch's generator range
+MAX_COUNT = 1_000_000  # any count above this is a typo, and its lists would not fit in memory
 OPTION_NAMES = {"learning_rate": "lr"}  # where the command-line flag differs from the field
+
+
+def check_range(flag: str, value: int, low: int | None, high: int) -> int:
+    """An integer option within ``low..high``, or a one-line error that states the bound."""
+    if low is not None and value < low:
+        raise DoriError(f"{flag} must be at least {low}, got {value}")
+    if value > high:
+        raise DoriError(f"{flag} must be at most {high}, got {value}")
+    return value
 
 
 def _check_numbers(config) -> None:
     """Every number of a config is finite (NaN and infinity would flow into the results as if
-    they were measurements), and the non-negative ones are not below zero."""
+    they were measurements), the non-negative ones are not below zero, and every integer lies in
+    its range (seeds within MAX_SEED, counts within MAX_COUNT)."""
     for item in fields(config):
         value = getattr(config, item.name)
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
         flag = "--" + OPTION_NAMES.get(item.name, item.name).replace("_", "-")
+        if item.type in ("int", "int | None") and not isinstance(value, int):
+            raise DoriError(f"{flag} must be a whole number, got {value!r}")
         if not math.isfinite(value):
             raise DoriError(f"{flag} must be a finite number, got {value}")
         if item.name in NON_NEGATIVE and value < 0:
             raise DoriError(f"{flag} must be at least 0, got {value}")
+        if isinstance(value, int):
+            high = MAX_SEED if item.name in SEED_OPTIONS else MAX_COUNT
+            check_range(flag, value, MINIMUM.get(item.name), high)  # the counts' minimum: _check_positive
 
 
 def _check_positive(**values: int) -> None:

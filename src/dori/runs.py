@@ -176,17 +176,24 @@ def input_fingerprints(config: dict) -> dict[str, str]:
 _FRESH_RUNS: list[tuple[Path, bool]] = []  # (folder, whether this process created it)
 
 
-def discard_unstarted_runs() -> None:
+def discard_unstarted_runs() -> tuple[int, int]:
+    """Remove the run folders this process started that hold no result yet; returns (discarded,
+    started)."""
+    discarded, started = 0, len(_FRESH_RUNS)
     for out, created in reversed(_FRESH_RUNS):
         try:
-            if {p.name for p in out.iterdir()} == {"config.json"}:
+            if [p for p in out.rglob("*") if not p.is_dir()] == [out / "config.json"]:  # empty sub-folders aside
                 (out / "config.json").unlink()
+                for folder in sorted(out.rglob("*"), reverse=True):  # the empty sub-folders, deepest first
+                    folder.rmdir()
                 release_folder(out)
+                discarded += 1
                 if created:
                     out.rmdir()
         except OSError:
             pass
     _FRESH_RUNS.clear()
+    return discarded, started
 
 
 RESULT_FILES = ("results.jsonl", "summary.json", "scores.jsonl")

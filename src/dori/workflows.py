@@ -95,7 +95,8 @@ def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
     try:
         with Image.open(path) as image:
             rgb = image.convert("RGB").resize((size[1], size[0]), Image.BICUBIC)
-    except (UnidentifiedImageError, OSError) as error:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as error:
+        # PIL reports a damaged PNG chunk as SyntaxError, an oversized one as DecompressionBombError
         raise DoriError(f"training image {path} is unreadable ({type(error).__name__}); replace the file") from error
     return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255).permute(2, 0, 1)[None]
 

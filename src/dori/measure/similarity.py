@@ -172,10 +172,28 @@ class SSCD:
             raise DoriError(f"SSCD file not found: {path}; pass --sscd with the path of sscd_disc_mixup.torchscript.pt")
         try:
             self.model = torch.jit.load(str(path), map_location=device).eval()
-        except (RuntimeError, ValueError) as error:
-            raise DoriError(f"{path} is not a TorchScript file: {str(error).splitlines()[0]}") from error
+        except Exception as error:  # noqa: BLE001 - torch raises several kinds for a damaged archive
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise DoriError(f"{path} is not a TorchScript file: {first}") from error
         self.path, self.convention, self.tau = str(path), convention, tau
         self.device, self.batch_size = torch.device(device), batch_size
+        self._probe()
+
+    def _probe(self) -> None:
+        """One blank image through the model at load: a file that loads but does not embed images
+        (wrong input size, wrong output shape, NaN) fails here rather than mid-run."""
+        fix = "pass SSCD's TorchScript file (sscd_disc_mixup.torchscript.pt)"
+        try:
+            with torch.no_grad():
+                out = self.model(self.preprocess(torch.full((1, 3, 64, 64), 0.5)).to(self.device))
+        except Exception as error:  # noqa: BLE001 - whatever the scripted code raises
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise DoriError(f"{self.path} does not run on an image ({first[:120]}); {fix}") from error
+        if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 1:
+            shape = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise DoriError(f"{self.path} returns {shape} for one image, not [1, D] descriptors; {fix}")
+        if not bool(torch.isfinite(out).all()):
+            raise DoriError(f"{self.path} returns NaN or infinite descriptors for a plain grey image; {fix}")
 
     def preprocess(self, images: Tensor) -> Tensor:
         spec = SSCD_CONVENTIONS[self.convention]

@@ -250,6 +250,9 @@ class DiffusionModel:
         return torch.stack(noise).to(self.device, self.dtype)
 
     def ddim_scheduler(self, steps: int) -> DDIMScheduler:
+        if not 1 <= steps <= self.num_train_timesteps:
+            raise DoriError(f"the sampling steps must be 1..{self.num_train_timesteps} (this model's training "
+                            f"timesteps), got {steps}; lower --steps")  # fmt: skip
         scheduler = DDIMScheduler.from_config(self.scheduler_config, clip_sample=False)
         scheduler.set_timesteps(steps, device=self.device)
         return scheduler
