@@ -23,9 +23,9 @@ from test_errors import run_cli
 from dori import configs
 from dori.errors import DoriError
 
-CASES = settings(derandomize=True, deadline=None, database=None, max_examples=150,
+CASES = settings(derandomize=True, deadline=None, database=None, max_examples=100,
                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
-FEW = settings(CASES, max_examples=25)
+FEW = settings(CASES, max_examples=15)
 
 
 def _one_line(error: DoriError) -> None:
@@ -306,7 +306,7 @@ def test_mask_and_embedding_tensors_of_the_wrong_kind_are_refused_clearly(how, w
 @pytest.fixture(scope="module")
 def wanda_mask(tiny_sd, tmp_path_factory):
     from dori.interventions import save_mask
-    from dori.workflows import wanda_mitigation, wanda_scores_for
+    from dori.mitigate.wanda import wanda_mitigation, wanda_scores_for
 
     scores = wanda_scores_for(tiny_sd, [tiny_sd.encode(["a cat", "a dog"])], "ffn", batch_size=8)
     folder = tmp_path_factory.mktemp("wanda") / "mask"
@@ -331,7 +331,7 @@ def test_damaged_model_folder_files_load_or_fail_clearly(data, part, tiny_sd_dir
 @given(data=st.data())
 def test_damaged_sscd_files_and_training_images_fail_clearly(data, sscd_file, prompt_files, tmp_path_factory):
     from dori.measure.similarity import SSCD
-    from dori.workflows import load_image
+    from dori.references import load_image
 
     folder = tmp_path_factory.mktemp("sscd")
     file = folder / "sscd.pt"
