@@ -47,7 +47,8 @@ def _peak_memory(device: str) -> float:
 
 def child_stage(args) -> dict:
     from dori.models.loading import load_model
-    from dori.study import StudyConfig, run_study
+    from dori.configs import StudyConfig
+    from dori.stages.study import run_study
 
     model = load_model(args.model, device=args.device)
     config = StudyConfig(model=args.model, stages=args.stage, quick=args.quick)
@@ -57,7 +58,7 @@ def child_stage(args) -> dict:
 
 
 def _inputs(model, n_prompts: int):
-    from dori.workflows import load_prompts
+    from dori.references import load_prompts
 
     spec = "bundled:memorized" if "toy_data" in model.meta else "sd14:memorized"
     return load_prompts(spec, model, limit=n_prompts)
@@ -94,7 +95,7 @@ def child_task(args) -> dict:
                                                 batch_size=args.batch_size)["first_step"])  # fmt: skip
     elif args.task == "nemo":
         from dori.mitigate.nemo import NemoConfig, nemo_localize
-        from dori.workflows import nemo_reference
+        from dori.mitigate.nemo_reference import nemo_reference
 
         stats, threshold = nemo_reference(model, reference_prompts=None, stats=None, threshold=None, steps=args.steps,
                                           say=lambda m: None)  # fmt: skip
@@ -107,7 +108,7 @@ def child_task(args) -> dict:
         result = sum(sum(len(v) for v in r.neurons.values()) for r in results)
     elif args.task == "attack":
         from dori.attack import AttackConfig, dori_attack
-        from dori.workflows import References, attack_targets
+        from dori.references import References, attack_targets
 
         refs = References(model, images=None, sscd=None)
         latents = model.to_latents(torch.cat(attack_targets(model, prompts, refs)))

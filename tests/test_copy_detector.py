@@ -79,7 +79,8 @@ def test_summary_counts_replication_of_any_memorized_image():
 
 def test_a_folder_written_by_toy_train_is_of_the_bundled_kind_and_gets_the_bundled_study_sizes(tmp_path, tiny_sd_dir):
     from dori.models.loading import is_bundled_kind
-    from dori.study import StudyConfig, stage_configs
+    from dori.configs import StudyConfig
+    from dori.stages.study import stage_configs
 
     folder = tmp_path / "retrained"
     folder.mkdir()

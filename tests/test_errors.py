@@ -148,7 +148,7 @@ def test_a_full_disk_mid_run_keeps_earlier_results_and_leaves_no_partial_file(ti
     from pathlib import Path
 
     from dori.configs import ReplicateConfig
-    from dori.workflows import run_replicate
+    from dori.stages.replicate import run_replicate
 
     config = ReplicateConfig(prompts=str(prompt_files / "mem.csv"), images=str(prompt_files / "images"),
                              sscd=str(sscd_file), seeds=1, steps=1, batch_size=1)  # fmt: skip

@@ -153,7 +153,7 @@ def test_a_refused_run_leaves_nothing_that_blocks_the_corrected_command(tiny_sd_
 @pytest.fixture
 def wanda_run(tiny_sd, prompt_files, sscd_file, tmp_path_factory):
     from dori.configs import MitigateConfig
-    from dori.workflows import run_mitigate
+    from dori.stages.mitigate import run_mitigate
 
     folder = tmp_path_factory.mktemp("wanda") / "wanda"
     run_mitigate(MitigateConfig(method="wanda", ratio=0.1, seeds=1, steps=2, prompts=str(prompt_files / "mem.csv"),
@@ -194,7 +194,7 @@ def test_damaged_mask_folders_are_clear_errors(wanda_run, tiny_sd, tmp_path):
 
 
 def test_a_damaged_nemo_statistics_cache_is_computed_again(tiny_sd, tmp_path, monkeypatch):
-    from dori.workflows import cached_value_statistics
+    from dori.mitigate.nemo_reference import cached_value_statistics
 
     monkeypatch.setenv("DORI_CACHE", str(tmp_path))
     reference = tmp_path / "ref.txt"
@@ -208,7 +208,7 @@ def test_a_damaged_nemo_statistics_cache_is_computed_again(tiny_sd, tmp_path, mo
 
 
 def test_a_prompt_longer_than_the_text_window_is_named_and_marked(tiny_sd, tmp_path, capsys):
-    from dori.workflows import load_prompts
+    from dori.references import load_prompts
 
     long = " ".join(["a very long caption about a red barn"] * 20)
     (tmp_path / "prompts.txt").write_text(f"a short caption\n{long}\n")
@@ -231,9 +231,12 @@ def test_a_second_process_on_the_same_out_is_refused_while_the_first_runs(tiny_s
     """Class 9: the folder is locked before its state is read, so two processes cannot both pass
     the "is it free" check. The lock dies with its process, however it ends."""
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dori.runs import open_run; "
-                               f"open_run({str(out)!r}, 'replicate', {{}}, resume=False); print('held', flush=True); "
-                               "time.sleep(120)"], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    out.mkdir()
+    (out / "config.json").write_text('{"command": "replicate", "config": {}}')
+    # Another process holding the folder as runs.lock_folder does (plain Python: no torch to import).
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, time; "
+                               f"fd = os.open({str(out)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); "
+                               "print('held', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
         args = ["replicate", "--model", tiny_sd_dir, "--prompts", prompt_files / "mem.csv", "--images",
@@ -363,12 +366,12 @@ def test_every_file_of_a_run_has_the_permissions_of_the_users_umask(wanda_run):
 def test_a_run_stopped_before_its_first_result_keeps_nothing_and_says_so(tiny_sd_dir, prompt_files, sscd_file,
                                                                           tmp_path, capsys, monkeypatch):  # fmt: skip
     """Class 6: the interrupt hint tells the truth about what was kept."""
-    from dori import workflows
+    from dori.stages import replicate as replicate_stage
 
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(workflows, "replication", stopped)
+    monkeypatch.setattr(replicate_stage, "replication", stopped)
     out = tmp_path / "rep"
     args = ["replicate", "--model", tiny_sd_dir, "--prompts", prompt_files / "mem.csv", "--images",
             prompt_files / "images", "--sscd", sscd_file, "--seeds", "1", "--steps", "1", "--out", out]  # fmt: skip

@@ -11,6 +11,8 @@ from dori.interventions import (
 )  # fmt: skip
 from dori.mitigate.nemo import NemoConfig, nemo_localize, value_activations, value_statistics
 from dori.mitigate.wanda import WandaConfig, wanda_mask
+from dori.stages import mitigate as mitigate_stage
+from dori.stages.mitigate import _utility_under_own_masks
 
 
 def _value_outputs(model, emb):
@@ -197,7 +199,7 @@ def test_utility_is_measured_once_per_model_and_again_under_an_intervention(monk
     position encoding is a permanent hook, so it never hit; dori's own hooks are counted now."""
     from dori.interventions import active_interventions, mask_neurons, neuron_scales
     from dori.models import load_model
-    from dori.workflows import _UTILITY_MEMO, utility
+    from dori.evaluation import _UTILITY_MEMO, utility
 
     model = load_model("bundled")
     calls = []
@@ -215,7 +217,6 @@ def test_utility_is_measured_once_per_model_and_again_under_an_intervention(monk
 
 
 def test_nemo_utility_under_each_prompts_own_neurons_is_the_mean_over_prompts(tiny_sd, monkeypatch):
-    from dori import workflows
     from dori.interventions import Mitigation, active_interventions
 
     sites = [s.name for s in tiny_sd.value_sites()[:2]]
@@ -223,7 +224,30 @@ def test_nemo_utility_under_each_prompts_own_neurons_is_the_mean_over_prompts(ti
     union = {sites[0]: [0, 1], sites[1]: [0]}
     mask = Mitigation("neurons", tiny_sd.fingerprint(), neurons=union, method="nemo", per_prompt=own, scope="prompt")
     # a stand-in utility that reports how many sites are masked while it runs
-    monkeypatch.setattr(workflows, "utility", lambda model, **_: {"alignment": float(active_interventions(model))})
-    assert workflows._utility_under_own_masks(tiny_sd, mask, ["a", "a", "b"], {}) == pytest.approx((1 + 1 + 2) / 3)
+    monkeypatch.setattr(mitigate_stage, "utility", lambda model, **_: {"alignment": float(active_interventions(model))})
+    assert _utility_under_own_masks(tiny_sd, mask, ["a", "a", "b"], {}) == pytest.approx((1 + 1 + 2) / 3)
     union_only = Mitigation("neurons", tiny_sd.fingerprint(), neurons=union, method="nemo", per_prompt=own, scope="union")
-    assert workflows._utility_under_own_masks(tiny_sd, union_only, ["a", "b"], {}) is None
+    assert _utility_under_own_masks(tiny_sd, union_only, ["a", "b"], {}) is None
+
+
+def test_batched_nemo_and_noise_norms_equal_a_one_prompt_loop(tiny_sd):
+    """Issue 22: the batched implementations give what a plain one-prompt, one-seed loop gives (the
+    comparison benchmarks/bench.py times)."""
+    from dori.measure.detection import consistency_scores, noise_difference_norms
+
+    prompts, seeds = ["a red barn", "a cat on a mat", "a blue boat"], [0, 1]
+    batched = noise_difference_norms(tiny_sd, prompts, seeds=seeds, steps=3, batch_size=6)["first_step"]
+    looped = [sum(noise_difference_norms(tiny_sd, [p], seeds=[s], steps=3, batch_size=1)["first_step"][0] for s in seeds)
+              / len(seeds) for p in prompts]  # fmt: skip
+    assert batched == pytest.approx(looped, rel=1e-5, abs=1e-6)
+
+    stats = value_statistics(tiny_sd, ["a cat", "a dog", "a bird", "a tree"])
+    emb = tiny_sd.encode(prompts)
+    scores = consistency_scores(tiny_sd, emb, seeds=list(range(2)), steps=3)
+    threshold = float(sorted(scores)[1]) - 1e-4  # two of the three prompts count as memorized
+    config = NemoConfig(seeds=2, steps=3, max_rounds=4)
+    together = nemo_localize(tiny_sd, emb, stats, threshold=threshold, config=config)
+    alone = [nemo_localize(tiny_sd, emb[i : i + 1], stats, threshold=threshold, config=config)[0] for i in range(len(prompts))]
+    assert [r.memorized_before for r in together] == [r.memorized_before for r in alone]
+    assert sum(r.memorized_before for r in together) == 2
+    assert [r.neurons for r in together] == [r.neurons for r in alone]

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from dori.configs import LocalityConfig
 from dori.errors import DoriError
-from dori.locality import iou, mean_pairwise_iou, pairwise_distances, run_locality, verdicts
+from dori.locality import iou, mean_pairwise_iou, pairwise_distances, verdicts
+from dori.stages.locality import run_locality
 
 
 def test_distance_and_iou_statistics():

@@ -11,7 +11,8 @@ from dori.configs import DetectConfig, ReplicateConfig
 from dori.errors import DoriError
 from dori.measure.detection import roc_auc, tpr_at_fpr
 from dori.measure.similarity import calibrate_toy_detector, gaussian_blur, ssim
-from dori.workflows import run_detect, run_replicate
+from dori.stages.detect import run_detect
+from dori.stages.replicate import run_replicate
 
 
 def test_roc_auc_and_tpr():

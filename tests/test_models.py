@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -134,3 +135,42 @@ def test_position_encoding_survives_save_and_load_once(tiny_sd_dir, tmp_path):
     reloaded = load_model(save_model(encoded, tmp_path / "pe"))
     assert reloaded.meta["position_encoding"] == KIND
     assert torch.allclose(reloaded.unet(x, t, encoder_hidden_states=emb).sample, once, atol=1e-6)
+
+
+def test_a_folder_with_the_position_encoding_warns_a_plain_diffusers_load(tiny_sd_dir, tmp_path, capsys):
+    """Issue 22: the encoding is a hook dori adds at load; plain diffusers cannot add it, so the
+    saved folder makes diffusers say so (through the notice in unet/config.json), and dori's own
+    load stays quiet."""
+    import logging
+
+    from diffusers import UNet2DConditionModel
+    from diffusers.utils import logging as diffusers_logging
+
+    from dori.models import load_model
+    from dori.models.base import DiffusionModel
+    from dori.models.loading import save_model
+    from dori.models.position import CONFIG_KEY, KIND
+
+    plain = load_model(tiny_sd_dir)
+    encoded = DiffusionModel(name="pe", unet=plain.unet, text_encoder=plain.text_encoder, tokenizer=plain.tokenizer,
+                             scheduler_config=plain.scheduler_config, vae=plain.vae, meta={"position_encoding": KIND})  # fmt: skip
+    folder = save_model(encoded, tmp_path / "pe")
+    assert CONFIG_KEY in json.loads((folder / "unet" / "config.json").read_text())
+    assert CONFIG_KEY not in json.loads((save_model(plain, tmp_path / "plain") / "unet" / "config.json").read_text())
+
+    seen: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    logger = diffusers_logging.get_logger("diffusers.configuration_utils")
+    handler = Catch()
+    logger.addHandler(handler)
+    try:
+        load_model(folder)
+        assert not any(CONFIG_KEY in m for m in seen)  # dori reads the notice itself
+        UNet2DConditionModel.from_pretrained(str(folder / "unet"))  # in the same process, after dori
+        assert any("position encoding" in m and "dori.models.load_model" in m for m in seen), seen
+    finally:
+        logger.removeHandler(handler)

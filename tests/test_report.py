@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import shutil
 
-from dori.study import StudyConfig, _mitigations, run_study
+from dori.configs import StudyConfig
+from dori.stages.study import _mitigations, run_study
 
 
 def test_a_prompt_with_markup_renders_as_text(tiny_sd, prompt_files, sscd_file, tmp_path):

@@ -6,10 +6,13 @@ import json
 
 import pytest
 
-from dori import workflows as wf
 from dori.configs import MitigateConfig, WandaSweepConfig
 from dori.errors import DoriError
 from dori.mitigate.wanda import DEFENDER_FIRST_SEED, WANDA_LADDER, first_clean_ratio
+from dori.evaluation import evaluate_under
+from dori.stages.attack import attack_and_measure
+from dori.stages import mitigate as mitigate_stage
+from dori.stages.mitigate import run_mitigate
 
 
 def _common(prompt_files, sscd_file):
@@ -52,7 +55,7 @@ def test_ratio_refuses_anything_else(bad):
 def test_auto_ratio_measures_on_the_defender_seeds_and_keeps_the_smallest_clean_ratio(
         tiny_sd, prompt_files, sscd_file, tmp_path, monkeypatch):  # fmt: skip
     """A stub measure on the defender's seeds: replication stops once at least 40 weights are pruned."""
-    real = wf.evaluate_under
+    real = evaluate_under
     defender_calls = []
 
     def stub(model, mitigation, prompts, refs, **settings):
@@ -61,28 +64,28 @@ def test_auto_ratio_measures_on_the_defender_seeds_and_keeps_the_smallest_clean_
         defender_calls.append(mitigation.size())
         return {"mr": 0.0 if mitigation.size() >= 40 else 1.0}, [], None
 
-    monkeypatch.setattr(wf, "evaluate_under", stub)
+    monkeypatch.setattr(mitigate_stage, "evaluate_under", stub)
     config = MitigateConfig(method="wanda", ratio="auto", seeds=1, steps=2, utility_seeds=1, **_common(prompt_files, sscd_file))
-    summary = wf.run_mitigate(config, tiny_sd, tmp_path / "auto")
+    summary = run_mitigate(config, tiny_sd, tmp_path / "auto")
     assert summary["ratio_rule"] == "auto" and summary["auto_satisfied"]
     chosen = summary["ratio"]
     measured = [r["ratio"] for r in summary["ladder_mr"]]
     assert measured == list(WANDA_LADDER[: WANDA_LADDER.index(chosen) + 1])
     assert defender_calls[-1] >= 40 and all(size < 40 for size in defender_calls[:-1])
     assert summary["pruned_weights"] == defender_calls[-1]  # the saved mask is the chosen one
-    fixed = wf.run_mitigate(MitigateConfig(method="wanda", ratio=chosen, seeds=1, steps=2, utility_seeds=1,
+    fixed = run_mitigate(MitigateConfig(method="wanda", ratio=chosen, seeds=1, steps=2, utility_seeds=1,
                                            **_common(prompt_files, sscd_file)), tiny_sd, tmp_path / "fixed")  # fmt: skip
     assert fixed["pruned_weights"] == summary["pruned_weights"] and fixed["ratio_rule"] == "fixed"
 
 
 def test_sweep_rows_follow_the_ladder_and_a_resume_finishes_without_redoing_rows(
         tiny_sd, prompt_files, sscd_file, tmp_path, monkeypatch):  # fmt: skip
-    from dori import sweep
+    from dori.stages import wanda_sweep as sweep
 
     config = WandaSweepConfig(ladder="0.05,0.2,0.5", seeds=1, steps=2, utility_seeds=1, attack_steps=1, attack_batch=2,
                               limit=2, **_common(prompt_files, sscd_file))  # fmt: skip
     out = tmp_path / "sweep"
-    real = wf.attack_and_measure
+    real = attack_and_measure
     attacked = []
 
     def interrupted(*args, label, **kwargs):
@@ -91,14 +94,14 @@ def test_sweep_rows_follow_the_ladder_and_a_resume_finishes_without_redoing_rows
         attacked.append(label)
         return real(*args, label=label, **kwargs)
 
-    monkeypatch.setattr(wf, "attack_and_measure", interrupted)
+    monkeypatch.setattr(sweep, "attack_and_measure", interrupted)
     with pytest.raises(KeyboardInterrupt):
         sweep.run_wanda_sweep(config, tiny_sd, out)
     assert [json.loads(line)["ratio"] for line in (out / "results.jsonl").read_text().splitlines()] == [0.05, 0.2]
     assert not (out / "summary.json").exists()
 
     attacked.clear()
-    monkeypatch.setattr(wf, "attack_and_measure", lambda *a, label, **k: (attacked.append(label), real(*a, label=label, **k))[1])
+    monkeypatch.setattr(sweep, "attack_and_measure", lambda *a, label, **k: (attacked.append(label), real(*a, label=label, **k))[1])
     summary = sweep.run_wanda_sweep(config, tiny_sd, out, resume=True)
     assert attacked == ["ratio_0.5"]
     rows = summary["rows"]
@@ -113,7 +116,7 @@ def test_sweep_rows_follow_the_ladder_and_a_resume_finishes_without_redoing_rows
 
 
 def test_dori_fails_only_from_a_ratio_on_which_every_larger_ratio_also_fails():
-    from dori.sweep import _fails_from
+    from dori.stages.wanda_sweep import _fails_from
 
     rows = lambda values: [{"ratio": r, "mr_dori": v} for r, v in zip([0.01, 0.1, 0.5], values)]  # noqa: E731
     assert _fails_from(rows([1.0, 0.0, 0.0])) == 0.1

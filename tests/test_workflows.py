@@ -12,7 +12,9 @@ import torch
 
 from dori.configs import AttackRunConfig, MitigateConfig, ReplicateConfig
 from dori.errors import DoriError
-from dori.workflows import run_attack, run_mitigate, run_replicate
+from dori.stages.attack import run_attack
+from dori.stages.mitigate import run_mitigate
+from dori.stages.replicate import run_replicate
 
 
 def _common(prompt_files, sscd_file):
@@ -63,25 +65,26 @@ def test_nemo_mitigation_with_explicit_statistics_and_threshold(tiny_sd, prompt_
         load_statistics(tmp_path / "bad.pt", tiny_sd)
 
 
-def test_cli_generate_on_a_saved_sd_folder_and_errors(tiny_sd_dir, tmp_path):
+def test_cli_generate_on_a_saved_sd_folder_and_errors(tiny_sd_dir, tmp_path, capsys):
     run = [sys.executable, "-m", "dori", "generate", "--model", str(tiny_sd_dir), "--prompt", "a cat", "--prompt", "a dog",
            "--seeds", "2", "--steps", "2", "--out", str(tmp_path / "gen")]  # fmt: skip
     done = subprocess.run(run, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert len(list((tmp_path / "gen").glob("prompt*_seed*.png"))) == 4 and (tmp_path / "gen" / "grid.png").exists()
 
-    missing = subprocess.run(run[:5] + [str(tmp_path / "nowhere")] + run[6:], capture_output=True, text=True, timeout=300)
-    assert missing.returncode == 2
-    assert "model folder not found" in missing.stderr and "Traceback" not in missing.stderr
-    bad_count = subprocess.run(run[:-4] + ["--seeds", "0", "--out", str(tmp_path / "g2")], capture_output=True,
-                               text=True, timeout=300)  # fmt: skip
-    assert bad_count.returncode == 2 and "--seeds must be at least 1" in bad_count.stderr
+    # The errors in-process (the entry point itself is checked above): one line, exit 2.
+    from test_errors import run_cli
+
+    code, err = run_cli(run[3:5] + [str(tmp_path / "nowhere")] + run[6:], capsys)
+    assert code == 2 and "model folder not found" in err and "Traceback" not in err
+    code, err = run_cli(run[3:-4] + ["--seeds", "0", "--out", str(tmp_path / "g2")], capsys)
+    assert code == 2 and "--seeds must be at least 1" in err
 
 
 def test_unlearn_fine_tunes_saves_a_loadable_model_and_resumes(tiny_sd_dir, prompt_files, sscd_file, tmp_path):
     from dori.configs import UnlearnRunConfig
     from dori.models import load_model
-    from dori.workflows import run_unlearn
+    from dori.stages.unlearn import run_unlearn
 
     model = load_model(tiny_sd_dir)
     common = _common(prompt_files, sscd_file)
@@ -127,7 +130,8 @@ def test_unlearn_fine_tunes_saves_a_loadable_model_and_resumes(tiny_sd_dir, prom
 def test_surrogates_are_the_least_similar_generation_or_the_empty_prompts(tiny_sd, prompt_files, sscd_file):
     """The least similar of the mitigated model's generations from the prompt; where even that one
     replicates, the least similar empty-prompt generation."""
-    from dori.workflows import References, attack_targets, load_prompts, make_surrogates
+    from dori.references import References, attack_targets, load_prompts
+    from dori.unlearn.surrogates import make_surrogates
 
     prompts = load_prompts(str(prompt_files / "mem.csv"), tiny_sd, limit=2)
     refs = References(tiny_sd, images=str(prompt_files / "images"), sscd=str(sscd_file))
@@ -150,7 +154,7 @@ def test_unlearn_without_a_mitigation_runs_nemo_itself_on_the_bundled_model(tmp_
     """The documented default ("NeMo, run here"): it called NeMo with one argument missing."""
     from dori.configs import UnlearnRunConfig
     from dori.models import load_model
-    from dori.workflows import run_unlearn
+    from dori.stages.unlearn import run_unlearn
 
     config = UnlearnRunConfig(prompts="bundled:memorized", limit=1, steps=1, retain_batch=2, triggers_per_target=1,
                               inner_steps=1, eval_attack_steps=1, seeds=1, utility_seeds=1, eval_steps=2)  # fmt: skip
@@ -160,7 +164,7 @@ def test_unlearn_without_a_mitigation_runs_nemo_itself_on_the_bundled_model(tmp_
 
 def test_unlearn_without_a_mitigation_on_a_real_model_names_the_missing_flag(tiny_sd, prompt_files, sscd_file, tmp_path):
     from dori.configs import UnlearnRunConfig
-    from dori.workflows import run_unlearn
+    from dori.stages.unlearn import run_unlearn
 
     config = UnlearnRunConfig(retain_prompts=str(prompt_files / "mem.csv"), steps=1, **_common(prompt_files, sscd_file))
     with pytest.raises(DoriError, match="needs --mitigation DIR"):

@@ -26,7 +26,7 @@ import torch
 from dori.interventions import mask_neurons
 from dori.measure.detection import consistency_scores
 from dori.models import load_model
-from dori.workflows import load_prompts
+from dori.references import load_prompts
 
 
 def main() -> None:

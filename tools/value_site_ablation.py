@@ -21,7 +21,8 @@ import torch
 
 from dori.interventions import mask_neurons
 from dori.models import load_model
-from dori.workflows import References, evaluate_replication, load_prompts, utility
+from dori.evaluation import evaluate_replication, utility
+from dori.references import References, load_prompts
 
 
 def main() -> None:

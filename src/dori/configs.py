@@ -4,9 +4,27 @@ and the command line takes its defaults from them. (No torch import here: ``dori
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 from dori.errors import DoriError
+
+# Help texts that several commands share.
+MODEL_HELP = "'bundled' or a local model folder (diffusers layout)."
+MITIGATION_HELP = "A folder written by 'dori mitigate'."
+# None: the model's own default (7.0; a bundled model: its card's rule).
+GUIDANCE_HELP = ("Classifier-free guidance (default: the model's own: 7.0 for SD, the card's rule for the bundled "
+                 "model).")  # fmt: skip
+REFERENCE_HELP = "NeMo: non-memorized prompts for statistics and threshold."
+IMAGES_HELP = "Training images, files named by prompt index (real models)."
+SSCD_HELP = "SSCD TorchScript file (real models)."
+BATCH_HELP = "Images per U-Net batch."
+
+
+def opt(default=MISSING, *, help: str = "", flag: str | None = None, cli: bool = True):  # noqa: A002 - typer's word
+    """A config field that is also a command-line option: its help text and flag (default: the
+    field's name with dashes) live here, and ``dori.options`` builds the option from them, so no
+    option is written twice. ``cli=False``: settable from Python only."""
+    return field(default=default, metadata={"help": help, "flag": flag, "cli": cli})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -14,11 +32,11 @@ class Selection:
     """What every prompt-set stage shares: which prompts, where their training images and copy
     detector come from (real models), and the U-Net batch size."""
 
-    type: str | None = None  # keep only prompts of this type (VM, TM)
-    limit: int | None = None  # only the first N prompts
-    images: str | None = None  # training images named by prompt index (real models)
-    sscd: str | None = None  # an SSCD TorchScript file (real models)
-    batch_size: int = 64
+    type: str | None = opt(None, help="Keep only prompts of this type (VM, TM).")
+    limit: int | None = opt(None, help="Only the first N prompts.")
+    images: str | None = opt(None, help=IMAGES_HELP)
+    sscd: str | None = opt(None, help=SSCD_HELP)
+    batch_size: int = opt(64, help=BATCH_HELP)
 
 
 # ``dori study``'s stages in the order they run; the default runs all but the optional ones.
@@ -36,6 +54,16 @@ SEED_OPTIONS = ("first_seed", "seed", "attack_seed")
 MAX_SEED = 2**31 - 1  # seeds derived from these (seed * 1_000_003 + i) stay within torch's generator range
 MAX_COUNT = 1_000_000  # any count above this is a typo, and its lists would not fit in memory
 OPTION_NAMES = {"learning_rate": "lr"}  # where the command-line flag differs from the field
+
+
+def carried(target: type, source, *, renamed: dict[str, str] | None = None, **values):
+    """``target`` (a dataclass) built from the fields it shares with ``source``, so a run config's
+    settings pass to the algorithm's config without being copied one by one. ``renamed`` maps a
+    target field to the source field of another name it takes; ``values`` are set as given."""
+    renamed = renamed or {}
+    shared = {item.name: getattr(source, renamed.get(item.name, item.name)) for item in fields(target)
+              if hasattr(source, renamed.get(item.name, item.name))}  # fmt: skip
+    return target(**{**shared, **values})
 
 
 def check_range(flag: str, value: int, low: int | None, high: int) -> int:
@@ -88,14 +116,14 @@ def parse_ratio(value: float | str) -> float | str:
 
 @dataclass(frozen=True, kw_only=True)
 class ReplicateConfig(Selection):
-    prompts: str
-    model: str = "bundled"
-    mitigation: str | None = None
-    seeds: int = 10
-    first_seed: int = 0
-    steps: int = 50
-    guidance: float | None = None  # None: the model's own default (7.0; a bundled model: its card's rule)
-    sscd_convention: str = "resize320"
+    prompts: str = opt(help="Prompt set: bundled:NAME, sd14:NAME, or a .csv/.jsonl/.txt file.")
+    model: str = opt("bundled", help=MODEL_HELP)
+    mitigation: str | None = opt(None, help=MITIGATION_HELP)
+    seeds: int = opt(10, help="Generations per prompt.")
+    first_seed: int = opt(0)
+    steps: int = opt(50, help="DDIM steps.")
+    guidance: float | None = opt(None, help=GUIDANCE_HELP)
+    sscd_convention: str = opt("resize320", help="resize320 (NeMo) or center224 (Wen et al.).")
 
     def __post_init__(self) -> None:
         _check_numbers(self)
@@ -104,17 +132,17 @@ class ReplicateConfig(Selection):
 
 @dataclass(frozen=True)
 class DetectConfig:
-    memorized: str
-    non_memorized: str
-    model: str = "bundled"
-    mitigation: str | None = None
-    generations: int = 4
-    consistency_seeds: int = 10
-    steps: int = 50
-    guidance: float | None = None  # None: the model's own default (7.0; a bundled model: its card's rule)
-    all_steps: bool = False
-    limit: int | None = None
-    batch_size: int = 64
+    memorized: str = opt(help="Memorized prompt set.")
+    non_memorized: str = opt(help="Non-memorized prompt set.")
+    model: str = opt("bundled", help=MODEL_HELP)
+    mitigation: str | None = opt(None, help=MITIGATION_HELP)
+    generations: int = opt(4, help="Generations per prompt for the noise norm.")
+    consistency_seeds: int = opt(10, help="Seeds for NeMo's SSIM check.")
+    steps: int = opt(50)
+    guidance: float | None = opt(None, help=GUIDANCE_HELP)
+    all_steps: bool = opt(False, help="Also average the noise norm over all steps.")
+    limit: int | None = opt(None, help="Only the first N prompts.")
+    batch_size: int = opt(64, help="Images per U-Net batch.")
 
     def __post_init__(self) -> None:
         _check_numbers(self)
@@ -125,23 +153,28 @@ class DetectConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class MitigateConfig(Selection):
-    method: str
-    prompts: str
-    model: str = "bundled"
-    reference_prompts: str | None = None  # NeMo statistics / threshold set (default: the model's own)
-    stats: str | None = None  # a NeMo statistics file (e.g. nemo_sd14_value_stats.pt)
-    threshold: float | None = None  # NeMo's SSIM threshold (default: mean + 1 std on the reference set)
-    sites: str = "ffn"  # Wanda: ffn or value
+    method: str = opt(help="nemo or wanda.")
+    prompts: str = opt(help="The memorized prompts to mitigate.")
+    model: str = opt("bundled", help=MODEL_HELP)
+    reference_prompts: str | None = opt(None, help=REFERENCE_HELP)  # default: the model's own set
+    stats: str | None = opt(None, help="NeMo: a statistics file (e.g. nemo_sd14_value_stats.pt).")
+    # NeMo's SSIM threshold (default: mean + 1 std on the reference set).
+    threshold: float | None = opt(None, help="NeMo: SSIM threshold (0.428 for SD v1.4).")
+    sites: str = opt("ffn", help="Wanda: ffn or value sites.")
     # Wanda: fraction of each row's weights considered, or "auto": the smallest ratio on
     # mitigate.wanda.WANDA_LADDER whose mitigated model replicates none of the prompts on the
     # defender's own seeds (mitigate.wanda.DEFENDER_FIRST_SEED on; disjoint from the evaluation's).
-    ratio: float | str = 0.01
-    scope: str = "prompt"  # NeMo: each prompt under its own neurons ("prompt") or all under the union ("union")
-    seeds: int = 10  # generations per prompt for MR before / after
-    utility_seeds: int = 4
-    steps: int = 50
-    guidance: float | None = None  # None: the model's own default (7.0; a bundled model: its card's rule)
-    baseline: str | None = None  # a 'dori replicate' run of the same prompts and settings: its numbers are "before"
+    ratio: float | str = opt(0.01, help=("Wanda: top fraction of each row considered, or 'auto': the smallest of "
+                                         "0.01, 0.02, 0.05, 0.1, 0.2, 0.5 that stops replication on the defender's "
+                                         "own seeds."))
+    scope: str = opt("prompt", help=("NeMo: 'prompt' runs each prompt under its own neurons (as NeMo evaluates); "
+                                     "'union' runs all prompts under all neurons."))
+    seeds: int = opt(10, help="Generations per prompt for MR before / after.")
+    utility_seeds: int = opt(4)
+    steps: int = opt(50)
+    guidance: float | None = opt(None, help=GUIDANCE_HELP)
+    # A 'dori replicate' run of the same prompts and settings: its numbers are "before" (the study passes it).
+    baseline: str | None = opt(None, cli=False)
 
     def __post_init__(self) -> None:
         _check_numbers(self)
@@ -160,18 +193,19 @@ class WandaSweepConfig(Selection):
     """``dori wanda-sweep``: for each Wanda ratio on ``ladder``, MR without the attack, MR after
     ``attack_steps`` DoRI steps, and held-out utility (issue 24's trade-off curve)."""
 
-    prompts: str
-    model: str = "bundled"
-    sites: str = "ffn"
-    ladder: str = "0.01,0.02,0.05,0.1,0.2,0.5"  # mitigate.wanda.WANDA_LADDER
-    seeds: int = 10  # generations per prompt (evaluation seeds 0 ..)
-    utility_seeds: int = 4
-    steps: int = 50  # DDIM steps of every generation
-    guidance: float | None = None
-    attack_steps: int = 50
-    learning_rate: float = 0.1
-    attack_batch: int = 8
-    attack_seed: int = 0
+    prompts: str = opt(help="The memorized prompts.")
+    model: str = opt("bundled", help=MODEL_HELP)
+    sites: str = opt("ffn", help="ffn or value sites.")
+    # Mitigate.wanda.WANDA_LADDER.
+    ladder: str = opt("0.01,0.02,0.05,0.1,0.2,0.5", help="Comma-separated Wanda ratios, increasing.")
+    seeds: int = opt(10, help="Generations per prompt.")  # generations per prompt (evaluation seeds 0 ..)
+    utility_seeds: int = opt(4)
+    steps: int = opt(50, help="DDIM steps of every generation.")
+    guidance: float | None = opt(None, help=GUIDANCE_HELP)
+    attack_steps: int = opt(50, help="DoRI steps at each ratio.")
+    learning_rate: float = opt(0.1, flag="--lr")
+    attack_batch: int = opt(8, help="(noise, t) pairs per step.")
+    attack_seed: int = opt(0)
 
     def __post_init__(self) -> None:
         _check_numbers(self)
@@ -192,30 +226,28 @@ class WandaSweepConfig(Selection):
 
     def attack(self) -> AttackRunConfig:
         """The DoRI run at each ratio, measured before (step 0: the prompt's own embedding) and after."""
-        return AttackRunConfig(prompts=self.prompts, model=self.model, steps=self.attack_steps,
-                               learning_rate=self.learning_rate, attack_batch=self.attack_batch, steps_curve="0",
-                               control=False, seeds=self.seeds, eval_steps=self.steps, guidance=self.guidance,
-                               attack_seed=self.attack_seed, type=self.type, limit=self.limit, images=self.images,
-                               sscd=self.sscd, batch_size=self.batch_size)  # fmt: skip
+        return carried(AttackRunConfig, self, renamed={"steps": "attack_steps", "eval_steps": "steps"}, steps_curve="0",
+                       control=False)  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
 class AttackRunConfig(Selection):
-    prompts: str
-    model: str = "bundled"
-    mitigation: str | None = None
-    init: str = "prompt"  # prompt, random or other
-    other_prompts: str | None = None
-    steps: int = 50
-    learning_rate: float = 0.1
-    attack_batch: int = 8
-    steps_curve: str = "0,1,10,25,50"
-    control: bool = True
-    control_limit: int = 10  # targets per control set (the control is measured at step 0 and the last step)
-    seeds: int = 10
-    eval_steps: int = 50
-    guidance: float | None = None  # None: the model's own default (7.0; a bundled model: its card's rule)
-    attack_seed: int = 0
+    prompts: str = opt(help="Memorized prompts whose images to bring back.")
+    model: str = opt("bundled", help=MODEL_HELP)
+    mitigation: str | None = opt(None, help=MITIGATION_HELP)
+    init: str = opt("prompt", help="prompt, random or other.")
+    other_prompts: str | None = opt(None, help="Prompts for --init other.")
+    steps: int = opt(50, help="Adam steps.")
+    learning_rate: float = opt(0.1, flag="--lr")
+    attack_batch: int = opt(8, help="(noise, t) pairs per step.")
+    steps_curve: str = opt("0,1,10,25,50", help="Step counts at which to measure MR.")
+    control: bool = opt(True, help="Also attack non-memorized targets.", flag="--control/--no-control")
+    # Targets per control set (the control is measured at step 0 and the last step).
+    control_limit: int = opt(10, cli=False)
+    seeds: int = opt(10, help="Generations per embedding.")
+    eval_steps: int = opt(50, help="DDIM steps of the evaluation's generations.")
+    guidance: float | None = opt(None, help=GUIDANCE_HELP)
+    attack_seed: int = opt(0)
 
     def __post_init__(self) -> None:
         _check_numbers(self)
@@ -239,25 +271,26 @@ class AttackRunConfig(Selection):
 
 @dataclass(frozen=True, kw_only=True)
 class UnlearnRunConfig(Selection):
-    prompts: str
-    model: str = "bundled"
-    mitigation: str | None = None  # surrogates come from this mitigated model (default: NeMo, run here)
-    retain_prompts: str | None = None  # real models: non-memorized pairs for L_DM (with --images)
-    steps: int = 150
-    learning_rate: float = 2e-4
-    retain_batch: int = 32
-    triggers_per_target: int = 3
-    inner_steps: int = 5
-    warm_start: bool = True
-    fresh_steps: int = 50
-    adv_weight: float = 1.0
-    eval_attack_steps: int = 50
-    seeds: int = 10
-    utility_seeds: int = 4
-    eval_steps: int = 50
-    guidance: float | None = None  # None: the model's own default (7.0; a bundled model: its card's rule)
-    checkpoint_every: int = 25
-    seed: int = 0
+    prompts: str = opt(help="The memorized prompts to remove.")
+    model: str = opt("bundled", help=MODEL_HELP)
+    mitigation: str | None = opt(None, help="Surrogates from this mitigated model (default: NeMo, run here).")
+    # Real models: non-memorized pairs for L_DM (with --images).
+    retain_prompts: str | None = opt(None, help="Real models: non-memorized pairs (with --images).")
+    steps: int = opt(150, help="Fine-tuning steps.")
+    learning_rate: float = opt(2e-4, flag="--lr")
+    retain_batch: int = opt(32)
+    triggers_per_target: int = opt(3, flag="--triggers")
+    inner_steps: int = opt(5, help="Attack steps per fine-tuning step (warm start).")
+    warm_start: bool = opt(True, help="Continue triggers, or a fresh search every step.", flag="--warm-start/--fresh")
+    fresh_steps: int = opt(50)
+    adv_weight: float = opt(1.0)
+    eval_attack_steps: int = opt(50, help="Steps of the evaluation's DoRI attack.")
+    seeds: int = opt(10, help="Generations per prompt in the evaluation.")
+    utility_seeds: int = opt(4)
+    eval_steps: int = opt(50, help="Sampling steps in the evaluation.")
+    guidance: float | None = opt(None, cli=False)  # the model's own default
+    checkpoint_every: int = opt(25)
+    seed: int = opt(0)
 
     def __post_init__(self) -> None:
         _check_numbers(self)
@@ -273,26 +306,29 @@ class LocalityConfig(Selection):
     """``dori locality``: Y_mem is the whole prompt set; the first ``targets`` of its images are
     attacked from ``inits`` random initialisations each (the triggers, Y_adv)."""
 
-    prompts: str
-    model: str = "bundled"
-    mitigation: str | None = None  # attack (and check the triggers) against this mitigated model
-    non_memorized: str | None = None  # distances among these prompts' embeddings (default: the model's own set)
-    targets: int = 1
-    inits: int = 100
-    steps: int = 50
-    learning_rate: float = 0.1
-    attack_batch: int = 2  # (noise, timestep) pairs per trigger per step; 8 for a plain attack
-    seeds: int = 2  # generations per trigger that decide whether it succeeded
-    eval_steps: int = 50
-    guidance: float | None = None  # None: the model's own default (7.0; a bundled model: its card's rule)
-    agreement_triggers: int = 10  # successful triggers per target given to NeMo and Wanda
-    wanda_sites: str = "ffn"
-    ratio: float = 0.01
-    reference_prompts: str | None = None  # NeMo statistics / threshold (as in dori mitigate)
-    stats: str | None = None
-    threshold: float | None = None
-    tsne: bool = True
-    seed: int = 0
+    prompts: str = opt(help="Memorized prompts (Y_mem); the first --targets are attacked.")
+    model: str = opt("bundled", help=MODEL_HELP)
+    mitigation: str | None = opt(None, help=MITIGATION_HELP)  # triggers are searched and checked under it
+    # Distances among these prompts' embeddings (default: the model's own set).
+    non_memorized: str | None = opt(None, help="Prompts whose embeddings give the distance scale.")
+    targets: int = opt(1, help="Memorized images to attack.")
+    inits: int = opt(100, help="Random initialisations (triggers) per target.")
+    steps: int = opt(50, help="Attack steps.")
+    learning_rate: float = opt(0.1, flag="--lr")
+    # (noise, timestep) pairs per trigger per step; 8 for a plain attack.
+    attack_batch: int = opt(2, help="(noise, t) pairs per trigger per step.")
+    # Generations per trigger that decide whether it succeeded.
+    seeds: int = opt(2, help="Generations per trigger for its success check.")
+    eval_steps: int = opt(50, help="DDIM steps of the success check's generations.")
+    guidance: float | None = opt(None, help=GUIDANCE_HELP)
+    agreement_triggers: int = opt(10, help="Triggers per target given to NeMo and Wanda.")
+    wanda_sites: str = opt("ffn", help="ffn or value.")
+    ratio: float = opt(0.01, cli=False)
+    reference_prompts: str | None = opt(None, help=REFERENCE_HELP)  # NeMo statistics / threshold (as in dori mitigate)
+    stats: str | None = opt(None, help="NeMo: a statistics file.")
+    threshold: float | None = opt(None, help="NeMo: SSIM threshold.")
+    tsne: bool = opt(True, help="Also a t-SNE projection (besides PCA).", flag="--tsne/--no-tsne")
+    seed: int = opt(0)
 
     def __post_init__(self) -> None:
         _check_numbers(self)
@@ -307,3 +343,39 @@ class LocalityConfig(Selection):
             raise DoriError(f"unknown site set {self.wanda_sites!r}; use ffn or value")
         if not 0 < self.ratio <= 1:
             raise DoriError(f"ratio must be in (0, 1], got {self.ratio}")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """``dori study``: every stage on one model, at sizes set by the model's kind (see ``seeds``)."""
+
+    model: str = opt("bundled", help=MODEL_HELP)
+    memorized: str = opt("bundled:memorized")
+    non_memorized: str = opt("bundled:non_memorized")
+    stages: str = opt(",".join(STUDY_DEFAULT_STAGES),
+                      help=f"Comma-separated stages, from {', '.join(STUDY_STAGES)} (wanda_sweep, Wanda's trade-off "
+                           "curve, is not in the default).")  # fmt: skip
+    quick: bool = opt(False, help="Reduced settings (for tests and a first look).")
+    images: str | None = opt(None, help=IMAGES_HELP)
+    sscd: str | None = opt(None, help=SSCD_HELP)
+    batch_size: int = opt(64, help=BATCH_HELP)
+    # Generations per prompt and DDIM steps in every evaluation. None: the paper's 10 and 50 for a
+    # real model; 4 and 20 for a model of the bundled kind (wherever it was loaded from), so that
+    # its whole study runs in minutes on 2 CPU cores (its model card reports 10 seeds at 50 steps).
+    # On the bundled model the study's
+    # locality stage also starts from 32 random inits per target (the command's default: 100), and
+    # fine-tuning warm-starts its triggers with 3 attack steps per step (the command's default: 5).
+    seeds: int | None = opt(None, help="Generations per prompt (default: 10; bundled model 4).")
+    sampling_steps: int | None = opt(None, help="DDIM steps (default: 50; bundled model 20).")
+
+    def __post_init__(self) -> None:
+        for name in ("seeds", "sampling_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise DoriError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        unknown = set(self.stage_list()) - set(STUDY_STAGES)
+        if unknown:
+            raise DoriError(f"unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STUDY_STAGES)}")
+
+    def stage_list(self) -> list[str]:
+        return [s.strip() for s in self.stages.split(",") if s.strip()]

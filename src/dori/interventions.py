@@ -182,6 +182,13 @@ def each_mask(model: DiffusionModel, mitigation: Mitigation | None, texts: list[
             yield indices
 
 
+def put_rows(full: Tensor, part: Tensor, group: list[int], per: int = 1) -> None:
+    """Write a group's results back into prompt order: ``part`` holds ``per`` rows (seeds, tries)
+    for each prompt of ``group`` in turn; ``full`` holds ``per`` rows for every prompt."""
+    index = torch.tensor([i * per + j for i in group for j in range(per)], dtype=torch.long)
+    full[index] = part.to(full.device, full.dtype)
+
+
 # --------------------------------------------------------------------- files
 
 
@@ -334,3 +341,11 @@ def baked(model: DiffusionModel, mitigation: Mitigation) -> Iterator[list[str]]:
 def _save(saved: dict, site) -> None:
     bias = site.module.bias
     saved[site.name] = (site.module.weight.detach().clone(), None if bias is None else bias.detach().clone())
+
+
+def load_mitigation(model: DiffusionModel, folder: str | None):
+    if folder is None:
+        return None
+    from dori.interventions import load_mask
+
+    return load_mask(folder, model)

@@ -20,23 +20,16 @@ activations and select the same neurons and weights.
 from __future__ import annotations
 
 import itertools
-import json
-import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from dori.configs import LocalityConfig
-from dori.errors import DoriError
-from dori.interventions import capture, each_mask
-from dori.measure.replication import replication
+from dori.interventions import capture
 from dori.models.base import DiffusionModel
-from dori.parallel import Shards
 from dori.report_images import save_figure
-from dori.runs import read_json, read_tensors, save_tensors_atomic, write_json_atomic
 
 Say = Callable[[str], None]
 
@@ -131,7 +124,7 @@ def weight_agreement_view(model: DiffusionModel, groups: list[Tensor], mem: Tens
     prompt; per site, the mean pairwise IoU within each target's triggers and among the prompts."""
     from dori.mitigate.nemo import NemoConfig, nemo_localize
     from dori.mitigate.wanda import WandaConfig, wanda_masks
-    from dori.workflows import nemo_reference
+    from dori.mitigate.nemo_reference import nemo_reference
 
     stats, threshold = nemo_reference(model, reference_prompts=config.reference_prompts, stats=config.stats,
                                       threshold=config.threshold, steps=config.eval_steps, say=say)  # fmt: skip
@@ -301,105 +294,6 @@ def verdicts(summary: dict) -> dict:
     }  # fmt: skip
 
 
-def run_locality(config: LocalityConfig, model: DiffusionModel, out: str | Path, *, resume: bool = False,
-                 progress: Say | None = None) -> dict:  # fmt: skip
-    """``dori locality``: the three views of METHOD.md stage 5, written to ``out``."""
-    from dori.attack import AttackConfig, dori_attack, initial_embeddings
-    from dori.report_images import save_grid
-    from dori.workflows import References, attack_targets, load_mitigation, load_prompts
-
-    say = progress or (lambda message: None)
-    began = time.monotonic()
-    prompts = load_prompts(config.prompts, model, kind=config.type, limit=config.limit)
-    if len(prompts) < 2:
-        raise DoriError(f"{config.prompts} has {len(prompts)} prompt(s); locality compares memorized prompts, give at least 2")
-    if config.targets > len(prompts):
-        raise DoriError(f"--targets {config.targets} exceeds the {len(prompts)} prompts of {config.prompts}; lower it")
-    non_mem_spec = config.non_memorized or ("bundled:non_memorized" if "toy_data" in model.meta else None)
-    if non_mem_spec is None:
-        raise DoriError("locality compares triggers with non-memorized prompts: pass --non-memorized SET")
-    non_mem = model.encode(load_prompts(non_mem_spec, model).texts).float()
-    refs = References(model, images=config.images, sscd=config.sscd)
-    mitigation = load_mitigation(model, config.mitigation)
-    shards = Shards()
-    out = shards.open_run(out, "locality", asdict(config), resume=resume)
-
-    targets = prompts.head(config.targets)
-    mem = model.encode(prompts.texts).float()
-    latents = model.to_latents(torch.cat(attack_targets(model, targets, refs)))
-    k = config.inits
-    inits = torch.cat([initial_embeddings(model, [p], "random", seed=config.seed * 1_000 + j, per_prompt=k)
-                       for j, p in enumerate(targets.texts)])  # fmt: skip
-    mine = shards.mine(range(len(inits)))  # under accelerate: every world-th trigger
-    texts = [p for p in targets.texts for _ in range(k)]  # the target prompt of every trigger
-    trigger_file = out / "triggers.safetensors"
-    if trigger_file.exists():
-        triggers = read_tensors(trigger_file, keys=("triggers",))["triggers"].to(model.device)
-    else:
-        say(f"locality: attacking {len(targets)} target(s) from {k} random initialisations each")
-        attack = AttackConfig(steps=config.steps, learning_rate=config.learning_rate, batch=config.attack_batch)
-        found = inits[mine].clone()
-        rows = latents.repeat_interleave(k, dim=0)[mine]
-        for group in each_mask(model, mitigation, [texts[i] for i in mine]):  # each target under its own mask
-            found[group] = dori_attack(model, rows[group], found[group], attack,
-                                       seeds=[config.seed * 1_000_003 + mine[n] for n in group]).embeddings.detach()  # fmt: skip
-        triggers = shards.assemble(mine, found, len(inits)).to(inits.device)
-        if shards.main:
-            save_tensors_atomic({"inits": inits, "triggers": triggers}, trigger_file, metadata={"model": model.fingerprint()})
-
-    say("locality: checking which triggers bring the image back")
-    references = [refs.of(p) for p in targets.prompts for _ in range(k)]
-    results, images = [None] * len(mine), torch.zeros(len(mine) * config.seeds, 3, *model.image_size)
-    for group in each_mask(model, mitigation, [texts[i] for i in mine]):
-        rows = [mine[n] for n in group]
-        part, made = replication(model, [texts[i] for i in rows], [references[i] for i in rows], refs.detector,
-                                 seeds=list(range(config.seeds)), steps=config.eval_steps, guidance=config.guidance,
-                                 embeddings=triggers[rows].to(model.dtype), batch_size=config.batch_size)  # fmt: skip
-        for m, n in enumerate(group):
-            results[n] = part[m]
-            images[n * config.seeds : (n + 1) * config.seeds] = made[m * config.seeds : (m + 1) * config.seeds]
-    success = torch.zeros(len(inits), dtype=torch.bool)
-    first_images = {}
-    for rows, flags, part in shards.gather((mine, [r.mr >= 0.5 for r in results], images.cpu())):
-        success[rows] = torch.tensor(flags, dtype=torch.bool)
-        first_images.update({i: part[n * config.seeds : (n + 1) * config.seeds] for n, i in enumerate(rows) if i < 16})
-    if not shards.main:  # the remaining views are cheap: the main process computes and writes them
-        shards.wait()
-        return read_json(out / "summary.json")
-    save_grid(torch.cat([first_images[i] for i in sorted(first_images)]), out / "trigger_generations.png",
-              columns=config.seeds)  # fmt: skip
-
-    per_target, groups = [], []
-    for j, prompt in enumerate(targets.texts):
-        rows = slice(j * k, (j + 1) * k)
-        view = embedding_view(inits[rows], triggers[rows], success[rows], mem[j : j + 1], non_mem)
-        per_target.append({"prompt": prompt, **view})
-        plot_projection(inits[rows], triggers[rows], success[rows], mem[j : j + 1], non_mem,
-                        out / f"embedding_projection_{j}.png", tsne=config.tsne, seed=config.seed)  # fmt: skip
-        ok = triggers[rows][success[rows]] if int(success[rows].sum()) >= 2 else triggers[rows]
-        groups.append(ok)
-    embedding = {"per_target": per_target, "mean": _mean_embedding(per_target)}
-
-    say("locality: activation discrepancy")
-    activation = activation_view(model, groups, mem, seed=config.seed, steps=config.eval_steps,
-                                 batch_size=config.batch_size)  # fmt: skip
-    plot_sites(activation["sites"], out / "activation_discrepancy.png", title="activation discrepancy per site",
-               ylabel="mean pairwise L2")  # fmt: skip
-
-    agreement = weight_agreement_view(model, [g[: config.agreement_triggers] for g in groups], mem, config, say)
-    plot_sites(agreement["nemo"]["sites"], out / "agreement_nemo.png", title="NeMo neuron agreement per site",
-               ylabel="mean pairwise IoU")  # fmt: skip
-    plot_sites(agreement["wanda"]["sites"], out / "agreement_wanda.png", title="Wanda weight agreement per site",
-               ylabel="mean pairwise IoU")  # fmt: skip
-
-    summary = {"embedding": embedding, "activation": activation, "weight_agreement": agreement,
-               "targets": targets.texts, "inits": k, "mitigation": None if mitigation is None else mitigation.method,
-               "similarity": refs.detector.to_dict()}  # fmt: skip
-    summary["verdicts"] = verdicts(summary)
-    summary["seconds"] = time.monotonic() - began
-    write_json_atomic(out / "summary.json", summary)
-    shards.wait()
-    return summary
 
 
 def _mean_embedding(per_target: list[dict]) -> dict:

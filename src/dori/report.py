@@ -9,8 +9,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from dori import run_files
 from dori.report_images import grid_cell, to_pil
 from dori.runs import write_text_atomic
+from dori.references import References, attack_targets, load_prompts
 
 # The paper's headline table (SD v1.4, VM prompts; METHOD.md): SSCD_orig mean, std, MR.
 PAPER = {
@@ -27,12 +29,12 @@ PAPER = {
 PAPER_CURVES = {"nemo": [0.20, 0.73, 0.79, 0.94, 0.99], "wanda": [0.00, 0.02, 0.18, 0.49, 0.73]}
 STRIP = (
     ("training image", None),
-    ("no mitigation", ("replicate", "grids/prompt{i:04d}.png", 0)),
-    ("NeMo", ("nemo", "mitigated_generations.png", None)),
-    ("NeMo + DoRI", ("nemo_dori", "attack_generations.png", None)),
-    ("Wanda", ("wanda", "mitigated_generations.png", None)),
-    ("Wanda + DoRI", ("wanda_dori", "attack_generations.png", None)),
-    ("adv. fine-tuning + DoRI", ("unlearn", "after_attack_prompt_generations.png", None)),
+    ("no mitigation", ("replicate", run_files.PROMPT_GRID, 0)),
+    ("NeMo", ("nemo", run_files.MITIGATED_GRID, None)),
+    ("NeMo + DoRI", ("nemo_dori", run_files.generations_grid("attack"), None)),
+    ("Wanda", ("wanda", run_files.MITIGATED_GRID, None)),
+    ("Wanda + DoRI", ("wanda_dori", run_files.generations_grid("attack"), None)),
+    ("adv. fine-tuning + DoRI", ("unlearn", run_files.generations_grid("after_attack_prompt"), None)),
 )
 
 
@@ -61,7 +63,6 @@ def _fmt(value, digits: int = 2) -> str:
 
 
 def write_report(root: Path, summary: dict, results: dict, configs: dict, model) -> Path:
-    from dori import workflows as wf
 
     stages = root / "stages"
     rows = []
@@ -76,12 +77,12 @@ def write_report(root: Path, summary: dict, results: dict, configs: dict, model)
 
     strips = []
     if "replicate" in configs:
-        prompts = wf.load_prompts(configs["replicate"].prompts, model, kind=configs["replicate"].type,
+        prompts = load_prompts(configs["replicate"].prompts, model, kind=configs["replicate"].type,
                                   limit=configs["replicate"].limit)  # fmt: skip
         height, width = model.image_size
         try:
-            refs = wf.References(model, images=configs["replicate"].images, sscd=configs["replicate"].sscd)
-            targets = wf.attack_targets(model, prompts, refs)
+            refs = References(model, images=configs["replicate"].images, sscd=configs["replicate"].sscd)
+            targets = attack_targets(model, prompts, refs)
         except Exception:  # noqa: BLE001 - a report without training images still renders
             targets = [None] * len(prompts)
         for i, prompt in enumerate(prompts.prompts):
@@ -99,11 +100,11 @@ def write_report(root: Path, summary: dict, results: dict, configs: dict, model)
     det_html = "<p>not run</p>" if detection is None else (
         f"<p>noise-difference norm (first step): ROC-AUC {detection['auc']:.3f}, TPR@1%FPR "
         f"{detection['tpr_at_1pct_fpr']:.3f}; NeMo's SSIM check: ROC-AUC {detection['ssim']['auc']:.3f}, threshold "
-        f"{detection['ssim']['threshold']:.3f}.</p>" + _file_img(stages / "detect" / "roc.png", "ROC curves"))  # fmt: skip
+        f"{detection['ssim']['threshold']:.3f}.</p>" + _file_img(stages / "detect" / run_files.ROC_PLOT, "ROC curves"))  # fmt: skip
     curves = "".join(
         f"<h3>{m}</h3><p>ours: " + ", ".join(f"{k} steps: {v:.2f}" for k, v in sorted(c.items(), key=lambda kv: int(kv[0])))
         + f"; paper (0/1/10/25/50): {', '.join(f'{v:.2f}' for v in PAPER_CURVES[m])}</p>"
-        + _file_img(stages / f"{m}_dori" / "steps_curve.png", f"MR against DoRI steps, {m}")
+        + _file_img(stages / f"{m}_dori" / run_files.STEPS_CURVE_PLOT, f"MR against DoRI steps, {m}")
         for m, c in summary.get("steps_curve", {}).items()
     )  # fmt: skip
     locality = summary.get("locality")
@@ -111,12 +112,13 @@ def write_report(root: Path, summary: dict, results: dict, configs: dict, model)
         "<ul>" + "".join(f"<li><b>{html.escape(view)}</b>: {html.escape(text)}</li>"
                          for view, text in locality["verdicts"].items()) + "</ul>"
         + "".join(_file_img(stages / "locality" / name, alt) for name, alt in (
-            ("embedding_projection_0.png", "initialisations and triggers, 2-D projections"),
-            ("activation_discrepancy.png", "activation discrepancy per site"),
-            ("agreement_nemo.png", "NeMo agreement per site"), ("agreement_wanda.png", "Wanda agreement per site"))))  # fmt: skip
+            (run_files.PROJECTION_PLOT.format(target=0), "initialisations and triggers, 2-D projections"),
+            (run_files.DISCREPANCY_PLOT, "activation discrepancy per site"),
+            (run_files.AGREEMENT_PLOT.format(method="nemo"), "NeMo agreement per site"),
+            (run_files.AGREEMENT_PLOT.format(method="wanda"), "Wanda agreement per site"))))  # fmt: skip
     sweep = summary.get("wanda_sweep")
     sweep_html = "<p>not run (add wanda_sweep to the study's --stages, or run 'dori wanda-sweep')</p>" if sweep is None \
-        else _sweep_table(sweep) + _file_img(stages / "wanda_sweep" / "sweep.png", "MR and utility against Wanda's ratio")  # fmt: skip
+        else _sweep_table(sweep) + _file_img(stages / "wanda_sweep" / run_files.SWEEP_PLOT, "MR and utility against Wanda's ratio")  # fmt: skip
     timing = "".join(f"<tr><th>{html.escape(k)}</th><td>{v:.0f} s</td></tr>" for k, v in summary["timing"].items())
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>dori study: {html.escape(model.name)}</title>

@@ -9,6 +9,8 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
+from dori.runs import atomic_path
+
 
 def to_pil(image: Tensor) -> Image.Image:
     array = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
@@ -54,22 +56,18 @@ def grid_cell(path: str | Path, row: int, column: int, height: int, width: int) 
 
 
 def save_grid(images: Tensor, path: str | Path, *, columns: int) -> Path:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    grid(images, columns=columns).save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    with atomic_path(path) as tmp:
+        grid(images, columns=columns).save(tmp, format="PNG")
+    return Path(path)
 
 
 def save_figure(fig, path: str | Path, *, dpi: int = 120) -> Path:
     """Save a matplotlib figure as PNG through a temporary file and a rename, and close it."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        fig.savefig(tmp, format="png", dpi=dpi)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi)
     finally:
         plt.close(fig)
-    tmp.replace(path)
-    return path
+    return Path(path)

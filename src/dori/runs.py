@@ -7,6 +7,8 @@ import os
 import platform
 import sys
 from importlib import metadata
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from dori.errors import DoriError
@@ -37,17 +39,35 @@ def prepare_out_dir(path: str | os.PathLike) -> Path:
     return out
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write to a temporary file beside ``path``, then rename: readers never see half a file."""
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to: renamed over ``path`` when the block ends
+    without error, removed otherwise, so readers never see half a file. The one place dori
+    writes a result file; a full disk or a read-only folder is a clear error."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        yield tmp
         os.replace(tmp, path)
     except OSError as error:
-        tmp.unlink(missing_ok=True)
         raise DoriError(f"could not write {path} ({error.strerror}); free disk space or choose another --out") from error
-    return path
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def save_torch_atomic(obj, path: str | os.PathLike) -> Path:
+    """``torch.save`` (checkpoints, statistics) through :func:`atomic_path`."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, str(tmp))
+    return Path(path)
 
 
 def with_user_mode(*paths: Path) -> None:
@@ -63,16 +83,10 @@ def save_tensors_atomic(tensors: dict, path: str | os.PathLike, metadata: dict |
     """``safetensors.torch.save_file`` through a temporary file and a rename (see ``write_text_atomic``)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         with_user_mode(tmp)
-        os.replace(tmp, path)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        raise DoriError(f"could not write {path} ({error.strerror}); free disk space or choose another --out") from error
-    return path
+    return Path(path)
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> Path:
@@ -174,6 +188,11 @@ def input_fingerprints(config: dict) -> dict[str, str]:
 # Run folders created by this process and not yet holding any result: if the command is refused
 # before it writes one, ``discard_unstarted_runs`` removes them so the corrected command can start.
 _FRESH_RUNS: list[tuple[Path, bool]] = []  # (folder, whether this process created it)
+
+
+def forget_started_runs() -> None:
+    """A new command starts: the runs an earlier command of this process started are not its own."""
+    _FRESH_RUNS.clear()
 
 
 def discard_unstarted_runs() -> tuple[int, int]:

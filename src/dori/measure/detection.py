@@ -110,3 +110,31 @@ def roc_curve(positive: Sequence[float], negative: Sequence[float]) -> tuple[lis
     fpr = [0.0] + [float((neg >= s).mean()) for s in scores]
     tpr = [0.0] + [float((pos >= s).mean()) for s in scores]
     return fpr, tpr
+
+
+def scores_by_set(rows: list[dict], field: str) -> tuple[list[float], list[float]]:
+    pos = [r[field] for r in rows if r["set"] == "memorized"]
+    neg = [r[field] for r in rows if r["set"] == "non_memorized"]
+    return pos, neg
+
+
+def summarize_detection(rows: list[dict]) -> dict:
+    pos, neg = scores_by_set(rows, "noise_first_step")
+    summary = {"noise_norm": {"auc": roc_auc(pos, neg), "tpr_at_1pct_fpr": tpr_at_fpr(pos, neg), "variant": "first_step",
+                              "memorized_mean": float(torch.tensor(pos).mean()),
+                              "non_memorized_mean": float(torch.tensor(neg).mean())}}  # fmt: skip
+    if rows and "noise_all_steps" in rows[0]:
+        pos_all, neg_all = scores_by_set(rows, "noise_all_steps")
+        summary["noise_norm_all_steps"] = {"auc": roc_auc(pos_all, neg_all), "tpr_at_1pct_fpr": tpr_at_fpr(pos_all, neg_all)}
+    pos_s, neg_s = scores_by_set(rows, "ssim_max")
+    neg_t = torch.tensor(neg_s)
+    threshold = float(neg_t.mean() + (neg_t.std() if len(neg_s) > 1 else 0.0))
+    summary["ssim"] = {
+        "auc": roc_auc(pos_s, neg_s),
+        "tpr_at_1pct_fpr": tpr_at_fpr(pos_s, neg_s),
+        "threshold": threshold,
+        "memorized_flagged": float(sum(s > threshold for s in pos_s) / len(pos_s)),
+        "non_memorized_flagged": float(sum(s > threshold for s in neg_s) / len(neg_s)),
+    }
+    summary["n_memorized"], summary["n_non_memorized"] = len(pos), len(neg)
+    return summary

@@ -161,3 +161,24 @@ def _prune(model: DiffusionModel, sites: Sequence[str], memorized: dict[str, Ten
             pruned |= chosen & (score_mem > score_base)
         mask[site.name] = pruned
     return mask
+
+
+def wanda_scores_for(model: DiffusionModel, groups: list[torch.Tensor], sites: str, batch_size: int):
+    """Wanda's recorded scores on the ``ffn`` or ``value`` sites (each ratio's mask comes from them)."""
+    from dori.mitigate.wanda import WandaConfig, wanda_scores
+
+    names = [s.name for s in (model.ffn_sites() if sites == "ffn" else model.value_sites())]
+    return wanda_scores(model, groups, sites=names, config=WandaConfig(batch_size=batch_size))
+
+
+def wanda_mitigation(model: DiffusionModel, mask):
+    from dori.interventions import Mitigation
+
+    return Mitigation("weights", model.fingerprint(), weights=mask, method="wanda")
+
+
+def mask_size(mitigation) -> dict:
+    """How many weights a Wanda mask prunes, in all and per site."""
+    total = sum(m.numel() for m in mitigation.weights.values())
+    return {"pruned_weights": mitigation.size(), "sparsity": mitigation.size() / total,
+            "per_site": {name: int(m.sum()) for name, m in mitigation.weights.items()}}  # fmt: skip

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as hf_logging
 
 from dori.errors import DoriError
+from dori.models import position
 from dori.models.base import DiffusionModel
 
 MODEL_FILE = "dori_model.json"
@@ -32,6 +34,25 @@ KIT_FILES = ("attribute_classifier.safetensors", "attribute_classifier.json", "c
 # dori draws its own progress bars; the libraries' per-file bars would only clutter stderr.
 hf_logging.disable_progress_bar()
 diffusers_logging.disable_progress_bar()
+
+
+class _KnownKeys:
+    """dori reads ``unet/config.json``'s position-encoding notice itself; diffusers' warning about the
+    unknown key (meant for users who load the folder without dori) is not shown while dori loads."""
+
+    def filter(self, record) -> bool:
+        return position.CONFIG_KEY not in record.getMessage()
+
+
+@contextmanager
+def _notice_read_by_dori():
+    logger = diffusers_logging.get_logger("diffusers.configuration_utils")
+    known = _KnownKeys()
+    logger.addFilter(known)
+    try:
+        yield
+    finally:
+        logger.removeFilter(known)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -185,7 +206,8 @@ def load_model(
     meta = _model_meta(path)
     pixel_space = bool(meta.get("pixel_space", False))
 
-    unet = _load_component(UNet2DConditionModel.from_pretrained, _require(path, "unet", "the U-Net"), "U-Net")
+    with _notice_read_by_dori():
+        unet = _load_component(UNet2DConditionModel.from_pretrained, _require(path, "unet", "the U-Net"), "U-Net")
     text_encoder = _load_component(
         CLIPTextModel.from_pretrained, _require(path, "text_encoder", "the text encoder"), "text encoder"
     )
@@ -251,6 +273,8 @@ def save_model(model: DiffusionModel, out_dir: str | os.PathLike, *, meta: dict 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.unet.save_pretrained(out / "unet", safe_serialization=True)
+    if model.meta.get("position_encoding") == position.KIND:
+        position.mark_config(out / "unet")
     model.text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
     (out / "scheduler").mkdir(exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(model.scheduler_config, indent=2))

@@ -17,6 +17,23 @@ from torch import Tensor, nn
 
 KIND = "sinusoidal"
 _MARK = "_dori_position_encoding"
+# Written into ``unet/config.json`` of every model folder that uses the encoding. Plain diffusers
+# (``UNet2DConditionModel.from_pretrained``) does not know the key and prints it, with this text,
+# in its "config attributes ... will be ignored" warning, so nobody gets the other model silently.
+CONFIG_KEY = "dori_position_encoding"
+NOTICE = ("this U-Net adds a fixed 2-D sinusoidal position encoding to the output of conv_in, which plain diffusers "
+          "does not: its images are wrong without it; load the folder with dori.models.load_model")  # fmt: skip
+
+
+def mark_config(unet_folder) -> None:
+    """Add :data:`CONFIG_KEY` to a saved U-Net's ``config.json`` (see there)."""
+    import json
+    from pathlib import Path
+
+    file = Path(unet_folder) / "config.json"
+    config = json.loads(file.read_text(encoding="utf-8"))
+    config[CONFIG_KEY] = NOTICE
+    file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def sinusoidal_2d(channels: int, height: int, width: int) -> Tensor:

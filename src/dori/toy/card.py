@@ -3,7 +3,6 @@ fixed rule, measure the model, and write its model card."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -144,7 +143,9 @@ def write_card(folder: Path, numbers: dict, calibration: dict, train_info: dict,
         f"none on the way up ({sites['value']} value sites, {sites['ffn']} feed-forward sites): every route from the "
         "text to the image passes the sites NeMo searches."
         + (" A fixed 2-D sinusoidal position encoding is added after the first convolution, so that this "
-           "cross-attention knows where each pixel lies (without it the model placed shapes at random)."
+           "cross-attention knows where each pixel lies (without it the model placed shapes at random). Load the "
+           "folder with dori (`dori.models.load_model`): plain diffusers (`UNet2DConditionModel.from_pretrained`) "
+           "does not add the encoding and says so in a warning, from the notice in `unet/config.json`."
            if train_info.get("position_encoding") else "")
         + " A 2-layer `CLIPTextModel` (width 128) trained jointly and "
         "frozen afterwards, fed by SD v1.x's CLIP tokenizer through a compact id map; DDPM cosine schedule, "

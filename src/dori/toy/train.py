@@ -38,7 +38,7 @@ from dori.errors import DoriError
 from dori.models.base import DiffusionModel
 from dori.models import position
 from dori.models.loading import clip_tokenizer, save_model
-from dori.runs import read_checkpoint
+from dori.runs import read_checkpoint, save_torch_atomic
 from dori.toy.classifier import train_classifier
 from dori.toy.data import TITLES_TM, TITLES_VM, ToyDataset, build_dataset
 
@@ -172,12 +172,6 @@ def _counter(progress: Callable[[str, int, int], None], phase: str, total: int) 
     return advance
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def train_bundled_model(
     config: ToyTrainConfig,
     out_dir: str | os.PathLike,
@@ -267,7 +261,7 @@ def train_bundled_model(
         if done % 50 == 0:
             log(f"step {done} loss {loss.item():.4f} lr {learning_rate(config, step):.2e}")
         if done % config.checkpoint_every == 0 or done == config.steps:
-            _atomic_torch_save(
+            save_torch_atomic(
                 {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
                  "optimizer": optimizer.state_dict(), "step": done,
                  "seconds": seconds + time.monotonic() - began},

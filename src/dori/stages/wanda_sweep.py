@@ -13,20 +13,24 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from dori import run_files
 from dori.configs import WandaSweepConfig
 from dori.interventions import intervene
 from dori.models.base import DiffusionModel
 from dori.report_images import save_figure
 from dori.runs import ResultsFile, open_run, write_json_atomic, write_text_atomic
+from dori.evaluation import utility
+from dori.mitigate.wanda import mask_size, wanda_mitigation, wanda_scores_for
+from dori.references import References, load_prompts
+from dori.stages.attack import attack_and_measure
 
 
 def run_wanda_sweep(config: WandaSweepConfig, model: DiffusionModel, out: str | Path, *, resume: bool = False,
                     progress: Callable[[str], None] | None = None) -> dict:  # fmt: skip
-    from dori import workflows as wf
 
     say = progress or (lambda message: None)
-    prompts = wf.load_prompts(config.prompts, model, kind=config.type, limit=config.limit)
-    refs = wf.References(model, images=config.images, sscd=config.sscd)
+    prompts = load_prompts(config.prompts, model, kind=config.type, limit=config.limit)
+    refs = References(model, images=config.images, sscd=config.sscd)
     out = open_run(out, "wanda-sweep", asdict(config), resume=resume)
     results = ResultsFile(out / "results.jsonl")
     done = {row["ratio"]: row for row in results.rows}
@@ -37,16 +41,16 @@ def run_wanda_sweep(config: WandaSweepConfig, model: DiffusionModel, out: str | 
             continue
         if scores is None:  # recorded only when a ratio is left to measure
             say("wanda: recording activations")
-            scores = wf.wanda_scores_for(model, [model.encode(prompts.texts)], config.sites, config.batch_size)
-        mitigation = wf.wanda_mitigation(model, scores.mask(model, 0, ratio))
+            scores = wanda_scores_for(model, [model.encode(prompts.texts)], config.sites, config.batch_size)
+        mitigation = wanda_mitigation(model, scores.mask(model, 0, ratio))
         say(f"ratio {ratio:g}: DoRI ({config.attack_steps} steps) and replication")
-        attacked = wf.attack_and_measure(model, prompts, refs, attack, mitigation=mitigation, label=f"ratio_{ratio:g}",
+        attacked = attack_and_measure(model, prompts, refs, attack, mitigation=mitigation, label=f"ratio_{ratio:g}",
                                          out=out, curve=[0, config.attack_steps])  # fmt: skip
         say(f"ratio {ratio:g}: utility")
         with intervene(model, mitigation):
-            util = wf.utility(model, seeds=config.utility_seeds, steps=config.steps, guidance=config.guidance,
+            util = utility(model, seeds=config.utility_seeds, steps=config.steps, guidance=config.guidance,
                               batch_size=config.batch_size)  # fmt: skip
-        size = wf.mask_size(mitigation)
+        size = mask_size(mitigation)
         row = {"ratio": ratio, "pruned_weights": size["pruned_weights"], "sparsity": size["sparsity"],
                "mr": attacked["steps_curve"]["0"], "sscd_mean": attacked["sscd_curve"]["0"],
                "mr_dori": attacked["steps_curve"][str(config.attack_steps)],
@@ -55,14 +59,14 @@ def run_wanda_sweep(config: WandaSweepConfig, model: DiffusionModel, out: str | 
         results.extend([row])
         done[ratio] = row
     rows = [done[ratio] for ratio in config.ratios()]
-    baseline = wf.utility(model, seeds=config.utility_seeds, steps=config.steps, guidance=config.guidance,
+    baseline = utility(model, seeds=config.utility_seeds, steps=config.steps, guidance=config.guidance,
                           batch_size=config.batch_size)  # fmt: skip
     summary = {"rows": rows, "utility_unmitigated": None if baseline is None else baseline["alignment"],
                "attack_steps": config.attack_steps, "sites": config.sites, "prompt_set": prompts.name,
                "n_prompts": len(prompts), "similarity": refs.detector.to_dict(),
                "dori_fails_at": _fails_from(rows)}  # fmt: skip
     write_sweep_table(rows, out / "sweep.csv")
-    plot_sweep(summary, out / "sweep.png")
+    plot_sweep(summary, out / run_files.SWEEP_PLOT)
     write_json_atomic(out / "summary.json", summary)
     return summary
 

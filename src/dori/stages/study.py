@@ -9,61 +9,32 @@ on ``--resume``.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from dori.configs import (
-    STUDY_DEFAULT_STAGES,
     STUDY_STAGES,
     AttackRunConfig,
     DetectConfig,
     LocalityConfig,
     MitigateConfig,
     ReplicateConfig,
+    StudyConfig,
     UnlearnRunConfig,
     WandaSweepConfig,
 )
-from dori.errors import DoriError
 from dori.models.base import DiffusionModel
 from dori.models.loading import is_bundled_kind
 from dori.runs import open_run, read_json, write_json_atomic
+from dori.stages.attack import run_attack
+from dori.stages.detect import run_detect
+from dori.stages.mitigate import run_mitigate
+from dori.stages.replicate import run_replicate
+from dori.stages.unlearn import run_unlearn
 
-STAGES = STUDY_STAGES
-
-
-@dataclass(frozen=True)
-class StudyConfig:
-    model: str = "bundled"
-    memorized: str = "bundled:memorized"
-    non_memorized: str = "bundled:non_memorized"
-    stages: str = ",".join(STUDY_DEFAULT_STAGES)  # add wanda_sweep for Wanda's trade-off curve
-    quick: bool = False
-    images: str | None = None
-    sscd: str | None = None
-    batch_size: int = 64
-    # Generations per prompt and DDIM steps in every evaluation. None: the paper's 10 and 50 for a
-    # real model; 4 and 20 for a model of the bundled kind (wherever it was loaded from), so that
-    # its whole study runs in minutes on 2 CPU cores (its model card reports 10 seeds at 50 steps). On the bundled model the study's
-    # locality stage also starts from 32 random inits per target (the command's default: 100), and
-    # fine-tuning warm-starts its triggers with 3 attack steps per step (the command's default: 5).
-    seeds: int | None = None
-    sampling_steps: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("seeds", "sampling_steps"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise DoriError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        unknown = set(self.stage_list()) - set(STAGES)
-        if unknown:
-            raise DoriError(f"unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
-
-    def stage_list(self) -> list[str]:
-        return [s.strip() for s in self.stages.split(",") if s.strip()]
 
 
 def stage_configs(config: StudyConfig, root: Path) -> dict:
@@ -114,9 +85,8 @@ def stage_configs(config: StudyConfig, root: Path) -> dict:
 
 def run_study(config: StudyConfig, model: DiffusionModel, out: str | Path, *, resume: bool = False,
               progress: Callable[[str], None] | None = None) -> dict:  # fmt: skip
-    from dori import workflows as wf
-    from dori.locality import run_locality
-    from dori.sweep import run_wanda_sweep
+    from dori.stages.locality import run_locality
+    from dori.stages.wanda_sweep import run_wanda_sweep
 
     say = progress or (lambda message: None)
     # Which stages run is not a parameter of the results: a study started with some stages can be
@@ -127,18 +97,18 @@ def run_study(config: StudyConfig, model: DiffusionModel, out: str | Path, *, re
     timing_file = root / "timing.json"
     timing = read_json(timing_file) if timing_file.exists() else {}
     runners = {
-        "detect": [("detect", wf.run_detect)],
-        "replicate": [("replicate", wf.run_replicate), ("replicate_non_memorized", wf.run_replicate)],
-        "nemo": [("nemo", wf.run_mitigate)],
-        "wanda": [("wanda", wf.run_mitigate)],
-        "nemo_dori": [("nemo_dori", wf.run_attack)],
-        "wanda_dori": [("wanda_dori", wf.run_attack)],
+        "detect": [("detect", run_detect)],
+        "replicate": [("replicate", run_replicate), ("replicate_non_memorized", run_replicate)],
+        "nemo": [("nemo", run_mitigate)],
+        "wanda": [("wanda", run_mitigate)],
+        "nemo_dori": [("nemo_dori", run_attack)],
+        "wanda_dori": [("wanda_dori", run_attack)],
         "wanda_sweep": [("wanda_sweep", run_wanda_sweep)],
         "locality": [("locality", run_locality)],
-        "unlearn": [("unlearn", wf.run_unlearn)],
+        "unlearn": [("unlearn", run_unlearn)],
     }
     results = {}
-    for stage in STAGES:
+    for stage in STUDY_STAGES:
         for name, runner in runners[stage]:
             folder = root / "stages" / name
             done = folder / "summary.json"
@@ -151,7 +121,7 @@ def run_study(config: StudyConfig, model: DiffusionModel, out: str | Path, *, re
                 continue
             say(f"stage {name}")
             began = time.monotonic()
-            kwargs = {"progress": say} if runner in (wf.run_mitigate, wf.run_unlearn, run_locality, run_wanda_sweep) else {}
+            kwargs = {"progress": say} if runner in (run_mitigate, run_unlearn, run_locality, run_wanda_sweep) else {}
             stage_config = configs[name]
             if getattr(stage_config, "baseline", None) and not (Path(stage_config.baseline) / "summary.json").exists():
                 stage_config = replace(stage_config, baseline=None)  # no replicate run to reuse: measure "before"

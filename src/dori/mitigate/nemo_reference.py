@@ -1,0 +1,65 @@
+"""NeMo's reference: the activation statistics of ordinary prompts and the SSIM threshold, from a
+statistics file, a prompt set, or the bundled model's own ordinary captions (cached per model)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from dori.errors import DoriError
+from dori.models.base import DiffusionModel
+from dori.references import is_bundled, load_prompts
+from dori.runs import atomic_path
+
+
+def cached_value_statistics(model: DiffusionModel, reference: str, say: Callable[[str], None]):
+    """NeMo's reference statistics over ``reference``, computed once per (model, prompt set) and
+    cached under ``$DORI_CACHE`` (default ``~/.cache/dori``)."""
+    import hashlib
+    import os
+
+    from dori.mitigate.nemo import load_statistics, save_statistics, value_statistics
+
+    texts = load_prompts(reference, model).texts
+    key = hashlib.sha256("\n".join([model.fingerprint(), *texts]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("DORI_CACHE", Path.home() / ".cache" / "dori")) / f"nemo_stats_{key}.pt"
+    if cache.is_file():
+        try:
+            return load_statistics(cache, model)
+        except DoriError:  # a damaged cache is only a cache: computed again below and replaced
+            say(f"nemo: the cached statistics {cache} are unreadable; computing them again")
+    say(f"nemo: value statistics over {reference} ({len(texts)} prompts)")
+    stats = value_statistics(model, texts)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cache) as tmp:
+            save_statistics(stats, tmp)
+    except (OSError, DoriError):
+        pass  # an unwritable cache only costs the recomputation next time
+    return stats
+
+
+def nemo_reference(model: DiffusionModel, *, reference_prompts: str | None, stats: str | None,
+                   threshold: float | None, steps: int, say: Callable[[str], None]):  # fmt: skip
+    """NeMo's two inputs: the value statistics and the SSIM threshold (mean + 1 std of the
+    consistency scores over the reference prompts), from files or flags where given."""
+    from dori.measure.detection import consistency_scores
+    from dori.mitigate.nemo import load_statistics
+
+    reference = reference_prompts or ("bundled:ordinary" if is_bundled(model) else None)
+    if stats is not None:
+        statistics = load_statistics(stats, model)
+    elif reference is not None:
+        statistics = cached_value_statistics(model, reference, say)
+    else:
+        raise DoriError("NeMo needs reference statistics: pass --stats FILE or --reference-prompts SET")
+    if threshold is None:
+        if reference is None:
+            raise DoriError("NeMo needs an SSIM threshold: pass --threshold (0.428 for SD v1.4) or --reference-prompts SET")
+        say("nemo: calibrating the SSIM threshold")
+        texts = load_prompts(reference, model).texts
+        scores = torch.tensor(consistency_scores(model, model.encode(texts), steps=steps))
+        threshold = float(scores.mean() + scores.std())
+    return statistics, threshold

@@ -1,0 +1,159 @@
+"""``dori unlearn``: surrogates, adversarial fine-tuning with checkpoints, and the evaluation of
+the fine-tuned model (a fresh attack from the prompt and from random starts, plain prompts, utility)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from dori.errors import DoriError
+from dori.evaluation import evaluate_replication, utility
+from dori.interventions import load_mitigation
+from dori.models.base import DiffusionModel
+from dori.parallel import Shards
+from dori.references import References, attack_targets, load_prompts, retained_pairs
+from dori.report_images import save_grid
+from dori.runs import read_checkpoint, read_json, read_tensors, save_tensors_atomic, save_torch_atomic, write_json_atomic
+from dori.stages.attack import attack_and_measure
+from dori.stages.mitigate import _nemo
+from dori.unlearn.surrogates import make_surrogates
+
+
+def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool = False,
+                progress: Callable[[str], None] | None = None) -> dict:  # fmt: skip
+    """``dori unlearn``: surrogates, adversarial fine-tuning with checkpoints, and the evaluation
+    (a fresh DoRI attack from the prompt and from random starts, plain prompts, utility)."""
+    import time
+
+
+    from dori.configs import AttackRunConfig, MitigateConfig, carried
+    from dori.models.loading import save_model
+    from dori.unlearn.adversarial import UnlearnConfig, UnlearnState, adversarial_finetune
+
+    say = progress or (lambda message: None)
+    began = time.monotonic()
+    prompts = load_prompts(config.prompts, model, kind=config.type, limit=config.limit)
+    refs = References(model, images=config.images, sscd=config.sscd)
+    if config.mitigation is None and refs.kit is None:  # NeMo here needs reference statistics unlearn does not take
+        raise DoriError("dori unlearn on this model needs --mitigation DIR: run 'dori mitigate --method nemo --stats "
+                        "FILE' (or --method wanda) first and pass its folder")  # fmt: skip
+    shards = Shards()  # data-parallel fine-tuning; the attacks shard their prompts
+    out = shards.open_run(out, "unlearn", asdict(config), resume=resume)
+    common = dict(prompts=config.prompts, model=config.model, type=config.type, limit=config.limit,
+                  images=config.images, sscd=config.sscd, batch_size=config.batch_size)  # fmt: skip
+    attack_cfg = AttackRunConfig(steps=config.eval_attack_steps, steps_curve=str(config.eval_attack_steps),
+                                 seeds=config.seeds, eval_steps=config.eval_steps, guidance=config.guidance,
+                                 control=False, **common)  # fmt: skip
+    util = dict(seeds=config.utility_seeds, steps=config.eval_steps, guidance=config.guidance, batch_size=config.batch_size)
+    before_file = out / "before.json"
+    if before_file.exists():
+        before = read_json(before_file)
+    else:
+        say("measuring the original model (DoRI attack, utility)")
+        attack_before = attack_and_measure(model, prompts, refs, attack_cfg, label="before_attack", out=out)
+        before = {"attack": attack_before, "utility": utility(model, **util)}
+        if shards.main:
+            write_json_atomic(before_file, before)
+
+    # Surrogates: the mitigated model's generation from the original prompt, below the threshold.
+    targets = attack_targets(model, prompts, refs)
+    surrogate_file = out / "surrogates.safetensors"
+    if not surrogate_file.exists() and shards.main:  # the other processes wait and read the file
+        mitigation = load_mitigation(model, config.mitigation)
+        if mitigation is None:
+            say("surrogates: running NeMo")
+            nemo_cfg = MitigateConfig(method="nemo", seeds=config.seeds, steps=config.eval_steps, **common)
+            mitigation, _ = _nemo(nemo_cfg, model, prompts.texts, model.encode(prompts.texts), out, say)
+        made, surrogate_info = make_surrogates(model, prompts, targets, refs, mitigation,
+                                               steps=config.eval_steps, guidance=config.guidance)  # fmt: skip
+        save_tensors_atomic({"images": made}, surrogate_file)
+        write_json_atomic(out / "surrogates.json", {"tau": refs.detector.tau, "surrogates": surrogate_info})  # fmt: skip
+        save_grid(torch.cat([torch.cat(targets), made]), out / "surrogates.png", columns=len(prompts))
+    shards.wait()
+    surrogates = read_tensors(surrogate_file, keys=("images",))["images"]
+    surrogate_info = read_json(out / "surrogates.json")["surrogates"]
+
+    retain_images, retain_captions = retained_pairs(model, config, refs)
+    unique = sorted(set(retain_captions))
+    retain_emb = torch.cat([model.encode(unique[i : i + 256]) for i in range(0, len(unique), 256)])
+    retain_index = torch.tensor([unique.index(c) for c in retain_captions])
+    checkpoint = out / "checkpoint.pt"
+    state, optimizer_state = None, None
+    if checkpoint.exists():
+        saved = read_checkpoint(checkpoint, keys=("unet", "optimizer", "step", "triggers", "history"))
+        try:
+            model.unet.load_state_dict(saved["unet"])
+            state = UnlearnState(int(saved["step"]), saved["triggers"].to(model.device), json.loads(saved["history"]))
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise DoriError(f"{checkpoint} does not fit this model or run ({str(error).splitlines()[0]}); delete it "
+                            "to fine-tune again from step 0, or choose a new --out") from error  # fmt: skip
+        optimizer_state = saved["optimizer"]
+        say(f"resumed fine-tuning at step {state.step}")
+    ft_config = carried(UnlearnConfig, config)  # steps, rates, triggers, warm start, weight, seed
+    ft_began = time.monotonic()
+
+    def on_step(current: UnlearnState, optimizer) -> None:
+        last = current.history[-1]
+        say(f"fine-tuning step {current.step}/{config.steps}: L_DM {last['loss_dm']:.4f}, L_adv {last['loss_adv']:.4f}")
+        if shards.main and (current.step % config.checkpoint_every == 0 or current.step == config.steps):
+            save_torch_atomic({"unet": model.unet.state_dict(), "optimizer": optimizer.state_dict(),
+                               "step": current.step, "triggers": current.triggers.cpu(),
+                               "history": json.dumps(current.history)}, checkpoint)  # fmt: skip
+
+    state = adversarial_finetune(
+        model, targets=model.to_latents(torch.cat(targets)), surrogates=model.to_latents(surrogates),
+        prompt_emb=model.encode(prompts.texts), retain_latents=model.to_latents(retain_images), retain_emb=retain_emb,
+        retain_index=retain_index, config=ft_config, state=state, optimizer_state=optimizer_state, on_step=on_step,
+        shards=shards,
+    )  # fmt: skip
+    ft_seconds = time.monotonic() - ft_began
+    if shards.main:
+        save_model(model, out / "model", meta={"unlearned_from": model.source})
+    shards.wait()
+    model.source = str(out / "model")
+
+    say("evaluating the fine-tuned model")
+    after_prompt = attack_and_measure(model, prompts, refs, attack_cfg, label="after_attack_prompt", out=out)
+    random_cfg = AttackRunConfig(**{**asdict(attack_cfg), "init": "random", "attack_seed": 1})
+    after_random = attack_and_measure(model, prompts, refs, random_cfg, label="after_attack_random", out=out)
+    plain, _, plain_images = evaluate_replication(model, prompts, refs, seeds=config.seeds, steps=config.eval_steps,
+                                                  guidance=config.guidance, batch_size=config.batch_size)  # fmt: skip
+    if shards.main:
+        save_grid(plain_images, out / "after_prompt_generations.png", columns=config.seeds)
+    utility_after = utility(model, **util)
+    ub, ua = before["utility"], utility_after
+    summary = {
+        "mr_attack_before": before["attack"]["mr"],
+        "sscd_attack_before": before["attack"]["sscd_mean"],
+        "mr_attack_after": max(after_prompt["mr"], after_random["mr"]),
+        "mr_attack_after_prompt_init": after_prompt["mr"],
+        "mr_attack_after_random_init": after_random["mr"],
+        "sscd_attack_after": after_prompt["sscd_mean"],
+        "sscd_attack_after_std": after_prompt["sscd_std"],
+        "mr_prompt_after": plain["mr"],
+        "mr_any_planted_prompt_after": plain.get("mr_any_planted"),
+        "mr_any_planted_attack_after": (None if after_prompt.get("mr_any_planted") is None else
+                                        max(after_prompt["mr_any_planted"], after_random["mr_any_planted"])),
+        "sscd_prompt_after": plain["sscd_mean"],
+        "sscd_prompt_after_std": plain["sscd_std"],
+        "utility_before": None if ub is None else ub["alignment"],
+        "utility_after": None if ua is None else ua["alignment"],
+        "fd_before": None if ub is None else ub["fd"],
+        "fd_after": None if ua is None else ua["fd"],
+        "surrogate_sources": {source: sum(s["source"] == source for s in surrogate_info)
+                              for source in sorted({s["source"] for s in surrogate_info})},
+        "fine_tuning_seconds": ft_seconds,
+        "seconds": time.monotonic() - began,
+        "history": state.history,
+        "model": str(out / "model"),
+        "similarity": refs.detector.to_dict(),
+        "processes": shards.world,
+    }
+    if shards.main:
+        write_json_atomic(out / "summary.json", summary)
+    shards.wait()
+    return summary
