@@ -70,9 +70,6 @@ def _load(model: str, device: str, dtype: str):
         return load_model(model, device=device_for(device), dtype=dtype)
 
 
-GRID_SEEDS, GRID_PROMPTS = 16, 64  # dori generate's grid.png: at most this many seeds (columns) and prompts (rows)
-
-
 @app.command()
 def generate(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
@@ -89,15 +86,8 @@ def generate(
     dtype: DtypeOption = "float32",
 ) -> None:
     """Generate images from prompts or saved embeddings: one PNG per row and seed, and a grid."""
-    import torch
-
-    import os
-    import shutil
-
-    from dori.report_images import save_grid, to_pil
-    from dori.runs import prepare_out_dir, write_json_atomic, write_manifest
-
     from dori.configs import MAX_SEED
+    from dori.stages.generate import run_generate
 
     for flag, value in (("--seeds", seeds), ("--steps", steps), ("--batch-size", batch_size)):
         check_range(flag, value, 1, MAX_COUNT)
@@ -121,42 +111,10 @@ def generate(
     seed_list = list(range(first_seed, first_seed + seeds))
     config = {"model": model, "prompts": prompt, "embeddings": None if embeddings is None else str(embeddings),
               "key": key, "seeds": seed_list, "steps": steps, "guidance": guidance}  # fmt: skip
-    # Images stream to a hidden folder beside --out, batch by batch (memory stays at one batch), and
-    # the folder takes its name only when every image is written: a refused or interrupted run
-    # leaves nothing behind (generate does not resume), a finished one is complete.
-    staging = prepare_out_dir(out.parent / f".{out.name}.partial-{os.getpid()}")
-    grid_columns, grid_rows = min(seeds, GRID_SEEDS), min(len(prompt), GRID_PROMPTS)
-    shown = torch.zeros(grid_rows * grid_columns, 3, *diffusion.image_size)
-    files = []
-    try:
-        with progress_bar("generating", len(prompt) * seeds) as advance:
-            for rows, images in diffusion.generate_chunks(emb, seed_list, steps=steps, guidance=guidance,
-                                                          batch_size=batch_size):  # fmt: skip
-                if not torch.isfinite(images).all():
-                    raise DoriError("the model generated NaN or infinite pixels; check its weights and --dtype "
-                                    "(float16 can overflow on CPU; use float32)")  # fmt: skip
-                for n, image in zip(range(rows.start, rows.stop), images):
-                    i, j = divmod(n, seeds)
-                    name = f"prompt{i:03d}_seed{seed_list[j]}.png"
-                    to_pil(image).save(staging / name)
-                    files.append({"prompt": prompt[i], "seed": seed_list[j], "file": name})
-                    if i < grid_rows and j < grid_columns:
-                        shown[i * grid_columns + j] = image
-                advance(rows.stop - rows.start)
-        save_grid(shown, staging / "grid.png", columns=grid_columns)
-        write_json_atomic(staging / "images.json", files)
-        write_manifest(staging, "generate", config)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise DoriError(f"{out} was filled by something else while generating; choose a new --out")
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    part = "" if (grid_rows, grid_columns) == (len(prompt), seeds) else \
-        f" (the grid shows the first {grid_columns} seeds of the first {grid_rows} prompts)"  # fmt: skip
-    console.print(f"wrote {len(files)} images and grid.png to {out}{part}")
+    with progress_bar("generating", len(prompt) * seeds) as advance:
+        written = run_generate(diffusion, emb, prompt, seed_list, out, config, steps=steps, guidance=guidance,
+                               batch_size=batch_size, progress=advance)  # fmt: skip
+    console.print(f"wrote {written['images']} images and grid.png to {out}{written['grid_note']}")
 
 
 @config_command(app, ReplicateConfig)

@@ -53,7 +53,11 @@ MINIMUM = {"limit": 1, "first_seed": 0, "seed": 0, "attack_seed": 0, "control_li
 SEED_OPTIONS = ("first_seed", "seed", "attack_seed")
 MAX_SEED = 2**31 - 1  # seeds derived from these (seed * 1_000_003 + i) stay within torch's generator range
 MAX_COUNT = 1_000_000  # any count above this is a typo, and its lists would not fit in memory
-OPTION_NAMES = {"learning_rate": "lr"}  # where the command-line flag differs from the field
+
+
+def flag_of(item) -> str:
+    """The command-line flag of a config field (``--lr`` for ``learning_rate``; a boolean's first form)."""
+    return (item.metadata.get("flag") or "--" + item.name.replace("_", "-")).split("/")[0]
 
 
 def carried(target: type, source, *, renamed: dict[str, str] | None = None, **values):
@@ -83,7 +87,7 @@ def _check_numbers(config) -> None:
         value = getattr(config, item.name)
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
-        flag = "--" + OPTION_NAMES.get(item.name, item.name).replace("_", "-")
+        flag = flag_of(item)
         if item.type in ("int", "int | None") and not isinstance(value, int):
             raise DoriError(f"{flag} must be a whole number, got {value!r}")
         if not math.isfinite(value):

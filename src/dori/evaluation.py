@@ -13,6 +13,7 @@ from dori.models.base import DiffusionModel
 from dori.prompts import PromptSet
 from dori.references import References, toy_kit_for
 
+
 Progress = Callable[[int], None]
 
 

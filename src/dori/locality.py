@@ -294,8 +294,6 @@ def verdicts(summary: dict) -> dict:
     }  # fmt: skip
 
 
-
-
 def _mean_embedding(per_target: list[dict]) -> dict:
     def avg(get) -> float:
         return float(sum(get(t) for t in per_target) / len(per_target))

@@ -48,7 +48,7 @@ def field_option(cls: type, name: str):
     """The ``Annotated`` type of one config field's option, for commands written by hand
     (``dori study``, ``dori generate``) that share an option with the configs."""
     item = next(f for f in dataclasses.fields(cls) if f.name == name)
-    flag = item.metadata.get("flag") or "--" + name.replace("_", "-")
+    flag = item.metadata.get("flag") or "--" + name.replace("_", "-")  # both forms of a boolean
     return Annotated[TYPES[item.type], typer.Option(flag, help=item.metadata.get("help") or None)]
 
 
@@ -71,7 +71,7 @@ def config_parameters(cls: type) -> list[inspect.Parameter]:
         default = item.default
         if item.type == "float | str" and default is not dataclasses.MISSING:
             default = str(default)
-        flag = meta.get("flag") or "--" + item.name.replace("_", "-")
+        flag = meta.get("flag") or "--" + item.name.replace("_", "-")  # both forms of a boolean
         parameter = _parameter(item.name, kind, default, flag, meta.get("help", ""))
         (required if default is dataclasses.MISSING else optional).append(parameter)
     return required + optional

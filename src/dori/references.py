@@ -49,7 +49,6 @@ def load_prompts(spec: str, model: DiffusionModel, *, kind: str | None = None, l
 class References:
     """Training images and the copy detector for a model: the bundled model knows its own;
     a real model needs ``--images DIR`` and ``--sscd PATH``."""
-
     def __init__(self, model: DiffusionModel, *, images: str | None, sscd: str | None,
                  sscd_convention: str = "resize320") -> None:  # fmt: skip
         self.kit = toy_kit_for(model)

@@ -10,9 +10,10 @@ from pathlib import Path
 from PIL import Image
 
 from dori import run_files
+from dori.references import References, attack_targets, load_prompts
 from dori.report_images import grid_cell, to_pil
 from dori.runs import write_text_atomic
-from dori.references import References, attack_targets, load_prompts
+
 
 # The paper's headline table (SD v1.4, VM prompts; METHOD.md): SSCD_orig mean, std, MR.
 PAPER = {

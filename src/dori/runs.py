@@ -6,9 +6,9 @@ import json
 import os
 import platform
 import sys
-from importlib import metadata
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
 
 from dori.errors import DoriError
@@ -233,7 +233,7 @@ def lock_folder(out: Path) -> None:
     except ImportError:  # pragma: no cover - not POSIX
         return
     key = out.resolve()
-    if key in _LOCKS:  # this process already holds it (a parallel run's processes join it below)
+    if key in _LOCKS:  # this process already holds it (the same folder opened again, e.g. by a resume)
         return
     fd = os.open(key, os.O_RDONLY)
     try:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from diffusers.utils import logging as diffusers_logging
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from dori.errors import DoriError
@@ -142,15 +142,17 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 def _load_component(loader, folder: Path, what: str, **kwargs):
     """One component through its library's ``from_pretrained``. Weights in safetensors are read as
-    such; pickle-format weights (``*.bin``) only as plain tensors (``weights_only=True``, dori's
-    rule, whatever torch's default): a file holding other pickled objects is refused, clearly."""
+    such; pickle-format weights (``*.bin``) only as plain tensors (``weights_only=True``: dori passes
+    it to transformers, whatever torch's default; diffusers' loader always uses it): a file holding
+    other pickled objects is refused, clearly."""
     import pickle
 
     has_safetensors = any(folder.glob("*.safetensors"))
     pickles = [f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES] if folder.is_dir() else []
     if not has_safetensors and pickles:
         kwargs["use_safetensors"] = False
-        if "transformers" in getattr(loader, "__module__", "") or "transformers" in repr(loader):
+        owner = getattr(loader, "__self__", None)  # the class whose from_pretrained this is
+        if isinstance(owner, type) and issubclass(owner, PreTrainedModel):
             kwargs["weights_only"] = True
     try:
         return loader(str(folder), local_files_only=True, **kwargs)

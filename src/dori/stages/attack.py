@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 
 from dori import run_files
+from dori.attack import AttackConfig, dori_attack, initial_embeddings
+from dori.configs import carried
 from dori.evaluation import Progress, evaluate_under
 from dori.interventions import each_mask, load_mitigation
 from dori.measure.replication import summarize
@@ -27,9 +29,6 @@ def attack_and_measure(model: DiffusionModel, prompts: PromptSet, refs: Referenc
     """Run DoRI on ``prompts`` (under ``mitigation``), save the embeddings, measure MR at every
     step of the curve. Results are cached per label, so a resumed run skips finished parts.
     Under ``accelerate launch`` each process attacks and measures every ``world``-th prompt."""
-    from dori.attack import AttackConfig, dori_attack, initial_embeddings
-    from dori.configs import carried
-
     shards = Shards()
     done_file = out / f"{label}_summary.json"
     if done_file.exists():

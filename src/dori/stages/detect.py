@@ -6,7 +6,6 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-
 from dori import run_files
 from dori.configs import DetectConfig
 from dori.interventions import intervene, load_mitigation
@@ -16,6 +15,7 @@ from dori.parallel import Shards
 from dori.plots import plot_roc
 from dori.references import load_prompts
 from dori.runs import write_json_atomic
+
 
 Progress = Callable[[int], None]
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from dori import run_files
+from dori.attack import AttackConfig, dori_attack, initial_embeddings
 from dori.configs import LocalityConfig, carried
 from dori.errors import DoriError
-from dori.attack import AttackConfig, dori_attack, initial_embeddings
 from dori.interventions import each_mask, load_mitigation, put_rows
 from dori.locality import (
     Say,

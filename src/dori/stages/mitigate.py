@@ -13,10 +13,18 @@ import torch
 from dori import run_files
 from dori.errors import DoriError
 from dori.evaluation import evaluate_replication, evaluate_under, utility
-from dori.interventions import each_mask, intervene
+from dori.interventions import Mitigation, baked, each_mask, intervene, load_mask, save_mask
 from dori.measure.replication import summarize
+from dori.mitigate.nemo import NemoConfig, nemo_localize, union
 from dori.mitigate.nemo_reference import nemo_reference
-from dori.mitigate.wanda import mask_size, wanda_mitigation, wanda_scores_for
+from dori.mitigate.wanda import (
+    DEFENDER_FIRST_SEED,
+    WANDA_LADDER,
+    first_clean_ratio,
+    mask_size,
+    wanda_mitigation,
+    wanda_scores_for,
+)
 from dori.models.base import DiffusionModel
 from dori.prompts import PromptSet
 from dori.references import References, load_prompts
@@ -28,8 +36,6 @@ def run_mitigate(config, model: DiffusionModel, out: str | Path, *, resume: bool
                  progress: Callable[[str], None] | None = None) -> dict:  # fmt: skip
     """``dori mitigate``: select the mask (NeMo or Wanda), save it with the mitigated weights,
     and measure MR / similarity / utility before and after."""
-    from dori.interventions import baked, load_mask, save_mask
-
     say = progress or (lambda message: None)
     prompts = load_prompts(config.prompts, model, kind=config.type, limit=config.limit)
     refs = References(model, images=config.images, sscd=config.sscd)
@@ -102,8 +108,7 @@ def _select_mask(config, model: DiffusionModel, prompts: PromptSet, refs: Refere
                  say) -> tuple:  # fmt: skip
     """The mitigation mask of ``dori mitigate`` and the numbers that describe it."""
     if config.method == "nemo":
-        return _nemo(config, model, prompts.texts, emb, out, say)
-    from dori.mitigate.wanda import DEFENDER_FIRST_SEED, WANDA_LADDER, first_clean_ratio
+        return select_nemo(config, model, prompts.texts, emb, out, say)
 
     say("wanda: recording activations")
     scores = wanda_scores_for(model, [emb], config.sites, config.batch_size)
@@ -152,10 +157,9 @@ def _baseline(config, model: DiffusionModel, prompts: PromptSet, refs: Reference
     return summarize(rows, refs.detector.tau), rows
 
 
-def _nemo(config, model, texts, emb, out, say):
-    from dori.interventions import Mitigation
-    from dori.mitigate.nemo import NemoConfig, nemo_localize, union
-
+def select_nemo(config, model, texts, emb, out, say):
+    """NeMo's neurons for each of ``texts`` (``emb``), kept per prompt, and the numbers that describe
+    the search (dori unlearn runs it too, for its surrogates, when no mitigation is given)."""
     nemo_config = NemoConfig(steps=config.steps, batch_size=max(config.batch_size, 10))
     stats, threshold = nemo_reference(model, reference_prompts=config.reference_prompts, stats=config.stats,
                                       threshold=config.threshold, steps=config.steps, say=say)  # fmt: skip

@@ -16,6 +16,7 @@ from dori.references import References, load_prompts
 from dori.report_images import save_grid
 from dori.runs import write_json_atomic
 
+
 Progress = Callable[[int], None]
 
 

@@ -36,7 +36,6 @@ from dori.stages.replicate import run_replicate
 from dori.stages.unlearn import run_unlearn
 
 
-
 def stage_configs(config: StudyConfig, root: Path) -> dict:
     """Each stage's own config (reduced settings with ``quick``)."""
     q = config.quick

@@ -4,22 +4,33 @@ the fine-tuned model (a fresh attack from the prompt and from random starts, pla
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from dori.configs import AttackRunConfig, MitigateConfig, carried
 from dori.errors import DoriError
 from dori.evaluation import evaluate_replication, utility
 from dori.interventions import load_mitigation
 from dori.models.base import DiffusionModel
+from dori.models.loading import save_model
 from dori.parallel import Shards
 from dori.references import References, attack_targets, load_prompts, retained_pairs
 from dori.report_images import save_grid
-from dori.runs import read_checkpoint, read_json, read_tensors, save_tensors_atomic, save_torch_atomic, write_json_atomic
+from dori.runs import (
+    read_checkpoint,
+    read_json,
+    read_tensors,
+    save_tensors_atomic,
+    save_torch_atomic,
+    write_json_atomic,
+)
 from dori.stages.attack import attack_and_measure
-from dori.stages.mitigate import _nemo
+from dori.stages.mitigate import select_nemo
+from dori.unlearn.adversarial import UnlearnConfig, UnlearnState, adversarial_finetune
 from dori.unlearn.surrogates import make_surrogates
 
 
@@ -27,13 +38,6 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
                 progress: Callable[[str], None] | None = None) -> dict:  # fmt: skip
     """``dori unlearn``: surrogates, adversarial fine-tuning with checkpoints, and the evaluation
     (a fresh DoRI attack from the prompt and from random starts, plain prompts, utility)."""
-    import time
-
-
-    from dori.configs import AttackRunConfig, MitigateConfig, carried
-    from dori.models.loading import save_model
-    from dori.unlearn.adversarial import UnlearnConfig, UnlearnState, adversarial_finetune
-
     say = progress or (lambda message: None)
     began = time.monotonic()
     prompts = load_prompts(config.prompts, model, kind=config.type, limit=config.limit)
@@ -67,7 +71,7 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
         if mitigation is None:
             say("surrogates: running NeMo")
             nemo_cfg = MitigateConfig(method="nemo", seeds=config.seeds, steps=config.eval_steps, **common)
-            mitigation, _ = _nemo(nemo_cfg, model, prompts.texts, model.encode(prompts.texts), out, say)
+            mitigation, _ = select_nemo(nemo_cfg, model, prompts.texts, model.encode(prompts.texts), out, say)
         made, surrogate_info = make_surrogates(model, prompts, targets, refs, mitigation,
                                                steps=config.eval_steps, guidance=config.guidance)  # fmt: skip
         save_tensors_atomic({"images": made}, surrogate_file)

@@ -15,13 +15,13 @@ from pathlib import Path
 
 from dori import run_files
 from dori.configs import WandaSweepConfig
+from dori.evaluation import utility
 from dori.interventions import intervene
+from dori.mitigate.wanda import mask_size, wanda_mitigation, wanda_scores_for
 from dori.models.base import DiffusionModel
+from dori.references import References, load_prompts
 from dori.report_images import save_figure
 from dori.runs import ResultsFile, open_run, write_json_atomic, write_text_atomic
-from dori.evaluation import utility
-from dori.mitigate.wanda import mask_size, wanda_mitigation, wanda_scores_for
-from dori.references import References, load_prompts
 from dori.stages.attack import attack_and_measure
 
 
