@@ -99,10 +99,12 @@ def _check_numbers(config) -> None:
             check_range(flag, value, MINIMUM.get(item.name), high)  # the counts' minimum: _check_positive
 
 
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if value < 1:
-            raise DoriError(f"{name.replace('_', '-')} must be at least 1, got {value}")
+def _check_positive(config, *names: str) -> None:
+    """The counts among ``names`` are at least 1 (the message names the command-line flag)."""
+    for item in fields(config):
+        value = getattr(config, item.name)
+        if item.name in names and value < 1:
+            raise DoriError(f"{flag_of(item)} must be at least 1, got {value}")
 
 
 def parse_ratio(value: float | str) -> float | str:
@@ -131,7 +133,7 @@ class ReplicateConfig(Selection):
 
     def __post_init__(self) -> None:
         _check_numbers(self)
-        _check_positive(seeds=self.seeds, steps=self.steps, batch_size=self.batch_size)
+        _check_positive(self, "seeds", "steps", "batch_size")
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,7 @@ class DetectConfig:
 
     def __post_init__(self) -> None:
         _check_numbers(self)
-        _check_positive(generations=self.generations, steps=self.steps, batch_size=self.batch_size)
+        _check_positive(self, "generations", "steps", "batch_size")
         if self.consistency_seeds < 2:
             raise DoriError(f"consistency-seeds must be at least 2 (pairs of seeds), got {self.consistency_seeds}")
 
@@ -189,7 +191,7 @@ class MitigateConfig(Selection):
         object.__setattr__(self, "ratio", parse_ratio(self.ratio))
         if self.scope not in ("prompt", "union"):
             raise DoriError(f"unknown scope {self.scope!r}; use prompt (each prompt under its own neurons) or union")
-        _check_positive(seeds=self.seeds, utility_seeds=self.utility_seeds, steps=self.steps, batch_size=self.batch_size)
+        _check_positive(self, "seeds", "utility_seeds", "steps", "batch_size")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -218,8 +220,7 @@ class WandaSweepConfig(Selection):
         ratios = self.ratios()
         if ratios != sorted(set(ratios)):
             raise DoriError(f"--ladder must list distinct ratios in increasing order, got {self.ladder!r}")
-        _check_positive(seeds=self.seeds, utility_seeds=self.utility_seeds, steps=self.steps,
-                        attack_steps=self.attack_steps, attack_batch=self.attack_batch, batch_size=self.batch_size)  # fmt: skip
+        _check_positive(self, "seeds", "utility_seeds", "steps", "attack_steps", "attack_batch", "batch_size")
 
     def ratios(self) -> list[float]:
         parts = [p for p in self.ladder.split(",") if p.strip()]
@@ -259,8 +260,7 @@ class AttackRunConfig(Selection):
             raise DoriError(f"unknown --init {self.init!r}; use prompt, random or other")
         if self.steps < 0:
             raise DoriError(f"steps must be >= 0, got {self.steps}")
-        _check_positive(seeds=self.seeds, attack_batch=self.attack_batch, eval_steps=self.eval_steps,
-                        batch_size=self.batch_size)  # fmt: skip
+        _check_positive(self, "seeds", "attack_batch", "eval_steps", "batch_size")
         curve = self.curve()
         if any(s < 0 or s > self.steps for s in curve):
             raise DoriError(f"--steps-curve values must lie in 0..{self.steps}, got {self.steps_curve}")
@@ -298,9 +298,8 @@ class UnlearnRunConfig(Selection):
 
     def __post_init__(self) -> None:
         _check_numbers(self)
-        _check_positive(steps=self.steps, retain_batch=self.retain_batch, triggers_per_target=self.triggers_per_target,
-                        seeds=self.seeds, utility_seeds=self.utility_seeds, eval_steps=self.eval_steps,
-                        checkpoint_every=self.checkpoint_every, batch_size=self.batch_size)  # fmt: skip
+        _check_positive(self, "steps", "retain_batch", "triggers_per_target", "seeds", "utility_seeds", "eval_steps",
+                        "checkpoint_every", "batch_size")  # fmt: skip
         if self.learning_rate <= 0:
             raise DoriError(f"learning rate must be positive, got {self.learning_rate}")
 
@@ -336,9 +335,8 @@ class LocalityConfig(Selection):
 
     def __post_init__(self) -> None:
         _check_numbers(self)
-        _check_positive(targets=self.targets, inits=self.inits, seeds=self.seeds, attack_batch=self.attack_batch,
-                        eval_steps=self.eval_steps, agreement_triggers=self.agreement_triggers,
-                        batch_size=self.batch_size)  # fmt: skip
+        _check_positive(self, "targets", "inits", "seeds", "attack_batch", "eval_steps", "agreement_triggers",
+                        "batch_size")  # fmt: skip
         if self.steps < 0:
             raise DoriError(f"steps must be >= 0, got {self.steps}")
         if self.inits < 2:
