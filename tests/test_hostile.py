@@ -381,3 +381,22 @@ def test_a_run_stopped_before_its_first_result_keeps_nothing_and_says_so(tiny_sd
     monkeypatch.undo()
     code, err = run_cli(args, capsys)  # the same command, as the hint says
     assert code == 0, err
+
+
+def test_a_stage_that_needs_nemo_late_checks_its_inputs_before_any_work(tiny_sd_dir, prompt_files, sscd_file,
+                                                                         tmp_path, capsys):  # fmt: skip
+    """Class 3, found by the full-size check (benchmarks/sd_full_size.py): locality runs NeMo last;
+    a missing --threshold used to stop it after its triggers were saved, and that folder then
+    refused the corrected command. Now the inputs are checked first and nothing is written."""
+    stats = tmp_path / "stats.pt"
+    stats.write_bytes(b"not read before the check")
+    out = tmp_path / "locality"
+    args = ["locality", "--model", tiny_sd_dir, "--prompts", prompt_files / "mem.csv", "--images",
+            prompt_files / "images", "--sscd", sscd_file, "--non-memorized", prompt_files / "non.txt", "--inits", "2",
+            "--steps", "1", "--seeds", "1", "--eval-steps", "1", "--out", out]  # fmt: skip
+    code, err = run_cli([*args, "--stats", stats], capsys)
+    assert_clear_error(code, err, "NeMo needs an SSIM threshold")
+    assert not out.exists()
+    code, err = run_cli([*args, "--stats", tmp_path / "missing.pt", "--threshold", "0.4"], capsys)
+    assert_clear_error(code, err, "statistics file not found")
+    assert not out.exists()

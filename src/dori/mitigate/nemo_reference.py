@@ -41,6 +41,21 @@ def cached_value_statistics(model: DiffusionModel, reference: str, say: Callable
     return stats
 
 
+def check_nemo_inputs(model: DiffusionModel, *, reference_prompts: str | None, stats: str | None,
+                      threshold: float | None) -> str | None:  # fmt: skip
+    """Whether NeMo's statistics and threshold can be had from what was given, checked without
+    computing anything (a stage that runs NeMo late calls this first, so a missing flag stops it
+    before it has written anything). Returns the reference prompt set, if any."""
+    reference = reference_prompts or ("bundled:ordinary" if is_bundled(model) else None)
+    if stats is not None and not Path(stats).expanduser().is_file():
+        raise DoriError(f"statistics file not found: {stats}; pass the NeMo statistics file with --stats")
+    if stats is None and reference is None:
+        raise DoriError("NeMo needs reference statistics: pass --stats FILE or --reference-prompts SET")
+    if threshold is None and reference is None:
+        raise DoriError("NeMo needs an SSIM threshold: pass --threshold (0.428 for SD v1.4) or --reference-prompts SET")
+    return reference
+
+
 def nemo_reference(model: DiffusionModel, *, reference_prompts: str | None, stats: str | None,
                    threshold: float | None, steps: int, say: Callable[[str], None]):  # fmt: skip
     """NeMo's two inputs: the value statistics and the SSIM threshold (mean + 1 std of the
@@ -48,16 +63,9 @@ def nemo_reference(model: DiffusionModel, *, reference_prompts: str | None, stat
     from dori.measure.detection import consistency_scores
     from dori.mitigate.nemo import load_statistics
 
-    reference = reference_prompts or ("bundled:ordinary" if is_bundled(model) else None)
-    if stats is not None:
-        statistics = load_statistics(stats, model)
-    elif reference is not None:
-        statistics = cached_value_statistics(model, reference, say)
-    else:
-        raise DoriError("NeMo needs reference statistics: pass --stats FILE or --reference-prompts SET")
+    reference = check_nemo_inputs(model, reference_prompts=reference_prompts, stats=stats, threshold=threshold)
+    statistics = load_statistics(stats, model) if stats is not None else cached_value_statistics(model, reference, say)
     if threshold is None:
-        if reference is None:
-            raise DoriError("NeMo needs an SSIM threshold: pass --threshold (0.428 for SD v1.4) or --reference-prompts SET")
         say("nemo: calibrating the SSIM threshold")
         texts = load_prompts(reference, model).texts
         scores = torch.tensor(consistency_scores(model, model.encode(texts), steps=steps))

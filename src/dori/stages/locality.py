@@ -25,6 +25,7 @@ from dori.locality import (
     weight_agreement_view,
 )
 from dori.measure.replication import replication
+from dori.mitigate.nemo_reference import check_nemo_inputs
 from dori.models.base import DiffusionModel
 from dori.parallel import Shards
 from dori.references import References, attack_targets, is_bundled, load_prompts
@@ -42,6 +43,8 @@ def run_locality(config: LocalityConfig, model: DiffusionModel, out: str | Path,
         raise DoriError(f"{config.prompts} has {len(prompts)} prompt(s); locality compares memorized prompts, give at least 2")
     if config.targets > len(prompts):
         raise DoriError(f"--targets {config.targets} exceeds the {len(prompts)} prompts of {config.prompts}; lower it")
+    # NeMo runs last (the weight-agreement view): its inputs are checked now, before any trigger is searched.
+    check_nemo_inputs(model, reference_prompts=config.reference_prompts, stats=config.stats, threshold=config.threshold)
     non_mem_spec = config.non_memorized or ("bundled:non_memorized" if is_bundled(model) else None)
     if non_mem_spec is None:
         raise DoriError("locality compares triggers with non-memorized prompts: pass --non-memorized SET")
