@@ -62,12 +62,12 @@ def _positive(name: str, value: int) -> int:
     return check_range(name, value, 1, MAX_COUNT)
 
 
-def _load(model: str, device: str, dtype: str):
+def _load(model: str, device: str = "cpu", dtype: str = "float32", gradient_checkpointing: bool = False):
     from dori.models.loading import load_model
     from dori.parallel import device_for
 
     with console.status(f"loading model {model}"):
-        return load_model(model, device=device_for(device), dtype=dtype)
+        return load_model(model, device=device_for(device), dtype=dtype, gradient_checkpointing=gradient_checkpointing)
 
 
 @app.command()
@@ -118,12 +118,12 @@ def generate(
 
 
 @config_command(app, ReplicateConfig)
-def replicate(config: ReplicateConfig, *, out: Path, resume: bool, device: str, dtype: str) -> None:
+def replicate(config: ReplicateConfig, *, out: Path, resume: bool, **load) -> None:
     """Measure replication: SSCD_orig (mean, median, max) and MR per prompt and over the set."""
     from dori.references import load_prompts
     from dori.stages.replicate import run_replicate
 
-    diffusion = _load(config.model, device, dtype)
+    diffusion = _load(config.model, **load)
     n = len(load_prompts(config.prompts, diffusion, kind=config.type, limit=config.limit))
     with progress_bar("replicate", n * config.seeds) as advance:
         summary = run_replicate(config, diffusion, out, resume=resume, progress=advance)
@@ -133,12 +133,12 @@ def replicate(config: ReplicateConfig, *, out: Path, resume: bool, device: str, 
 
 
 @config_command(app, DetectConfig)
-def detect(config: DetectConfig, *, out: Path, resume: bool, device: str, dtype: str) -> None:
+def detect(config: DetectConfig, *, out: Path, resume: bool, **load) -> None:
     """Detect memorized prompts: noise-difference norm and NeMo's SSIM check, with ROC-AUC and TPR@1%FPR."""
     from dori.references import load_prompts
     from dori.stages.detect import run_detect
 
-    diffusion = _load(config.model, device, dtype)
+    diffusion = _load(config.model, **load)
     n = sum(len(load_prompts(s, diffusion, limit=config.limit)) for s in (config.memorized, config.non_memorized))
     with progress_bar("detect", n) as advance:
         summary = run_detect(config, diffusion, out, resume=resume, progress=advance)
@@ -148,11 +148,11 @@ def detect(config: DetectConfig, *, out: Path, resume: bool, device: str, dtype:
 
 
 @config_command(app, MitigateConfig, out_help="Run folder (mask, mitigated weights, summary).")
-def mitigate(config: MitigateConfig, *, out: Path, resume: bool, device: str, dtype: str) -> None:
+def mitigate(config: MitigateConfig, *, out: Path, resume: bool, **load) -> None:
     """Apply a pruning mitigation (NeMo neurons or Wanda weights); save the mask and mitigated weights."""
     from dori.stages.mitigate import run_mitigate
 
-    diffusion = _load(config.model, device, dtype)
+    diffusion = _load(config.model, **load)
     with console.status("mitigating") as status:
         summary = run_mitigate(config, diffusion, out, resume=resume, progress=status.update)
     if summary.get("ratio_rule") == "auto":
@@ -164,12 +164,12 @@ def mitigate(config: MitigateConfig, *, out: Path, resume: bool, device: str, dt
 
 
 @config_command(app, AttackRunConfig)
-def attack(config: AttackRunConfig, *, out: Path, resume: bool, device: str, dtype: str) -> None:
+def attack(config: AttackRunConfig, *, out: Path, resume: bool, **load) -> None:
     """The DoRI attack: optimise conditioning embeddings that bring memorized images back."""
     from dori.references import control_sets, load_prompts
     from dori.stages.attack import run_attack
 
-    diffusion = _load(config.model, device, dtype)
+    diffusion = _load(config.model, **load)
     n = len(load_prompts(config.prompts, diffusion, kind=config.type, limit=config.limit))
     n_control = sum(len(load_prompts(s, diffusion, limit=config.control_limit)) for s in control_sets(diffusion))
     total = n * config.seeds * len(config.curve()) + (n_control * config.seeds * 2 if config.control else 0)
@@ -185,11 +185,11 @@ def attack(config: AttackRunConfig, *, out: Path, resume: bool, device: str, dty
 
 @config_command(app, WandaSweepConfig, name="wanda-sweep",
                 out_help="Run folder (results.jsonl, sweep.csv, sweep.png, summary.json).")  # fmt: skip
-def wanda_sweep(config: WandaSweepConfig, *, out: Path, resume: bool, device: str, dtype: str) -> None:
+def wanda_sweep(config: WandaSweepConfig, *, out: Path, resume: bool, **load) -> None:
     """How hard must Wanda prune before DoRI fails? MR, MR after DoRI and utility at each ratio."""
     from dori.stages.wanda_sweep import run_wanda_sweep
 
-    diffusion = _load(config.model, device, dtype)
+    diffusion = _load(config.model, **load)
     with console.status("wanda sweep") as status:
         summary = run_wanda_sweep(config, diffusion, out, resume=resume, progress=status.update)
     for row in summary["rows"]:
@@ -199,11 +199,11 @@ def wanda_sweep(config: WandaSweepConfig, *, out: Path, resume: bool, device: st
 
 
 @config_command(app, LocalityConfig, out_help="Run folder (summary.json, triggers, plots).")
-def locality(config: LocalityConfig, *, out: Path, resume: bool, device: str, dtype: str) -> None:
+def locality(config: LocalityConfig, *, out: Path, resume: bool, **load) -> None:
     """Non-locality: where the triggers of one image lie, what they activate, which weights they select."""
     from dori.stages.locality import run_locality
 
-    diffusion = _load(config.model, device, dtype)
+    diffusion = _load(config.model, **load)
     with console.status("locality") as status:
         summary = run_locality(config, diffusion, out, resume=resume, progress=status.update)
     for view, sentence in summary["verdicts"].items():
@@ -212,11 +212,11 @@ def locality(config: LocalityConfig, *, out: Path, resume: bool, device: str, dt
 
 
 @config_command(app, UnlearnRunConfig, out_help="Run folder (checkpoints, fine-tuned model in out/model).")
-def unlearn(config: UnlearnRunConfig, *, out: Path, resume: bool, device: str, dtype: str) -> None:
+def unlearn(config: UnlearnRunConfig, *, out: Path, resume: bool, **load) -> None:
     """Adversarial fine-tuning: remove memorization for real, then attack the result again."""
     from dori.stages.unlearn import run_unlearn
 
-    diffusion = _load(config.model, device, dtype)
+    diffusion = _load(config.model, **load)
     with console.status("unlearning") as status:
         summary = run_unlearn(config, diffusion, out, resume=resume, progress=status.update)
     console.print(f"DoRI MR {summary['mr_attack_before']:.3f} -> {summary['mr_attack_after']:.3f}; plain prompts MR "
@@ -225,11 +225,11 @@ def unlearn(config: UnlearnRunConfig, *, out: Path, resume: bool, device: str, d
 
 
 @config_command(app, StudyConfig, out_help="Study folder (stages/, summary.json, report.html).")
-def study(config: StudyConfig, *, out: Path, resume: bool, device: str, dtype: str) -> None:
+def study(config: StudyConfig, *, out: Path, resume: bool, **load) -> None:
     """The whole study: detect, replicate, NeMo / Wanda, DoRI on each, the control, adversarial fine-tuning, report."""
     from dori.stages.study import run_study
 
-    diffusion = _load(config.model, device, dtype)
+    diffusion = _load(config.model, **load)
     with console.status("study") as status:
         summary = run_study(config, diffusion, out, resume=resume, progress=lambda m: status.update(f"study: {m}"))
     for name, row in summary["table"].items():

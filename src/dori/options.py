@@ -2,17 +2,18 @@
 
 Every field of a run config (``dori.configs``) is one option: its flag, type, default and help
 come from the field (``configs.opt``), so an option is written once. :func:`config_command` turns a
-function ``body(config, *, out, resume, device, dtype)`` into a typer command whose options are the
-config's fields plus ``--out``, ``--resume``, ``--device`` and ``--dtype``; the command builds and
+function ``body(config, *, out, resume, **load)`` into a typer command whose options are the
+config's fields plus ``--out``, ``--resume`` and the load options ``--device``, ``--dtype`` and
+``--gradient-checkpointing`` (``load``: ``load_model``'s keywords); the command builds and
 validates the config (a bad value is a one-line error before anything is loaded) and calls the body.
 
 Adding a command: write its config dataclass with ``opt(...)`` fields in ``configs.py``, its
 stage in ``dori/stages/``, and a few lines in ``cli.py``::
 
     @config_command(app, MyConfig, out_help="Run folder.")
-    def my_command(config: MyConfig, *, out: Path, resume: bool, device: str, dtype: str) -> None:
+    def my_command(config: MyConfig, *, out: Path, resume: bool, **load) -> None:
         \"\"\"One line for --help.\"\"\"
-        summary = run_my_stage(config, _load(config.model, device, dtype), out, resume=resume)
+        summary = run_my_stage(config, _load(config.model, **load), out, resume=resume)
 """
 
 from __future__ import annotations
@@ -35,7 +36,12 @@ COMMON = {
     "resume": (bool, False, "--resume", "Continue an interrupted run in --out (same parameters)."),
     "device": (str, "cpu", "--device", "torch device, e.g. cpu, cuda, cuda:1."),
     "dtype": (str, "float32", "--dtype", "float32, float16 or bfloat16."),
+    "gradient_checkpointing": (bool, False, "--gradient-checkpointing", "Recompute the U-Net's activations in the "
+                               "backward pass (attack, locality, fine-tuning): far less GPU memory, about a third more "
+                               "time per step; results unchanged."),  # fmt: skip
 }
+# The common options that choose how the model is loaded (passed to ``load_model``).
+LOAD_OPTIONS = ("device", "dtype", "gradient_checkpointing")
 
 
 def _parameter(name: str, kind: type, default, flag: str, help: str) -> inspect.Parameter:  # noqa: A002
@@ -53,7 +59,7 @@ def field_option(cls: type, name: str):
 
 
 def common_option(name: str):
-    """The ``Annotated`` type of ``--resume``, ``--device`` or ``--dtype``."""
+    """The ``Annotated`` type of one of :data:`COMMON` (``--resume``, ``--device``...)."""
     kind, _, flag, help = COMMON[name]  # noqa: A001
     return Annotated[kind, typer.Option(flag, help=help)]
 
@@ -79,7 +85,7 @@ def config_parameters(cls: type) -> list[inspect.Parameter]:
 
 def config_command(app: typer.Typer, cls: type, *, name: str | None = None, out_help: str = "Run folder.",
                    extra: tuple[inspect.Parameter, ...] = ()) -> Callable:  # fmt: skip
-    """Register ``body(config, *, out, resume, device, dtype, **extra)`` as a command whose
+    """Register ``body(config, *, out, resume, **extra, **load)`` as a command whose
     options come from ``cls`` (see the module docstring)."""
 
     def register(body: Callable) -> Callable:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -58,11 +59,17 @@ def _unet_position(name: str) -> int:
     return 3
 
 
+def cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast a module's floating-point weights to ``dtype`` in place (``Module.float`` / ``half`` /
+    ``bfloat16``: diffusers' ``.to(dtype)`` warns about float32 modules even when it has none)."""
+    if next(module.parameters()).dtype == dtype:
+        return module
+    return {torch.float32: module.float, torch.float16: module.half, torch.bfloat16: module.bfloat16}[dtype]()
+
+
 def _placed(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Move a frozen component to ``device`` / ``dtype`` (only casting when the dtype changes)."""
-    current = next(module.parameters()).dtype
-    module = module.to(device) if current == dtype else module.to(device, dtype)
-    return module.eval().requires_grad_(False)
+    """Move a frozen component to ``device`` / ``dtype``."""
+    return cast(module.to(device), dtype).eval().requires_grad_(False)
 
 
 class DiffusionModel:
@@ -139,6 +146,35 @@ class DiffusionModel:
     @property
     def embedding_shape(self) -> tuple[int, int]:
         return tuple(self.empty_embedding().shape[1:])
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the U-Net's activations block by block in the backward pass instead of
+        keeping them (diffusers' ``enable_gradient_checkpointing``, non-reentrant, so gradients
+        reach the embedding when the weights are frozen). It acts only where a gradient is taken
+        (the attack, locality, fine-tuning): sampling is unchanged. Less memory, one more forward
+        per backward; the results are the same up to float rounding."""
+        self.unet.enable_gradient_checkpointing()
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return bool(getattr(self.unet, "is_gradient_checkpointing", False))
+
+    @contextmanager
+    def fp32_weights(self) -> Iterator[None]:
+        """Mixed precision for training the U-Net of a half-precision model (``--dtype float16`` /
+        ``bfloat16``): inside, the U-Net's weights are float32 (so are their gradients and the
+        optimizer's state) and every forward pass is autocast to the model's dtype; on exit they
+        are cast back. Updating half-precision weights directly would lose most of AdamW's small
+        steps to rounding. A float32 model, or a nested use, changes nothing."""
+        if self.dtype == torch.float32 or next(self.unet.parameters()).dtype == torch.float32:
+            yield
+            return
+        self.unet.float()
+        try:
+            with torch.autocast(self.device.type, dtype=self.dtype):
+                yield
+        finally:
+            cast(self.unet, self.dtype)
 
     def fingerprint(self) -> str:
         """A short id of the architecture and weights (mask files record it)."""

@@ -196,8 +196,10 @@ def load_model(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str = torch.float32,
+    gradient_checkpointing: bool = False,
 ) -> DiffusionModel:
-    """Load ``'bundled'`` or a local model folder (Stable Diffusion or a dori model folder)."""
+    """Load ``'bundled'`` or a local model folder (Stable Diffusion or a dori model folder).
+    ``gradient_checkpointing``: see :meth:`DiffusionModel.enable_gradient_checkpointing`."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     if isinstance(dtype, str):
@@ -243,7 +245,7 @@ def load_model(
         token_map = _token_map(path / meta["token_map"], len(tokenizer))
     _check_fit(unet, text_encoder, vae, tokenizer, token_map, path)
 
-    return DiffusionModel(
+    model = DiffusionModel(
         name=str(meta.get("name", path.name)),
         unet=unet,
         text_encoder=text_encoder,
@@ -256,6 +258,9 @@ def load_model(
         device=device,
         dtype=dtype,
     )
+    if gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model
 
 
 def _token_map(file: Path, vocab_size: int) -> torch.Tensor:

@@ -86,17 +86,8 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
     retain_emb = torch.cat([model.encode(unique[i : i + 256]) for i in range(0, len(unique), 256)])
     retain_index = torch.tensor([unique.index(c) for c in retain_captions])
     checkpoint = out / "checkpoint.pt"
-    state, optimizer_state = None, None
-    if checkpoint.exists():
-        saved = read_checkpoint(checkpoint, keys=("unet", "optimizer", "step", "triggers", "history"))
-        try:
-            model.unet.load_state_dict(saved["unet"])
-            state = UnlearnState(int(saved["step"]), saved["triggers"].to(model.device), json.loads(saved["history"]))
-        except (RuntimeError, TypeError, ValueError) as error:
-            raise DoriError(f"{checkpoint} does not fit this model or run ({str(error).splitlines()[0]}); delete it "
-                            "to fine-tune again from step 0, or choose a new --out") from error  # fmt: skip
-        optimizer_state = saved["optimizer"]
-        say(f"resumed fine-tuning at step {state.step}")
+    latents = dict(targets=model.to_latents(torch.cat(targets)), surrogates=model.to_latents(surrogates),
+                   prompt_emb=model.encode(prompts.texts), retain_latents=model.to_latents(retain_images))  # fmt: skip
     ft_config = carried(UnlearnConfig, config)  # steps, rates, triggers, warm start, weight, seed
     ft_began = time.monotonic()
 
@@ -106,17 +97,29 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
         if shards.main and (current.step % config.checkpoint_every == 0 or current.step == config.steps):
             save_torch_atomic({"unet": model.unet.state_dict(), "optimizer": optimizer.state_dict(),
                                "step": current.step, "triggers": current.triggers.cpu(),
-                               "history": json.dumps(current.history)}, checkpoint)  # fmt: skip
+                               "history": json.dumps(current.history),
+                               "loss_scale": json.dumps(current.loss_scale)}, checkpoint)  # fmt: skip
 
-    state = adversarial_finetune(
-        model, targets=model.to_latents(torch.cat(targets)), surrogates=model.to_latents(surrogates),
-        prompt_emb=model.encode(prompts.texts), retain_latents=model.to_latents(retain_images), retain_emb=retain_emb,
-        retain_index=retain_index, config=ft_config, state=state, optimizer_state=optimizer_state, on_step=on_step,
-        shards=shards,
-    )  # fmt: skip
+    # A half-precision model trains (and is saved) with float32 weights: see DiffusionModel.fp32_weights.
+    with model.fp32_weights():
+        state, optimizer_state = None, None
+        if checkpoint.exists():
+            saved = read_checkpoint(checkpoint, keys=("unet", "optimizer", "step", "triggers", "history"))
+            try:
+                model.unet.load_state_dict(saved["unet"])
+                state = UnlearnState(int(saved["step"]), saved["triggers"].to(model.device), json.loads(saved["history"]),
+                                     json.loads(saved.get("loss_scale", "null")))  # fmt: skip
+            except (RuntimeError, TypeError, ValueError) as error:
+                raise DoriError(f"{checkpoint} does not fit this model or run ({str(error).splitlines()[0]}); delete "
+                                "it to fine-tune again from step 0, or choose a new --out") from error  # fmt: skip
+            optimizer_state = saved["optimizer"]
+            say(f"resumed fine-tuning at step {state.step}")
+        state = adversarial_finetune(model, **latents, retain_emb=retain_emb, retain_index=retain_index,
+                                     config=ft_config, state=state, optimizer_state=optimizer_state, on_step=on_step,
+                                     shards=shards)  # fmt: skip
+        if shards.main:
+            save_model(model, out / "model", meta={"unlearned_from": model.source})
     ft_seconds = time.monotonic() - ft_began
-    if shards.main:
-        save_model(model, out / "model", meta={"unlearned_from": model.source})
     shards.wait()
     model.source = str(out / "model")
 

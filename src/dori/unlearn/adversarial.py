@@ -21,6 +21,12 @@ process searches every ``world``-th trigger and takes every ``world``-th retaine
 global batch (all draws come from the shared per-step generator), the gradients are summed over
 the processes, and every process applies the same AdamW step, so the weights stay identical on all
 of them and equal (up to float summation order) to a one-process run.
+
+Half precision (a model loaded with ``dtype`` float16 or bfloat16): the U-Net trains with float32
+master weights and autocast forward passes (:meth:`DiffusionModel.fp32_weights`), the triggers and
+the attack's Adam state stay float32, and float16 scales the loss (``torch.amp.GradScaler``; a step
+whose gradients overflow is skipped and the scale lowered, as usual). Gradient checkpointing, where
+the model has it on, applies to both the attack and the fine-tuning backward passes.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ class UnlearnState:
     step: int
     triggers: Tensor  # [T * k, L, D]
     history: list[dict]
+    loss_scale: dict | None = None  # float16 only: the gradient scaler's state (GradScaler.state_dict)
 
 
 def initial_triggers(model: DiffusionModel, prompt_emb: Tensor, k: int, seed: int) -> Tensor:
@@ -88,6 +95,7 @@ def adversarial_finetune(
     config: UnlearnConfig = UnlearnConfig(),
     state: UnlearnState | None = None,
     optimizer_state: dict | None = None,
+    weights: dict | None = None,
     on_step: Callable[[UnlearnState, torch.optim.Optimizer], None] | None = None,
     shards=None,
 ) -> UnlearnState:
@@ -95,7 +103,18 @@ def adversarial_finetune(
     the memorized images and their surrogates, ``prompt_emb`` ``[T, L, D]`` their prompts'
     embeddings; the retained pairs are ``retain_latents[i]`` with ``retain_emb[retain_index[i]]``.
     ``on_step`` sees the state after every step (checkpointing, progress); ``shards`` splits each
-    step over processes (see the module docstring)."""
+    step over processes (see the module docstring). Resuming: ``state``, ``optimizer_state`` and
+    ``weights`` (the U-Net's state dict) of a checkpoint; the weights are loaded after a
+    half-precision model's U-Net is made float32, so they come back unrounded."""
+    with model.fp32_weights():
+        if weights is not None:
+            model.unet.load_state_dict(weights)
+        return _finetune(model, targets, surrogates, prompt_emb, retain_latents, retain_emb, retain_index, config,
+                         state, optimizer_state, on_step, shards)  # fmt: skip
+
+
+def _finetune(model, targets, surrogates, prompt_emb, retain_latents, retain_emb, retain_index, config, state,
+              optimizer_state, on_step, shards) -> UnlearnState:  # fmt: skip
     rank, world = (shards.rank, shards.world) if shards is not None else (0, 1)
     k = config.triggers_per_target
     n_targets = targets.shape[0]
@@ -111,6 +130,9 @@ def adversarial_finetune(
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
+    scaler = torch.amp.GradScaler(model.device.type, enabled=model.dtype == torch.float16)
+    if state.loss_scale and scaler.is_enabled():
+        scaler.load_state_dict(state.loss_scale)
     target_rows = targets.repeat_interleave(k, dim=0)
     surrogate_rows = surrogates.repeat_interleave(k, dim=0).repeat_interleave(config.adv_pairs, dim=0)
     try:
@@ -152,11 +174,13 @@ def adversarial_finetune(
                 raise DoriError(f"fine-tuning produced a non-finite loss at step {step}; the last good checkpoint "
                                 "is kept; lower --lr and resume")  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if shards is not None and world > 1:
                 shards.sum_([p.grad for p in unet.parameters() if p.grad is not None])
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             if not all(torch.isfinite(p).all() for p in unet.parameters()):
                 raise DoriError(f"fine-tuning produced non-finite weights at step {step}; the last good checkpoint "
                                 "is kept; lower --lr and resume")  # fmt: skip
@@ -170,7 +194,8 @@ def adversarial_finetune(
                 shards.sum_([logged])
             state = UnlearnState(step + 1, triggers.detach(), state.history + [
                 {"step": step + 1, "loss_dm": logged[0].item(), "loss_adv": logged[1].item(),
-                 "attack_loss_on_memorized": logged[2].item()}])  # fmt: skip
+                 "attack_loss_on_memorized": logged[2].item()}],
+                                 scaler.state_dict() if scaler.is_enabled() else None)  # fmt: skip
             if on_step is not None:
                 on_step(state, optimizer)
     finally:
