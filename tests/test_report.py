@@ -39,6 +39,9 @@ def test_the_optional_wanda_sweep_stage_is_in_the_report(tiny_sd, prompt_files, 
     report = (tmp_path / "study" / "report.html").read_text()
     section = report.split("How hard must Wanda prune before DoRI fails?</h2>")[1].split("<h2>")[0]
     assert section.count("<tr><th>0.") == 2 and 'alt="MR and utility against Wanda' in section
+    # a real model given neither --clip nor --inception: the report says which options fill the utility column
+    assert summary["utility"]["note"].startswith("utility not measured on this model: pass --clip DIR")
+    assert "pass --clip DIR for the CLIP score" in report.split("<h2>")[0]
 
 
 def test_the_wanda_sentence_states_the_rule_and_the_ladder():

@@ -82,6 +82,8 @@ def generate(
     steps: Annotated[int, typer.Option("--steps", help="DDIM steps.")] = 50,
     guidance: Annotated[float | None, typer.Option("--guidance", help="Classifier-free guidance (default: the model's).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+    clip: Annotated[str | None, typer.Option("--clip", help="Score each image against its prompt with this local "
+                                             "CLIP folder (CLIP score in images.json and summary.json).")] = None,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "float32",
 ) -> None:
@@ -96,7 +98,14 @@ def generate(
         raise DoriError(f"--guidance must be a finite number of at least 0, got {guidance}")
     if bool(prompt) == (embeddings is not None):
         raise DoriError("give either --prompt TEXT (repeat for several) or --embeddings FILE")
+    if clip is not None and embeddings is not None:
+        raise DoriError("--clip scores images against their prompts, and --embeddings have none; use --prompt")
     diffusion = _load(model, device, dtype)
+    scorer = None
+    if clip is not None:
+        from dori.measure.utility import ClipScorer
+
+        scorer = ClipScorer(clip, device=diffusion.device)
     if str(out).strip() in ("", "."):
         raise DoriError("--out must name a new folder for the images")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -110,11 +119,13 @@ def generate(
         emb = diffusion.encode(prompt)
     seed_list = list(range(first_seed, first_seed + seeds))
     config = {"model": model, "prompts": prompt, "embeddings": None if embeddings is None else str(embeddings),
-              "key": key, "seeds": seed_list, "steps": steps, "guidance": guidance}  # fmt: skip
+              "key": key, "seeds": seed_list, "steps": steps, "guidance": guidance, "clip": clip}  # fmt: skip
     with progress_bar("generating", len(prompt) * seeds) as advance:
         written = run_generate(diffusion, emb, prompt, seed_list, out, config, steps=steps, guidance=guidance,
-                               batch_size=batch_size, progress=advance)  # fmt: skip
+                               batch_size=batch_size, progress=advance, clip=scorer)  # fmt: skip
     console.print(f"wrote {written['images']} images and grid.png to {out}{written['grid_note']}")
+    if scorer is not None:
+        console.print(f"CLIP score {written['clip_score']:.2f} (mean over the images; each in images.json)")
 
 
 @config_command(app, ReplicateConfig)

@@ -39,6 +39,30 @@ class Selection:
     batch_size: int = opt(64, help=BATCH_HELP)
 
 
+@dataclass(frozen=True, kw_only=True)
+class UtilityOptions:
+    """How a real model's utility is measured (``dori.evaluation.utility``): the CLIP score and FID
+    of the first ``utility_prompts`` COCO captions (sd14:coco), each from a network the user names.
+    The bundled kind has its own instruments and takes none of these."""
+
+    clip: str | None = opt(None, help="Real models: a local CLIP folder (transformers CLIPModel, e.g. ViT-B/32) "
+                                      "for the CLIP score.")  # fmt: skip
+    inception: str | None = opt(None, help="Real models: the TorchScript Inception file for FID "
+                                           "(pt_inception-2015-12-05-6726825d.pt).")  # fmt: skip
+    fid_reference: str | None = opt(None, help="Real models: real images for FID: a folder (COCO 2014 val) or an "
+                                               ".npz with mu and sigma.")  # fmt: skip
+    utility_prompts: int = opt(1000, help="Real models: COCO captions (sd14:coco) for CLIP score and FID.")
+
+
+def _check_utility(config) -> None:
+    if config.inception is not None and config.fid_reference is None:
+        raise DoriError("--inception needs --fid-reference: a folder of real images (COCO 2014 val) or an .npz "
+                        "with mu and sigma")  # fmt: skip
+    if config.fid_reference is not None and config.inception is None:
+        raise DoriError("--fid-reference needs --inception FILE (the TorchScript Inception network FID uses)")
+    _check_positive(config, "utility_prompts")
+
+
 # ``dori study``'s stages in the order they run; the default runs all but the optional ones.
 STUDY_STAGES = ("detect", "replicate", "nemo", "wanda", "nemo_dori", "wanda_dori", "wanda_sweep", "locality", "unlearn")
 STUDY_OPTIONAL_STAGES = ("wanda_sweep",)  # Wanda's trade-off curve: several minutes more on 2 cores
@@ -158,7 +182,7 @@ class DetectConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class MitigateConfig(Selection):
+class MitigateConfig(Selection, UtilityOptions):
     method: str = opt(help="nemo or wanda.")
     prompts: str = opt(help="The memorized prompts to mitigate.")
     model: str = opt("bundled", help=MODEL_HELP)
@@ -192,10 +216,11 @@ class MitigateConfig(Selection):
         if self.scope not in ("prompt", "union"):
             raise DoriError(f"unknown scope {self.scope!r}; use prompt (each prompt under its own neurons) or union")
         _check_positive(self, "seeds", "utility_seeds", "steps", "batch_size")
+        _check_utility(self)
 
 
 @dataclass(frozen=True, kw_only=True)
-class WandaSweepConfig(Selection):
+class WandaSweepConfig(Selection, UtilityOptions):
     """``dori wanda-sweep``: for each Wanda ratio on ``ladder``, MR without the attack, MR after
     ``attack_steps`` DoRI steps, and held-out utility (issue 24's trade-off curve)."""
 
@@ -221,6 +246,7 @@ class WandaSweepConfig(Selection):
         if ratios != sorted(set(ratios)):
             raise DoriError(f"--ladder must list distinct ratios in increasing order, got {self.ladder!r}")
         _check_positive(self, "seeds", "utility_seeds", "steps", "attack_steps", "attack_batch", "batch_size")
+        _check_utility(self)
 
     def ratios(self) -> list[float]:
         parts = [p for p in self.ladder.split(",") if p.strip()]
@@ -274,7 +300,7 @@ class AttackRunConfig(Selection):
 
 
 @dataclass(frozen=True, kw_only=True)
-class UnlearnRunConfig(Selection):
+class UnlearnRunConfig(Selection, UtilityOptions):
     prompts: str = opt(help="The memorized prompts to remove.")
     model: str = opt("bundled", help=MODEL_HELP)
     mitigation: str | None = opt(None, help="Surrogates from this mitigated model (default: NeMo, run here).")
@@ -300,6 +326,7 @@ class UnlearnRunConfig(Selection):
         _check_numbers(self)
         _check_positive(self, "steps", "retain_batch", "triggers_per_target", "seeds", "utility_seeds", "eval_steps",
                         "checkpoint_every", "batch_size")  # fmt: skip
+        _check_utility(self)
         if self.learning_rate <= 0:
             raise DoriError(f"learning rate must be positive, got {self.learning_rate}")
 
@@ -347,8 +374,8 @@ class LocalityConfig(Selection):
             raise DoriError(f"ratio must be in (0, 1], got {self.ratio}")
 
 
-@dataclass(frozen=True)
-class StudyConfig:
+@dataclass(frozen=True, kw_only=True)
+class StudyConfig(UtilityOptions):
     """``dori study``: every stage on one model, at sizes set by the model's kind (see ``seeds``)."""
 
     model: str = opt("bundled", help=MODEL_HELP)
@@ -371,6 +398,7 @@ class StudyConfig:
     sampling_steps: int | None = opt(None, help="DDIM steps (default: 50; bundled model 20).")
 
     def __post_init__(self) -> None:
+        _check_utility(self)
         for name in ("seeds", "sampling_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:

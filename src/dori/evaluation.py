@@ -7,11 +7,12 @@ from collections.abc import Callable
 
 import torch
 
+from dori.errors import DoriError
 from dori.interventions import active_interventions, each_mask, put_rows
 from dori.measure.replication import replication, summarize
 from dori.models.base import DiffusionModel
 from dori.prompts import PromptSet
-from dori.references import References, toy_kit_for
+from dori.references import References, load_prompts, toy_kit_for
 
 
 Progress = Callable[[int], None]
@@ -53,27 +54,103 @@ def evaluate_under(model: DiffusionModel, mitigation, prompts: PromptSet, refs: 
 
 
 _UTILITY_MEMO: dict[tuple, dict] = {}
+_NETWORKS: dict[tuple, object] = {}  # CLIP / Inception networks and FID reference statistics, loaded once
+
+# Where a real model's utility comes from (sd14:coco: the COCO 2014 validation captions).
+UTILITY_PROMPTS = "sd14:coco"
+UTILITY_FLAGS = ("clip", "inception", "fid_reference", "utility_prompts")
+MISSING_UTILITY = ("utility not measured on this model: pass --clip DIR for the CLIP score, and --inception FILE "
+                   "with --fid-reference PATH for FID")  # fmt: skip
 
 
-def utility(model: DiffusionModel, *, seeds: int, steps: int, guidance: float, batch_size: int) -> dict | None:
-    """Prompt alignment and FD on held-out captions (bundled model); ``None`` where the model has
-    no attribute classifier (a CLIP-score evaluator for SD is not shipped).
+def utility_options(config) -> dict:
+    """The utility settings of a run config (``clip``, ``inception``, ``fid_reference``, ``utility_prompts``)."""
+    return {name: getattr(config, name) for name in UTILITY_FLAGS if hasattr(config, name)}
+
+
+def check_utility_options(model: DiffusionModel, options: dict) -> None:
+    """The real-model utility options fit the model: the bundled kind takes none of them (stages
+    call this before their first measurement, so a wrong option fails at once)."""
+    given = [name for name in ("clip", "inception", "fid_reference") if options.get(name)]
+    if given and toy_kit_for(model) is not None:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise DoriError(f"{flags}: the bundled kind measures utility with its own classifier; these options are for "
+                        "real models, so leave them out")  # fmt: skip
+
+
+def _network(kind: str, path: str, device):
+    from dori.measure.utility import ClipScorer, InceptionFeatures
+
+    key = (kind, str(path), str(device))
+    if key not in _NETWORKS:
+        _NETWORKS[key] = {"clip": ClipScorer, "inception": InceptionFeatures}[kind](path, device=device)
+    return _NETWORKS[key]
+
+
+def _reference(path: str, features) -> tuple:
+    from dori.measure.utility import reference_statistics
+    from dori.references import load_image
+
+    key = ("fid_reference", str(path), features.path)
+    if key not in _NETWORKS:
+        _NETWORKS[key] = reference_statistics(path, features, load_image)
+    return _NETWORKS[key]
+
+
+def utility(model: DiffusionModel, *, seeds: int, steps: int, guidance: float, batch_size: int,
+            clip: str | None = None, inception: str | None = None, fid_reference: str | None = None,
+            utility_prompts: int = 1000) -> dict | None:  # fmt: skip
+    """The model's utility: ``alignment`` (how well images follow their captions) and ``fd`` (a
+    Frechet distance to real images), with ``measure`` saying what they are.
+
+    - The bundled kind: prompt alignment (its attribute classifier) and FD in the classifier's
+      features, on its held-out captions.
+    - A real model: the CLIP score (``clip``: a CLIP folder) and FID (``inception``: the Inception
+      TorchScript file, ``fid_reference``: real images) of ``utility_prompts`` COCO captions times
+      ``seeds``; ``None`` when neither is given (:data:`MISSING_UTILITY` says what to pass).
 
     The unmitigated model's numbers are remembered for the process (keyed by its weights'
     fingerprint and the settings), so a study measures them once, not once per stage."""
     kit = toy_kit_for(model)
-    if kit is None:
+    check_utility_options(model, {"clip": clip, "inception": inception, "fid_reference": fid_reference})
+    if kit is None and clip is None and inception is None:
         return None
     hooked = active_interventions(model) > 0  # dori's own hooks only: the position encoding is part of the model
-    key = (model.fingerprint(), seeds, steps, guidance)
+    key = (model.fingerprint(), seeds, steps, guidance, clip, inception, fid_reference, utility_prompts)
     if not hooked and key in _UTILITY_MEMO:
         return dict(_UTILITY_MEMO[key])
-    prompts = [row["prompt"] for row in kit.prompt_set("held_out")]
+    if kit is not None:
+        prompts = [row["prompt"] for row in kit.prompt_set("held_out")]
+    else:
+        prompts = load_prompts(UTILITY_PROMPTS, model, limit=utility_prompts).texts
     images = model.generate(model.encode(prompts), list(range(seeds)), steps=steps, guidance=guidance,
                             batch_size=batch_size)  # fmt: skip
     captions = [p for p in prompts for _ in range(seeds)]
-    result = {"alignment": kit.alignment(images, captions), "fd": kit.frechet_distance(images, captions),
-              "prompts": "bundled:held_out", "seeds": seeds}  # fmt: skip
+    if kit is not None:
+        result = {"alignment": kit.alignment(images, captions), "fd": kit.frechet_distance(images, captions),
+                  "measure": "held-out prompt alignment; FD in the classifier's features",
+                  "prompts": "bundled:held_out", "seeds": seeds}  # fmt: skip
+    else:
+        result = _real_utility(model, images, captions, clip, inception, fid_reference)
+        result.update(prompts=f"{UTILITY_PROMPTS} (first {len(prompts)})", seeds=seeds)
     if not hooked:
         _UTILITY_MEMO[key] = dict(result)
+    return result
+
+
+def _real_utility(model: DiffusionModel, images: torch.Tensor, captions: list[str], clip, inception,
+                  fid_reference) -> dict:  # fmt: skip
+    from dori.measure.utility import frechet_from_statistics, gaussian
+
+    result = {"alignment": None, "fd": None, "clip_score": None, "fid": None,
+              "measure": "CLIP score (100 x cosine, mean over images); FID to the reference images"}  # fmt: skip
+    if clip is not None:
+        scores = _network("clip", clip, model.device).scores(images, captions)
+        result["clip_score"] = result["alignment"] = sum(scores) / len(scores)
+        result["clip"] = str(clip)
+    if inception is not None:
+        features = _network("inception", inception, model.device)
+        mu, sigma, count = _reference(fid_reference, features)
+        result["fid"] = result["fd"] = frechet_from_statistics(*gaussian(features(images)), mu, sigma)
+        result.update(inception=str(inception), fid_reference=str(fid_reference), fid_reference_images=count)
     return result

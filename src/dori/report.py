@@ -63,6 +63,15 @@ def _fmt(value, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _utility_sentence(info: dict | None) -> str:
+    """What the table's utility column holds, or which options would fill it."""
+    if not info:
+        return "prompt alignment on held-out captions (bundled model)."
+    if info.get("note"):
+        return info["note"] + "."
+    return f"{info['measure']} ({info['prompts']}, {info['seeds']} seed(s) each); the column holds the first."
+
+
 def write_report(root: Path, summary: dict, results: dict, configs: dict, model) -> Path:
 
     stages = root / "stages"
@@ -136,7 +145,7 @@ figure {{ margin: 0; text-align: center; font-size: 11px; }} img {{ image-render
 Similarity: the model's copy detector (SSCD for real models); MR = fraction of generations above its threshold
 against the prompt's own training image; "any memorized image" counts generations above it against any memorized
 training image (bundled model).
-Utility = prompt alignment on held-out captions (bundled model).</p>
+Utility: {html.escape(_utility_sentence(summary.get("utility")))}</p>
 <h2>Results beside the paper (SD v1.4, VM prompts)</h2>
 <table><tr><th>setting</th><th>similarity (ours)</th><th>MR (ours)</th><th>MR, any memorized image (ours)</th><th>utility (ours)</th>
 <th>SSCD_orig (paper)</th><th>MR (paper)</th></tr>{"".join(rows)}</table>

@@ -20,8 +20,10 @@ GRID_SEEDS, GRID_PROMPTS = 16, 64  # grid.png: at most this many seeds (columns)
 
 def run_generate(model: DiffusionModel, emb: torch.Tensor, prompts: list[str], seeds: list[int], out: Path,
                  config: dict, *, steps: int, guidance: float | None, batch_size: int,
-                 progress: Callable[[int], None] | None = None) -> dict:  # fmt: skip
-    """One PNG per prompt and seed, ``grid.png``, ``images.json`` and the manifest in ``out``.
+                 progress: Callable[[int], None] | None = None, clip=None) -> dict:  # fmt: skip
+    """One PNG per prompt and seed, ``grid.png``, ``images.json`` and the manifest in ``out``;
+    with ``clip`` (a :class:`dori.measure.utility.ClipScorer`) each image's CLIP score against its
+    prompt goes into ``images.json`` and their mean into ``summary.json`` (``clip_score``).
 
     Images stream to a hidden folder beside ``out``, batch by batch (memory stays at one batch),
     and the folder takes its name only when every image is written: a refused or interrupted run
@@ -36,17 +38,22 @@ def run_generate(model: DiffusionModel, emb: torch.Tensor, prompts: list[str], s
             if not torch.isfinite(images).all():
                 raise DoriError("the model generated NaN or infinite pixels; check its weights and --dtype "
                                 "(float16 can overflow on CPU; use float32)")  # fmt: skip
-            for n, image in zip(range(rows.start, rows.stop), images):
-                i, j = divmod(n, n_seeds)
+            indices = [divmod(n, n_seeds) for n in range(rows.start, rows.stop)]
+            scores = clip.scores(images, [prompts[i] for i, _ in indices]) if clip is not None else None
+            for k, ((i, j), image) in enumerate(zip(indices, images)):
                 name = f"prompt{i:03d}_seed{seeds[j]}.png"
                 to_pil(image).save(staging / name)
-                files.append({"prompt": prompts[i], "seed": seeds[j], "file": name})
+                files.append({"prompt": prompts[i], "seed": seeds[j], "file": name,
+                              **({} if scores is None else {"clip_score": scores[k]})})  # fmt: skip
                 if i < grid_rows and j < grid_columns:
                     shown[i * grid_columns + j] = image
             if progress is not None:
                 progress(rows.stop - rows.start)
         save_grid(shown, staging / "grid.png", columns=grid_columns)
         write_json_atomic(staging / "images.json", files)
+        if clip is not None:
+            mean = sum(f["clip_score"] for f in files) / len(files)
+            write_json_atomic(staging / "summary.json", {"clip_score": mean, "clip": clip.path, "images": len(files)})
         write_manifest(staging, "generate", config)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise DoriError(f"{out} was filled by something else while generating; choose a new --out")
@@ -58,4 +65,7 @@ def run_generate(model: DiffusionModel, emb: torch.Tensor, prompts: list[str], s
             shutil.rmtree(staging, ignore_errors=True)
     whole = (grid_rows, grid_columns) == (len(prompts), n_seeds)
     note = "" if whole else f" (the grid shows the first {grid_columns} seeds of the first {grid_rows} prompts)"
-    return {"images": len(files), "grid_note": note}
+    result = {"images": len(files), "grid_note": note}
+    if clip is not None:
+        result["clip_score"] = sum(f["clip_score"] for f in files) / len(files)
+    return result

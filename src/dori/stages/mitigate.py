@@ -12,7 +12,13 @@ import torch
 
 from dori import run_files
 from dori.errors import DoriError
-from dori.evaluation import evaluate_replication, evaluate_under, utility
+from dori.evaluation import (
+    check_utility_options,
+    evaluate_replication,
+    evaluate_under,
+    utility,
+    utility_options,
+)
 from dori.interventions import Mitigation, baked, each_mask, intervene, load_mask, save_mask
 from dori.measure.replication import summarize
 from dori.mitigate.nemo import NemoConfig, nemo_localize, union
@@ -27,7 +33,7 @@ from dori.mitigate.wanda import (
 )
 from dori.models.base import DiffusionModel
 from dori.prompts import PromptSet
-from dori.references import References, load_prompts
+from dori.references import References, is_bundled, load_prompts
 from dori.report_images import save_grid
 from dori.runs import ResultsFile, open_run, read_json, save_tensors_atomic, write_json_atomic
 
@@ -37,6 +43,7 @@ def run_mitigate(config, model: DiffusionModel, out: str | Path, *, resume: bool
     """``dori mitigate``: select the mask (NeMo or Wanda), save it with the mitigated weights,
     and measure MR / similarity / utility before and after."""
     say = progress or (lambda message: None)
+    check_utility_options(model, utility_options(config))  # a wrong option fails before any work
     prompts = load_prompts(config.prompts, model, kind=config.type, limit=config.limit)
     refs = References(model, images=config.images, sscd=config.sscd)
     out = open_run(out, "mitigate", asdict(config), resume=resume)
@@ -58,7 +65,8 @@ def run_mitigate(config, model: DiffusionModel, out: str | Path, *, resume: bool
     summary.update(extra)
 
     evaluation = dict(seeds=config.seeds, steps=config.steps, guidance=config.guidance, batch_size=config.batch_size)
-    util = dict(seeds=config.utility_seeds, steps=config.steps, guidance=config.guidance, batch_size=config.batch_size)
+    util = dict(seeds=config.utility_seeds, steps=config.steps, guidance=config.guidance, batch_size=config.batch_size,
+                **utility_options(config))  # fmt: skip
     if config.baseline is not None:
         before, rows_before = _baseline(config, model, prompts, refs)
     else:
@@ -82,6 +90,7 @@ def run_mitigate(config, model: DiffusionModel, out: str | Path, *, resume: bool
         "utility_after_own": utility_own,
         "fd_before": None if utility_before is None else utility_before["fd"],
         "fd_after": None if utility_after is None else utility_after["fd"],
+        "utility_detail_before": utility_before, "utility_detail_after": utility_after,
         "similarity": refs.detector.to_dict(),
     })  # fmt: skip
     ResultsFile(out / "results.jsonl").extend(
@@ -95,8 +104,9 @@ def run_mitigate(config, model: DiffusionModel, out: str | Path, *, resume: bool
 def _utility_under_own_masks(model: DiffusionModel, mitigation, texts: list[str], util: dict) -> float | None:
     """Held-out prompt alignment under each prompt's own mask (NeMo, scope "prompt"), averaged
     over the prompts: the utility that goes with MR measured the same way. ``None`` where every
-    prompt runs under one mask (then the union's utility is the only one)."""
-    if not mitigation.has_own_masks:
+    prompt runs under one mask (then the union's utility is the only one), and on real models,
+    where one utility measurement generates thousands of images: there it is the union's."""
+    if not mitigation.has_own_masks or not is_bundled(model):
         return None
     total = 0.0
     for group in each_mask(model, mitigation, texts):

@@ -26,8 +26,10 @@ from dori.configs import (
     UnlearnRunConfig,
     WandaSweepConfig,
 )
+from dori.evaluation import MISSING_UTILITY, check_utility_options, utility_options
 from dori.models.base import DiffusionModel
 from dori.models.loading import is_bundled_kind
+from dori.references import is_bundled
 from dori.runs import open_run, read_json, write_json_atomic
 from dori.stages.attack import run_attack
 from dori.stages.detect import run_detect
@@ -44,6 +46,7 @@ def stage_configs(config: StudyConfig, root: Path) -> dict:
     limit = 3 if q else None
     common = dict(model=config.model, images=config.images, sscd=config.sscd, batch_size=config.batch_size)
     mem = dict(prompts=config.memorized, limit=limit, **common)
+    util = utility_options(config)  # the stages that measure utility
     gen = dict(steps=config.sampling_steps or (20 if q or bundled else 50))
     stages = root / "stages"
     return {
@@ -53,11 +56,11 @@ def stage_configs(config: StudyConfig, root: Path) -> dict:
         "replicate": ReplicateConfig(seeds=seeds, **mem, **gen),
         "replicate_non_memorized": ReplicateConfig(**{**mem, "prompts": config.non_memorized}, seeds=seeds, **gen),
         "nemo": MitigateConfig(method="nemo", seeds=seeds, utility_seeds=1 if q else 4, baseline=str(stages / "replicate"),
-                               **mem, **gen),  # fmt: skip
+                               **mem, **gen, **util),  # fmt: skip
         # Wanda's ratio as a defender picks it (issue 24): the smallest on the ladder that stops
         # replication on the defender's own seeds.
         "wanda": MitigateConfig(method="wanda", ratio="auto", seeds=seeds, utility_seeds=1 if q else 4,
-                                baseline=str(stages / "replicate"), **mem, **gen),  # fmt: skip
+                                baseline=str(stages / "replicate"), **mem, **gen, **util),  # fmt: skip
         "nemo_dori": AttackRunConfig(mitigation=str(stages / "nemo"), steps=5 if q else 50,
                                      steps_curve="0,1,5" if q else "0,1,10,25,50", seeds=seeds,
                                      eval_steps=gen["steps"], control_limit=2 if q else 5 if bundled else 10, **mem),  # fmt: skip
@@ -65,7 +68,8 @@ def stage_configs(config: StudyConfig, root: Path) -> dict:
                                       steps_curve="0,1,5" if q else "0,1,10,25,50", seeds=seeds,
                                       eval_steps=gen["steps"], control=False, **mem),  # fmt: skip
         "wanda_sweep": WandaSweepConfig(ladder="0.01,0.1" if q else WandaSweepConfig.ladder, seeds=seeds,
-                                        utility_seeds=1 if q else 4, attack_steps=5 if q else 50, **mem, **gen),  # fmt: skip
+                                        utility_seeds=1 if q else 4, attack_steps=5 if q else 50, **mem, **gen,
+                                        **util),  # fmt: skip
         "locality": LocalityConfig(prompts=config.memorized, non_memorized=config.non_memorized, limit=limit,
                                    inits=4 if q else 32 if bundled else LocalityConfig.inits,
                                    steps=5 if q else LocalityConfig.steps,
@@ -78,7 +82,7 @@ def stage_configs(config: StudyConfig, root: Path) -> dict:
                                     triggers_per_target=2 if q or bundled else UnlearnRunConfig.triggers_per_target,
                                     inner_steps=3 if bundled else UnlearnRunConfig.inner_steps,
                                     eval_attack_steps=5 if q else 50, seeds=seeds, utility_seeds=1 if q else 4,
-                                    eval_steps=gen["steps"], **mem),  # fmt: skip
+                                    eval_steps=gen["steps"], **mem, **util),  # fmt: skip
     }
 
 
@@ -91,6 +95,7 @@ def run_study(config: StudyConfig, model: DiffusionModel, out: str | Path, *, re
     # Which stages run is not a parameter of the results: a study started with some stages can be
     # resumed with others (each stage keeps its own config and refuses a mismatched resume).
     settings = {k: v for k, v in asdict(config).items() if k != "stages"}
+    check_utility_options(model, utility_options(config))  # a wrong option fails before any stage runs
     root = open_run(out, "study", settings, resume=resume)
     configs = stage_configs(config, root)
     timing_file = root / "timing.json"
@@ -136,7 +141,8 @@ def run_study(config: StudyConfig, model: DiffusionModel, out: str | Path, *, re
     summary = {"table": table(results), "detection": _detection(results), "timing": timing,
                "quick": config.quick, "stages_run": config.stage_list(),
                "locality": _locality(results), "steps_curve": _curves(results),
-               "mitigations": _mitigations(results), "wanda_sweep": _sweep(results)}  # fmt: skip
+               "mitigations": _mitigations(results), "wanda_sweep": _sweep(results),
+               "utility": _utility(results, model)}  # fmt: skip
     write_json_atomic(root / "summary.json", summary)
     from dori.report import markdown_table, write_report
     from dori.runs import write_text_atomic
@@ -184,6 +190,18 @@ def table(results: dict) -> dict:
         rows["adv_ft+dori"] = _row(u["mr_attack_after"], u["sscd_attack_after"], u["sscd_attack_after_std"],
                                    u["utility_after"], u.get("mr_any_planted_attack_after"))
     return rows
+
+
+def _utility(results: dict, model: DiffusionModel) -> dict | None:
+    """What the utility column measures (from the first stage that measured it), or, on a real
+    model given neither --clip nor --inception, which options would fill it."""
+    for stage in ("nemo", "wanda", "unlearn", "wanda_sweep"):
+        detail = results.get(stage, {}).get("utility_detail_before")
+        if detail:
+            return {"measure": detail["measure"], "prompts": detail["prompts"], "seeds": detail["seeds"], "note": None}
+    if is_bundled(model):
+        return None
+    return {"measure": None, "prompts": None, "seeds": None, "note": MISSING_UTILITY}
 
 
 def _detection(results: dict) -> dict | None:

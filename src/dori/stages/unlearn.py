@@ -13,7 +13,7 @@ import torch
 
 from dori.configs import AttackRunConfig, MitigateConfig, carried
 from dori.errors import DoriError
-from dori.evaluation import evaluate_replication, utility
+from dori.evaluation import check_utility_options, evaluate_replication, utility, utility_options
 from dori.interventions import load_mitigation
 from dori.models.base import DiffusionModel
 from dori.models.loading import save_model
@@ -40,6 +40,7 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
     (a fresh DoRI attack from the prompt and from random starts, plain prompts, utility)."""
     say = progress or (lambda message: None)
     began = time.monotonic()
+    check_utility_options(model, utility_options(config))  # a wrong option fails before any work
     prompts = load_prompts(config.prompts, model, kind=config.type, limit=config.limit)
     refs = References(model, images=config.images, sscd=config.sscd)
     if config.mitigation is None and refs.kit is None:  # NeMo here needs reference statistics unlearn does not take
@@ -52,7 +53,8 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
     attack_cfg = AttackRunConfig(steps=config.eval_attack_steps, steps_curve=str(config.eval_attack_steps),
                                  seeds=config.seeds, eval_steps=config.eval_steps, guidance=config.guidance,
                                  control=False, **common)  # fmt: skip
-    util = dict(seeds=config.utility_seeds, steps=config.eval_steps, guidance=config.guidance, batch_size=config.batch_size)
+    util = dict(seeds=config.utility_seeds, steps=config.eval_steps, guidance=config.guidance, batch_size=config.batch_size,
+                **utility_options(config))  # fmt: skip
     before_file = out / "before.json"
     if before_file.exists():
         before = read_json(before_file)
@@ -151,6 +153,7 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
         "utility_after": None if ua is None else ua["alignment"],
         "fd_before": None if ub is None else ub["fd"],
         "fd_after": None if ua is None else ua["fd"],
+        "utility_detail_before": ub, "utility_detail_after": ua,
         "surrogate_sources": {source: sum(s["source"] == source for s in surrogate_info)
                               for source in sorted({s["source"] for s in surrogate_info})},
         "fine_tuning_seconds": ft_seconds,

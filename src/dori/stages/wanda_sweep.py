@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dori import run_files
 from dori.configs import WandaSweepConfig
-from dori.evaluation import utility
+from dori.evaluation import check_utility_options, utility, utility_options
 from dori.interventions import intervene
 from dori.mitigate.wanda import mask_size, wanda_mitigation, wanda_scores_for
 from dori.models.base import DiffusionModel
@@ -29,6 +29,7 @@ def run_wanda_sweep(config: WandaSweepConfig, model: DiffusionModel, out: str | 
                     progress: Callable[[str], None] | None = None) -> dict:  # fmt: skip
 
     say = progress or (lambda message: None)
+    check_utility_options(model, utility_options(config))  # a wrong option fails before any work
     prompts = load_prompts(config.prompts, model, kind=config.type, limit=config.limit)
     refs = References(model, images=config.images, sscd=config.sscd)
     out = open_run(out, "wanda-sweep", asdict(config), resume=resume)
@@ -49,7 +50,7 @@ def run_wanda_sweep(config: WandaSweepConfig, model: DiffusionModel, out: str | 
         say(f"ratio {ratio:g}: utility")
         with intervene(model, mitigation):
             util = utility(model, seeds=config.utility_seeds, steps=config.steps, guidance=config.guidance,
-                              batch_size=config.batch_size)  # fmt: skip
+                           batch_size=config.batch_size, **utility_options(config))  # fmt: skip
         size = mask_size(mitigation)
         row = {"ratio": ratio, "pruned_weights": size["pruned_weights"], "sparsity": size["sparsity"],
                "mr": attacked["steps_curve"]["0"], "sscd_mean": attacked["sscd_curve"]["0"],
@@ -60,7 +61,7 @@ def run_wanda_sweep(config: WandaSweepConfig, model: DiffusionModel, out: str | 
         done[ratio] = row
     rows = [done[ratio] for ratio in config.ratios()]
     baseline = utility(model, seeds=config.utility_seeds, steps=config.steps, guidance=config.guidance,
-                          batch_size=config.batch_size)  # fmt: skip
+                       batch_size=config.batch_size, **utility_options(config))  # fmt: skip
     summary = {"rows": rows, "utility_unmitigated": None if baseline is None else baseline["alignment"],
                "attack_steps": config.attack_steps, "sites": config.sites, "prompt_set": prompts.name,
                "n_prompts": len(prompts), "similarity": refs.detector.to_dict(),
