@@ -108,10 +108,12 @@ def test_bad_prompt_files_images_and_folders(bad, tiny_sd_dir, prompt_files, ssc
         (rep + ["--prompts", bad / "latin1.txt", "--images", bad / "images"], "not UTF-8"),
         (rep + ["--prompts", mem, "--type", "TM", "--images", bad / "images"], "has no prompts of type 'TM'"),
         (rep + ["--prompts", mem, "--images", bad / "nowhere"], "training-image folder not found"),
-        (rep + ["--prompts", mem, "--images", bad / "images"], "no training image for index 1001"),
+        (rep + ["--prompts", mem, "--images", bad / "images"], "mem.csv have no training image in"),
+        (rep + ["--prompts", mem, "--images", bad / "images", "--missing-images", "some"],
+         "--missing-images must be error or skip"),  # fmt: skip
         (rep + ["--prompts", mem, "--images", bad / "broken_images"], "is unreadable"),
         (rep + ["--prompts", mem, "--images", bad / "images", "--sscd", bad / "none.pt"], "not found"),
-        (["attack", "--model", tiny_sd_dir, "--prompts", mem, "--images", bad / "images", "--sscd", sscd_file,
+        (["attack", "--model", tiny_sd_dir, "--prompts", mem, "--images", prompt_files / "images", "--sscd", sscd_file,
           "--mitigation", bad / "nowhere"], "no mitigation in"),  # fmt: skip
         (["mitigate", "--method", "wanda", "--sites", "attn", "--model", tiny_sd_dir, "--prompts", mem],
          "unknown site set 'attn'"),  # fmt: skip
@@ -124,8 +126,26 @@ def test_bad_prompt_files_images_and_folders(bad, tiny_sd_dir, prompt_files, ssc
         assert_clear_error(code, err, message)
         assert not (out / "results.jsonl").exists() and not (out / "summary.json").exists(), args
         shutil.rmtree(out, ignore_errors=True)
-    code, err = run_cli(rep + ["--prompts", mem, "--images", bad / "images", "--out", bad / "a_file" / "run"], capsys)
+    code, err = run_cli(rep + ["--prompts", mem, "--images", prompt_files / "images", "--out", bad / "a_file" / "run"],
+                        capsys)  # fmt: skip
     assert_clear_error(code, err, "cannot write to output folder")
+
+
+def test_prompts_without_a_training_image_are_named_first_or_skipped(bad, tiny_sd_dir, prompt_files, sscd_file,
+                                                                    capsys, tmp_path):  # fmt: skip
+    """Many LAION URLs are dead: every prompt's image is checked before any work; the error names
+    the missing indices, and --missing-images skip runs the others (with a warning)."""
+    rep = ["replicate", "--model", tiny_sd_dir, "--sscd", sscd_file, "--seeds", "1", "--steps", "1",
+           "--prompts", prompt_files / "mem.csv", "--images", bad / "images"]  # fmt: skip
+    code, err = run_cli(rep + ["--out", tmp_path / "a"], capsys)
+    assert_clear_error(code, err, "(index 1001); add the files (named by the prompt's Index), or pass --missing-images skip")
+    code, err = run_cli(rep + ["--missing-images", "skip", "--out", tmp_path / "b"], capsys)
+    assert code == 0, err
+    assert "1 of 4 prompts of" in err and "mem.csv have no training image" in err and "they are left out" in err
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "b" / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["index"] for r in rows) == ["1000", "1002", "1003"]
 
 
 def test_odd_image_modes_and_sizes_are_converted_not_refused(bad, tiny_sd_dir, prompt_files, sscd_file, capsys, tmp_path):

@@ -225,6 +225,9 @@ def test_nemo_utility_under_each_prompts_own_neurons_is_the_mean_over_prompts(ti
     mask = Mitigation("neurons", tiny_sd.fingerprint(), neurons=union, method="nemo", per_prompt=own, scope="prompt")
     # a stand-in utility that reports how many sites are masked while it runs
     monkeypatch.setattr(mitigate_stage, "utility", lambda model, **_: {"alignment": float(active_interventions(model))})
+    # on a real model one utility measurement is thousands of images: only the union's is measured
+    assert _utility_under_own_masks(tiny_sd, mask, ["a", "a", "b"], {}) is None
+    monkeypatch.setattr(mitigate_stage, "is_bundled", lambda model: True)
     assert _utility_under_own_masks(tiny_sd, mask, ["a", "a", "b"], {}) == pytest.approx((1 + 1 + 2) / 3)
     union_only = Mitigation("neurons", tiny_sd.fingerprint(), neurons=union, method="nemo", per_prompt=own, scope="union")
     assert _utility_under_own_masks(tiny_sd, union_only, ["a", "b"], {}) is None

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 from dori.configs import StudyConfig
-from dori.stages.study import _mitigations, run_study
+import pytest
+
+from dori.errors import DoriError
+from dori.stages.study import _mitigations, run_study, stage_configs
 
 
 def test_a_prompt_with_markup_renders_as_text(tiny_sd, prompt_files, sscd_file, tmp_path):
@@ -52,3 +56,26 @@ def test_the_wanda_sentence_states_the_rule_and_the_ladder():
     assert "ratio 0.05, the smallest on the ladder" in line and "0.02: 0.50" in line and "seeds 1000-1003" in line
     failed = _mitigations({"wanda": {**auto, "auto_satisfied": False, "ratio": 0.5}})[0]
     assert "none stopped replication" in failed
+
+
+def test_a_real_model_study_takes_what_nemo_and_fine_tuning_need_and_checks_it_first(tiny_sd, prompt_files,
+                                                                                    sscd_file, tmp_path):  # fmt: skip
+    mem, non = str(prompt_files / "mem.csv"), str(prompt_files / "non.txt")
+    config = StudyConfig(model=str(tiny_sd.source), memorized=mem, non_memorized=non, type="VM", stats="s.pt",
+                         threshold=0.428, images=str(tmp_path / "images"), sscd=str(sscd_file))  # fmt: skip
+    c = stage_configs(config, tmp_path / "study")
+    assert c["replicate"].type == c["locality"].type == "VM" and c["replicate_non_memorized"].type is None
+    assert (c["nemo"].stats, c["nemo"].threshold, c["nemo"].reference_prompts) == ("s.pt", 0.428, non)
+    assert c["locality"].reference_prompts == non and c["unlearn"].retain_prompts == non
+    shipped = stage_configs(StudyConfig(), tmp_path / "shipped")
+    assert shipped["unlearn"].retain_prompts is None and shipped["nemo"].reference_prompts is None
+    # a missing training image or NeMo input stops the study before its first stage, not hours later
+    shutil.copytree(prompt_files / "images", tmp_path / "images")
+    (tmp_path / "images" / "1002.png").unlink()
+    with pytest.raises(DoriError, match=r"1 of 4 prompts of .*mem.csv\[VM\] have no training image .*\(index 1002\)"):
+        run_study(config, tiny_sd, tmp_path / "study")
+    with pytest.raises(DoriError, match="statistics file not found: s.pt"):
+        run_study(replace(config, missing_images="skip", stages="nemo"), tiny_sd, tmp_path / "study")
+    with pytest.raises(DoriError, match="non.txt have no training image in .*they have no Index"):
+        run_study(replace(config, missing_images="skip", stages="replicate"), tiny_sd, tmp_path / "study")
+    assert not (tmp_path / "study").exists()

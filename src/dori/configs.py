@@ -37,6 +37,12 @@ class Selection:
     images: str | None = opt(None, help=IMAGES_HELP)
     sscd: str | None = opt(None, help=SSCD_HELP)
     batch_size: int = opt(64, help=BATCH_HELP)
+    missing_images: str = opt("error", help=("Real models: 'error' stops before any work if a prompt has no training "
+                                             "image in --images (listing them); 'skip' leaves those prompts out."))
+
+    def _check_selection(self) -> None:
+        if self.missing_images not in ("error", "skip"):
+            raise DoriError(f"--missing-images must be error or skip, got {self.missing_images!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,6 +163,7 @@ class ReplicateConfig(Selection):
 
     def __post_init__(self) -> None:
         _check_numbers(self)
+        self._check_selection()
         _check_positive(self, "seeds", "steps", "batch_size")
 
 
@@ -208,6 +215,7 @@ class MitigateConfig(Selection, UtilityOptions):
 
     def __post_init__(self) -> None:
         _check_numbers(self)
+        self._check_selection()
         if self.method not in ("nemo", "wanda"):
             raise DoriError(f"unknown method {self.method!r}; use nemo or wanda")
         if self.sites not in ("ffn", "value"):
@@ -240,6 +248,7 @@ class WandaSweepConfig(Selection, UtilityOptions):
 
     def __post_init__(self) -> None:
         _check_numbers(self)
+        self._check_selection()
         if self.sites not in ("ffn", "value"):
             raise DoriError(f"unknown site set {self.sites!r}; use ffn or value")
         ratios = self.ratios()
@@ -282,6 +291,7 @@ class AttackRunConfig(Selection):
 
     def __post_init__(self) -> None:
         _check_numbers(self)
+        self._check_selection()
         if self.init not in ("prompt", "random", "other"):
             raise DoriError(f"unknown --init {self.init!r}; use prompt, random or other")
         if self.steps < 0:
@@ -324,6 +334,7 @@ class UnlearnRunConfig(Selection, UtilityOptions):
 
     def __post_init__(self) -> None:
         _check_numbers(self)
+        self._check_selection()
         _check_positive(self, "steps", "retain_batch", "triggers_per_target", "seeds", "utility_seeds", "eval_steps",
                         "checkpoint_every", "batch_size")  # fmt: skip
         _check_utility(self)
@@ -362,6 +373,7 @@ class LocalityConfig(Selection):
 
     def __post_init__(self) -> None:
         _check_numbers(self)
+        self._check_selection()
         _check_positive(self, "targets", "inits", "seeds", "attack_batch", "eval_steps", "agreement_triggers",
                         "batch_size")  # fmt: skip
         if self.steps < 0:
@@ -381,6 +393,13 @@ class StudyConfig(UtilityOptions):
     model: str = opt("bundled", help=MODEL_HELP)
     memorized: str = opt("bundled:memorized")
     non_memorized: str = opt("bundled:non_memorized")
+    # Real models: the memorized prompts of this type only (the paper's table: VM).
+    type: str | None = opt(None, help="Keep only memorized prompts of this type (VM, TM).")
+    # Real models: NeMo's published statistics and threshold (SD v1.4: nemo_sd14_value_stats.pt, 0.428);
+    # what is not given comes from the non-memorized prompts, as 'dori mitigate --reference-prompts' does.
+    stats: str | None = opt(None, help="Real models: NeMo's statistics file (default: from --non-memorized).")
+    threshold: float | None = opt(None, help="Real models: NeMo's SSIM threshold (0.428 for SD v1.4; default: from "
+                                             "--non-memorized).")  # fmt: skip
     stages: str = opt(",".join(STUDY_DEFAULT_STAGES),
                       help=f"Comma-separated stages, from {', '.join(STUDY_STAGES)} (wanda_sweep, Wanda's trade-off "
                            "curve, is not in the default).")  # fmt: skip
@@ -388,6 +407,7 @@ class StudyConfig(UtilityOptions):
     images: str | None = opt(None, help=IMAGES_HELP)
     sscd: str | None = opt(None, help=SSCD_HELP)
     batch_size: int = opt(64, help=BATCH_HELP)
+    missing_images: str = opt("error", help="Real models: error or skip (see dori replicate --help).")
     # Generations per prompt and DDIM steps in every evaluation. None: the paper's 10 and 50 for a
     # real model; 4 and 20 for a model of the bundled kind (wherever it was loaded from), so that
     # its whole study runs in minutes on 2 CPU cores (its model card reports 10 seeds at 50 steps).
@@ -399,6 +419,7 @@ class StudyConfig(UtilityOptions):
 
     def __post_init__(self) -> None:
         _check_utility(self)
+        Selection._check_selection(self)
         for name in ("seeds", "sampling_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -140,8 +140,16 @@ def training_image_path(images_dir: str | Path, prompt: Prompt) -> Path:
         raise DoriError(f"training-image folder not found: {folder}; pass --images DIR with files named by index")
     if prompt.index is None:
         raise DoriError(f"prompt {prompt.prompt[:60]!r} has no index, so its training image cannot be found")
+    found = find_training_image(folder, prompt)
+    if found is None:
+        raise DoriError(f"no training image for index {prompt.index} in {folder} (looked for {prompt.index}.png/.jpg/...)")
+    return found
+
+
+def find_training_image(folder: Path, prompt: Prompt) -> Path | None:
+    """The file named by ``prompt``'s index in ``folder`` (any of :data:`IMAGE_SUFFIXES`), if any."""
     for suffix in IMAGE_SUFFIXES:
         candidate = folder / f"{prompt.index}{suffix}"
         if candidate.is_file():
             return candidate
-    raise DoriError(f"no training image for index {prompt.index} in {folder} (looked for {prompt.index}.png/.jpg/...)")
+    return None

@@ -5,13 +5,15 @@ the targets of an attack, the control sets, and the retained pairs of fine-tunin
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 from pathlib import Path
 
 import torch
 
 from dori.errors import DoriError
 from dori.models.base import DiffusionModel
-from dori.prompts import Prompt, PromptSet, load_prompt_set, training_image_path
+from dori.prompts import Prompt, PromptSet, find_training_image, load_prompt_set, training_image_path
 
 
 def is_bundled(model: DiffusionModel) -> bool:
@@ -31,9 +33,6 @@ def toy_kit_for(model: DiffusionModel):
 def load_prompts(spec: str, model: DiffusionModel, *, kind: str | None = None, limit: int | None = None) -> PromptSet:
     """A prompt set; prompts longer than the text encoder's window are marked ``truncated`` (the
     mark goes into every result row) and named in a warning on stderr."""
-    import dataclasses
-    import sys
-
     prompts = load_prompt_set(spec, model_folder=model.source if is_bundled(model) else None).only(kind).head(limit)
     cut = model.truncated(prompts.texts)
     if not any(cut):
@@ -66,6 +65,32 @@ class References:
         self.size = model.image_size
         # every memorized training image, for "replicates any memorized image" (bundled model only)
         self.planted = None if self.kit is None else self.kit.planted_images
+
+    def with_images(self, prompts: PromptSet, missing: str = "error") -> PromptSet:
+        """Real models: every prompt needs its training image in ``--images`` (many LAION URLs are
+        dead, so a downloaded folder often lacks some). All are checked before any work:
+        ``missing="error"`` stops with the count and the first indices; ``"skip"`` leaves those
+        prompts out with a warning on stderr."""
+        if self.images_dir is None:
+            return prompts
+        folder = Path(self.images_dir).expanduser()
+        if not folder.is_dir():
+            raise DoriError(f"training-image folder not found: {folder}; pass --images DIR with files named by index")
+        absent = [p for p in prompts.prompts if p.index is None or find_training_image(folder, p) is None]
+        if not absent:
+            return prompts
+        if any(p.index is None for p in absent):
+            listing = "they have no Index to name the file by: give a CSV or JSONL with an Index column"
+        else:
+            listing = "index " + ", ".join(str(p.index) for p in absent[:5]) + (", ..." if len(absent) > 5 else "")
+        what = f"{len(absent)} of {len(prompts)} prompts of {prompts.name} have no training image in {folder} ({listing})"
+        if len(absent) == len(prompts):
+            raise DoriError(f"{what}; add the files (named by the prompt's Index) or pass the folder that holds them")
+        if missing == "error":
+            raise DoriError(f"{what}; add the files (named by the prompt's Index), or pass --missing-images skip to "
+                            "leave those prompts out")  # fmt: skip
+        print(f"warning: {what}; they are left out (--missing-images skip)", file=sys.stderr)
+        return dataclasses.replace(prompts, prompts=tuple(p for p in prompts.prompts if p not in absent))
 
     def of(self, prompt: Prompt) -> torch.Tensor:
         if self.images_dir is None:
@@ -109,5 +134,5 @@ def retained_pairs(model: DiffusionModel, config, refs: References) -> tuple[tor
         data = refs.kit.data
         rows = [i for i, k in enumerate(data.kinds) if k == "ordinary"]
         return data.images[torch.tensor(rows)], [data.captions[i] for i in rows]
-    retain = load_prompts(config.retain_prompts, model)
+    retain = refs.with_images(load_prompts(config.retain_prompts, model), config.missing_images)
     return torch.cat([refs.of(p)[:1] for p in retain.prompts]), retain.texts

@@ -94,6 +94,7 @@ def run_attack(config, model: DiffusionModel, out: str | Path, *, resume: bool =
     """``dori attack``: DoRI against the (mitigated) model, the MR-vs-steps curve, and the control."""
     prompts = load_prompts(config.prompts, model, kind=config.type, limit=config.limit)
     refs = References(model, images=config.images, sscd=config.sscd)
+    prompts = refs.with_images(prompts, config.missing_images)  # every prompt's training image, checked first
     mitigation = load_mitigation(model, config.mitigation)
     shards = Shards()
     out = shards.open_run(out, "attack", asdict(config), resume=resume)

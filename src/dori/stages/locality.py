@@ -50,6 +50,7 @@ def run_locality(config: LocalityConfig, model: DiffusionModel, out: str | Path,
         raise DoriError("locality compares triggers with non-memorized prompts: pass --non-memorized SET")
     non_mem = model.encode(load_prompts(non_mem_spec, model).texts).float()
     refs = References(model, images=config.images, sscd=config.sscd)
+    prompts = refs.with_images(prompts, config.missing_images)  # every prompt's training image, checked first
     mitigation = load_mitigation(model, config.mitigation)
     shards = Shards()
     out = shards.open_run(out, "locality", asdict(config), resume=resume)

@@ -46,6 +46,7 @@ def run_mitigate(config, model: DiffusionModel, out: str | Path, *, resume: bool
     check_utility_options(model, utility_options(config))  # a wrong option fails before any work
     prompts = load_prompts(config.prompts, model, kind=config.type, limit=config.limit)
     refs = References(model, images=config.images, sscd=config.sscd)
+    prompts = refs.with_images(prompts, config.missing_images)  # every prompt's training image, checked first
     out = open_run(out, "mitigate", asdict(config), resume=resume)
     emb = model.encode(prompts.texts)
     summary: dict = {"method": config.method, "prompt_set": prompts.name, "n_prompts": len(prompts)}

@@ -25,6 +25,7 @@ def run_replicate(config: ReplicateConfig, model: DiffusionModel, out: str | Pat
     """``dori replicate``: per-prompt similarities and MR, written prompt batch by prompt batch."""
     prompts = load_prompts(config.prompts, model, kind=config.type, limit=config.limit)
     refs = References(model, images=config.images, sscd=config.sscd, sscd_convention=config.sscd_convention)
+    prompts = refs.with_images(prompts, config.missing_images)  # every prompt's training image, checked first
     mitigation = load_mitigation(model, config.mitigation)
     shards = Shards()
     out = shards.open_run(out, "replicate", asdict(config), resume=resume)

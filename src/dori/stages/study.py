@@ -44,8 +44,13 @@ def stage_configs(config: StudyConfig, root: Path) -> dict:
     bundled = is_bundled_kind(config.model)  # the shipped model or any folder 'dori toy train' wrote
     seeds = config.seeds or (2 if q else 4 if bundled else 10)
     limit = 3 if q else None
-    common = dict(model=config.model, images=config.images, sscd=config.sscd, batch_size=config.batch_size)
-    mem = dict(prompts=config.memorized, limit=limit, **common)
+    common = dict(model=config.model, images=config.images, sscd=config.sscd, batch_size=config.batch_size,
+                  missing_images=config.missing_images)  # fmt: skip
+    mem = dict(prompts=config.memorized, type=config.type, limit=limit, **common)
+    # A real model's NeMo takes what the user gave (statistics, threshold) and the rest from the
+    # non-memorized prompts; fine-tuning keeps their training pairs (the bundled kind has its own).
+    nemo = dict(stats=config.stats, threshold=config.threshold,
+                reference_prompts=None if bundled else config.non_memorized)  # fmt: skip
     util = utility_options(config)  # the stages that measure utility
     gen = dict(steps=config.sampling_steps or (20 if q or bundled else 50))
     stages = root / "stages"
@@ -54,9 +59,10 @@ def stage_configs(config: StudyConfig, root: Path) -> dict:
                                generations=2 if q else 4, consistency_seeds=4 if q else 10, limit=limit,
                                batch_size=config.batch_size, **gen),  # fmt: skip
         "replicate": ReplicateConfig(seeds=seeds, **mem, **gen),
-        "replicate_non_memorized": ReplicateConfig(**{**mem, "prompts": config.non_memorized}, seeds=seeds, **gen),
+        "replicate_non_memorized": ReplicateConfig(**{**mem, "prompts": config.non_memorized, "type": None}, seeds=seeds,
+                                                   **gen),  # fmt: skip
         "nemo": MitigateConfig(method="nemo", seeds=seeds, utility_seeds=1 if q else 4, baseline=str(stages / "replicate"),
-                               **mem, **gen, **util),  # fmt: skip
+                               **mem, **gen, **util, **nemo),  # fmt: skip
         # Wanda's ratio as a defender picks it (issue 24): the smallest on the ladder that stops
         # replication on the defender's own seeds.
         "wanda": MitigateConfig(method="wanda", ratio="auto", seeds=seeds, utility_seeds=1 if q else 4,
@@ -75,14 +81,14 @@ def stage_configs(config: StudyConfig, root: Path) -> dict:
                                    steps=5 if q else LocalityConfig.steps,
                                    seeds=1 if q else LocalityConfig.seeds, eval_steps=gen["steps"],
                                    agreement_triggers=2 if q else 5 if bundled else LocalityConfig.agreement_triggers,
-                                   tsne=not q,
-                                   **common),  # fmt: skip
+                                   tsne=not q, type=config.type, **common, **nemo),  # fmt: skip
         "unlearn": UnlearnRunConfig(mitigation=str(stages / "nemo"),
                                     steps=3 if q else 60 if bundled else UnlearnRunConfig.steps,
                                     triggers_per_target=2 if q or bundled else UnlearnRunConfig.triggers_per_target,
                                     inner_steps=3 if bundled else UnlearnRunConfig.inner_steps,
                                     eval_attack_steps=5 if q else 50, seeds=seeds, utility_seeds=1 if q else 4,
-                                    eval_steps=gen["steps"], **mem, **util),  # fmt: skip
+                                    eval_steps=gen["steps"], retain_prompts=None if bundled else config.non_memorized,
+                                    **mem, **util),  # fmt: skip
     }
 
 
@@ -96,6 +102,8 @@ def run_study(config: StudyConfig, model: DiffusionModel, out: str | Path, *, re
     # resumed with others (each stage keeps its own config and refuses a mismatched resume).
     settings = {k: v for k, v in asdict(config).items() if k != "stages"}
     check_utility_options(model, utility_options(config))  # a wrong option fails before any stage runs
+    if not is_bundled(model):
+        _check_real_inputs(config, model, stage_configs(config, Path(out).expanduser()))
     root = open_run(out, "study", settings, resume=resume)
     configs = stage_configs(config, root)
     timing_file = root / "timing.json"
@@ -150,6 +158,24 @@ def run_study(config: StudyConfig, model: DiffusionModel, out: str | Path, *, re
     write_text_atomic(root / "table.md", markdown_table(summary))
     write_report(root, summary, results, configs, model)
     return summary
+
+
+def _check_real_inputs(config: StudyConfig, model: DiffusionModel, configs: dict) -> None:
+    """A real model's study runs for hours: what a late stage needs is checked before the first
+    (every prompt's training image, with --missing-images; NeMo's statistics and threshold)."""
+    from dori.mitigate.nemo_reference import check_nemo_inputs
+    from dori.references import References, load_prompts
+
+    stages = set(config.stage_list())
+    needs = {"replicate": bool(stages - {"detect"}), "replicate_non_memorized": bool(stages & {"replicate", "unlearn"})}
+    for name, needed in needs.items():
+        c = configs[name]
+        if needed:
+            refs = References(model, images=c.images, sscd=c.sscd)
+            refs.with_images(load_prompts(c.prompts, model, kind=c.type, limit=c.limit), c.missing_images)
+    if stages & {"nemo", "locality", "unlearn"}:
+        n = configs["nemo"]
+        check_nemo_inputs(model, reference_prompts=n.reference_prompts, stats=n.stats, threshold=n.threshold)
 
 
 def _row(mr, mean, std, utility, mr_any_planted=None):

@@ -43,6 +43,7 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
     check_utility_options(model, utility_options(config))  # a wrong option fails before any work
     prompts = load_prompts(config.prompts, model, kind=config.type, limit=config.limit)
     refs = References(model, images=config.images, sscd=config.sscd)
+    prompts = refs.with_images(prompts, config.missing_images)  # every prompt's training image, checked first
     if config.mitigation is None and refs.kit is None:  # NeMo here needs reference statistics unlearn does not take
         raise DoriError("dori unlearn on this model needs --mitigation DIR: run 'dori mitigate --method nemo --stats "
                         "FILE' (or --method wanda) first and pass its folder")  # fmt: skip

@@ -32,6 +32,7 @@ def run_wanda_sweep(config: WandaSweepConfig, model: DiffusionModel, out: str | 
     check_utility_options(model, utility_options(config))  # a wrong option fails before any work
     prompts = load_prompts(config.prompts, model, kind=config.type, limit=config.limit)
     refs = References(model, images=config.images, sscd=config.sscd)
+    prompts = refs.with_images(prompts, config.missing_images)  # every prompt's training image, checked first
     out = open_run(out, "wanda-sweep", asdict(config), resume=resume)
     results = ResultsFile(out / "results.jsonl")
     done = {row["ratio"]: row for row in results.rows}
