@@ -55,15 +55,20 @@ def unit_flops(shape: str, resolution: int) -> dict[str, float]:
 
 def stage_work(units: dict[str, float], *, checkpointing: bool) -> dict[str, float]:
     """FLOPs per stage of ``dori study`` on a real model at its default settings."""
-    from dori.configs import StudyConfig
+    from dori.configs import StudyConfig, carried
+    from dori.unlearn.adversarial import UnlearnConfig
     from dori.evaluation import UTILITY_PROMPTS
     from dori.mitigate.wanda import WANDA_LADDER
     from dori.prompts import load_prompt_set
     from dori.stages.study import stage_configs
 
-    configs = stage_configs(StudyConfig(model="/models/stable-diffusion-v1-4", memorized="sd14:memorized",
-                                        non_memorized="sd14:non_memorized"), Path("/tmp/study"))  # fmt: skip
+    import tempfile
+
+    real = tempfile.mkdtemp(prefix="sd-folder-")  # any folder that is not of the bundled kind
+    configs = stage_configs(StudyConfig(model=real, memorized="sd14:memorized", non_memorized="sd14:non_memorized",
+                                        type="VM"), Path(real) / "study")  # fmt: skip
     mem = len(load_prompt_set("sd14:memorized").only("VM"))
+    mem_all = len(load_prompt_set("sd14:memorized"))  # detection scores every memorized prompt
     non = len(load_prompt_set("sd14:non_memorized"))
     unet, decode = units["unet"], units["vae_decode"]
     recompute = 1 if checkpointing else 0
@@ -78,7 +83,7 @@ def stage_work(units: dict[str, float], *, checkpointing: bool) -> dict[str, flo
     util = images(nemo.utility_prompts * nemo.utility_seeds, nemo.steps)
     out = {
         "detect (first-step noise norm + NeMo's SSIM check)":
-            (mem + non) * (det.generations * 2 + det.consistency_seeds) * unet,
+            (mem_all + non) * (det.generations * 2 + det.consistency_seeds) * unet,
         "replicate (memorized VM + non-memorized)": images((mem + non) * rep.seeds, rep.steps),
         "NeMo (MR and utility after; its search, a few first-step checks per prompt, left out)":
             images(mem * nemo.seeds, nemo.steps) + 2 * util,
@@ -87,18 +92,20 @@ def stage_work(units: dict[str, float], *, checkpointing: bool) -> dict[str, flo
     }  # fmt: skip
     for name in ("nemo_dori", "wanda_dori"):
         a = configs[name]
-        evaluations = len(a.curve()) + (2 if a.control else 0)
+        evaluations = len(a.curve())  # a real model has no control sets of its own (dori attack takes them as prompts)
         out[f"{name.replace('_', ' + ').replace('nemo', 'NeMo').replace('wanda', 'Wanda').replace('dori', 'DoRI')} "
             f"({a.steps} steps at batch {a.attack_batch}, MR at {len(a.curve())} points)"] = (
             attack(mem, a.steps, a.attack_batch) + evaluations * images(mem * a.seeds, a.eval_steps))
     loc = configs["locality"]
     out[f"locality ({loc.targets} target, {loc.inits} triggers)"] = (
         attack(loc.targets * loc.inits, loc.steps, loc.attack_batch) + images(loc.targets * loc.inits * loc.seeds, loc.eval_steps))
-    u = configs["unlearn"]
+    u = carried(UnlearnConfig, configs["unlearn"])  # the algorithm's settings (adv_pairs...) as the stage passes them
+    u_run = configs["unlearn"]
     triggers = mem * u.triggers_per_target
     per_step = (triggers * u.inner_steps * u.adv_pairs * (2 + recompute) * unet
                 + (u.retain_batch + triggers * u.adv_pairs) * (3 + recompute) * unet)  # fmt: skip
-    evaluation = 2 * attack(mem, u.eval_attack_steps, 8) + 3 * images(mem * u.seeds, u.eval_steps) + 2 * util
+    evaluation = (2 * attack(mem, u_run.eval_attack_steps, 8) + 3 * images(mem * u_run.seeds, u_run.eval_steps)
+                  + 2 * util)  # fmt: skip
     out[f"adversarial fine-tuning ({u.steps} steps, {triggers} triggers) + its evaluation"] = u.steps * per_step + evaluation
     out[f"(utility: {UTILITY_PROMPTS}, {nemo.utility_prompts} captions x {nemo.utility_seeds} seeds, each time)"] = util
     return out  # noqa: RET504
