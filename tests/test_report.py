@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 
-from dori.configs import StudyConfig
 import pytest
+import torch
 
+from dori.configs import StudyConfig
 from dori.errors import DoriError
 from dori.stages.study import _mitigations, run_study, stage_configs
 
@@ -79,3 +81,20 @@ def test_a_real_model_study_takes_what_nemo_and_fine_tuning_need_and_checks_it_f
     with pytest.raises(DoriError, match="non.txt have no training image in .*they have no Index"):
         run_study(replace(config, missing_images="skip", stages="replicate"), tiny_sd, tmp_path / "study")
     assert not (tmp_path / "study").exists()
+
+
+def test_a_fine_tuning_mitigation_and_dori_on_its_model_are_rows_and_strips(tiny_sd, prompt_files, sscd_file,
+                                                                            tmp_path):  # fmt: skip
+    config = StudyConfig(model=str(tiny_sd.source), memorized=str(prompt_files / "mem.csv"),
+                         non_memorized=str(prompt_files / "mem.csv"), stages="replicate,esd,esd_dori", quick=True,
+                         images=str(prompt_files / "images"), sscd=str(sscd_file), sampling_steps=2, seeds=1)  # fmt: skip
+    weights = {k: v.clone() for k, v in tiny_sd.unet.state_dict().items()}
+    summary = run_study(config, tiny_sd, tmp_path / "study")
+    assert all(torch.equal(v, weights[k]) for k, v in tiny_sd.unet.state_dict().items())  # the caller's model is kept
+    esd = json.loads((tmp_path / "study" / "stages" / "esd" / "summary.json").read_text())
+    attack = json.loads((tmp_path / "study" / "stages" / "esd_dori" / "config.json").read_text())
+    assert esd["finetuning"]["steps"] == 2 and attack["config"]["model"] == esd["model"]
+    assert summary["table"]["esd"]["mr"] == esd["mr_after"] and "esd+dori" in summary["table"]
+    report = (tmp_path / "study" / "report.html").read_text()
+    assert "ESD + DoRI</figcaption>" in report and "SISS + DoRI</figcaption>" not in report  # only the stages run
+    assert "<th>esd+dori</th>" in report and "<td>0.90</td><td>0.98</td>" in report  # beside the paper's numbers

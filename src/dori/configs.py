@@ -69,9 +69,16 @@ def _check_utility(config) -> None:
     _check_positive(config, "utility_prompts")
 
 
+# dori mitigate --method: pruning (a mask over the weights) and fine-tuning (a new model).
+PRUNING_METHODS = ("nemo", "wanda")
+FINETUNING_METHODS = ("esd", "ca", "siss")
+MITIGATION_METHODS = PRUNING_METHODS + FINETUNING_METHODS
+
 # ``dori study``'s stages in the order they run; the default runs all but the optional ones.
-STUDY_STAGES = ("detect", "replicate", "nemo", "wanda", "nemo_dori", "wanda_dori", "wanda_sweep", "locality", "unlearn")
-STUDY_OPTIONAL_STAGES = ("wanda_sweep",)  # Wanda's trade-off curve: several minutes more on 2 cores
+STUDY_STAGES = ("detect", "replicate", "nemo", "wanda", "nemo_dori", "wanda_dori", "wanda_sweep", "esd", "esd_dori",
+                "ca", "ca_dori", "siss", "siss_dori", "locality", "unlearn")  # fmt: skip
+# Not in the default study: Wanda's trade-off curve, and the fine-tuning mitigations (several minutes each on 2 cores).
+STUDY_OPTIONAL_STAGES = ("wanda_sweep", "esd", "esd_dori", "ca", "ca_dori", "siss", "siss_dori")
 STUDY_DEFAULT_STAGES = tuple(s for s in STUDY_STAGES if s not in STUDY_OPTIONAL_STAGES)
 
 
@@ -190,7 +197,7 @@ class DetectConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class MitigateConfig(Selection, UtilityOptions):
-    method: str = opt(help="nemo or wanda.")
+    method: str = opt(help="nemo or wanda (pruning); esd, ca or siss (fine-tuning: the model in DIR/model).")
     prompts: str = opt(help="The memorized prompts to mitigate.")
     model: str = opt("bundled", help=MODEL_HELP)
     reference_prompts: str | None = opt(None, help=REFERENCE_HELP)  # default: the model's own set
@@ -210,14 +217,25 @@ class MitigateConfig(Selection, UtilityOptions):
     utility_seeds: int = opt(4)
     steps: int = opt(50)
     guidance: float | None = opt(None, help=GUIDANCE_HELP)
+    # The fine-tuning methods (dori.mitigate.erasure): None takes the paper's setting.
+    finetune_steps: int | None = opt(None, help="esd / ca / siss: fine-tuning steps (default: the paper's).")
+    learning_rate: float | None = opt(None, flag="--lr", help=("esd / ca / siss: learning rate (default: the "
+                                                               "paper's, scaled to the model's own pre-training "
+                                                               "rate)."))  # fmt: skip
+    anchor: str | None = opt(None, help=("ca: the anchor caption, or a file with one per prompt (default on the "
+                                         "bundled kind: the title's object, 'an album cover')."))  # fmt: skip
+    checkpoint_every: int = opt(25, help="esd / ca / siss: steps between checkpoints.")
     # A 'dori replicate' run of the same prompts and settings: its numbers are "before" (the study passes it).
     baseline: str | None = opt(None, cli=False)
 
     def __post_init__(self) -> None:
         _check_numbers(self)
         self._check_selection()
-        if self.method not in ("nemo", "wanda"):
-            raise DoriError(f"unknown method {self.method!r}; use nemo or wanda")
+        if self.method not in MITIGATION_METHODS:
+            raise DoriError(f"unknown method {self.method!r}; use {', '.join(MITIGATION_METHODS)}")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            raise DoriError(f"--lr must be positive, got {self.learning_rate}")
+        _check_positive(self, "checkpoint_every", *(("finetune_steps",) if self.finetune_steps is not None else ()))
         if self.sites not in ("ffn", "value"):
             raise DoriError(f"unknown site set {self.sites!r}; use ffn or value")
         object.__setattr__(self, "ratio", parse_ratio(self.ratio))
@@ -397,6 +415,7 @@ class StudyConfig(UtilityOptions):
     type: str | None = opt(None, help="Keep only memorized prompts of this type (VM, TM).")
     # Real models: NeMo's published statistics and threshold (SD v1.4: nemo_sd14_value_stats.pt, 0.428);
     # what is not given comes from the non-memorized prompts, as 'dori mitigate --reference-prompts' does.
+    anchor: str | None = opt(None, help="Real models: Concept Ablation's anchor caption, or a file with one per prompt.")
     stats: str | None = opt(None, help="Real models: NeMo's statistics file (default: from --non-memorized).")
     threshold: float | None = opt(None, help="Real models: NeMo's SSIM threshold (0.428 for SD v1.4; default: from "
                                              "--non-memorized).")  # fmt: skip

@@ -24,6 +24,13 @@ PAPER = {
     "nemo+dori": (0.91, 0.03, 0.99),
     "wanda": (0.20, 0.08, 0.00),
     "wanda+dori": (0.76, 0.05, 0.72),
+    # ESD, Concept Ablation and SISS: the paper reports them after DoRI only (SSCD_orig mean, MR).
+    "esd": (None, None, None),
+    "esd+dori": (0.90, None, 0.98),
+    "ca": (None, None, None),
+    "ca+dori": (0.91, None, 0.97),
+    "siss": (None, None, None),
+    "siss+dori": (0.60, None, 0.39),
     "adv_ft": (None, None, None),
     "adv_ft+dori": (0.36, 0.14, 0.02),
 }
@@ -35,8 +42,17 @@ STRIP = (
     ("NeMo + DoRI", ("nemo_dori", run_files.generations_grid("attack"), None)),
     ("Wanda", ("wanda", run_files.MITIGATED_GRID, None)),
     ("Wanda + DoRI", ("wanda_dori", run_files.generations_grid("attack"), None)),
+    ("ESD", ("esd", run_files.MITIGATED_GRID, None)),
+    ("ESD + DoRI", ("esd_dori", run_files.generations_grid("attack"), None)),
+    ("CA", ("ca", run_files.MITIGATED_GRID, None)),
+    ("CA + DoRI", ("ca_dori", run_files.generations_grid("attack"), None)),
+    ("SISS", ("siss", run_files.MITIGATED_GRID, None)),
+    ("SISS + DoRI", ("siss_dori", run_files.generations_grid("attack"), None)),
     ("adv. fine-tuning + DoRI", ("unlearn", run_files.generations_grid("after_attack_prompt"), None)),
 )
+
+
+STRIP_ALWAYS = ("replicate", "nemo", "nemo_dori", "wanda", "wanda_dori", "unlearn")  # "missing" where not run
 
 
 def _png(image: Image.Image, size: int | None = None) -> str:
@@ -63,6 +79,10 @@ def _fmt(value, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _paper_mean(mean: float, std: float | None) -> str:
+    return _fmt(mean) if std is None else f"{_fmt(mean)} ± {_fmt(std)}"
+
+
 def _utility_sentence(info: dict | None) -> str:
     """What the table's utility column holds, or which options would fill it."""
     if not info:
@@ -81,7 +101,7 @@ def write_report(root: Path, summary: dict, results: dict, configs: dict, model)
         ours_cells = (f"<td>{_fmt(ours['sscd_mean'])} ± {_fmt(ours['sscd_std'])}</td><td>{_fmt(ours['mr'])}</td>"
                       f"<td>{_fmt(ours.get('mr_any_planted'))}</td><td>{_fmt(ours['utility'])}</td>"
                       ) if ours else "<td colspan=4>not run</td>"  # fmt: skip
-        paper = f"<td>{_fmt(p_mean)} ± {_fmt(p_std)}</td><td>{_fmt(p_mr)}</td>" if p_mean is not None else \
+        paper = f"<td>{_paper_mean(p_mean, p_std)}</td><td>{_fmt(p_mr)}</td>" if p_mean is not None else \
             f"<td>–</td><td>{_fmt(p_mr)}</td>"  # fmt: skip
         rows.append(f"<tr><th>{html.escape(name)}</th>{ours_cells}{paper}</tr>")
 
@@ -95,9 +115,12 @@ def write_report(root: Path, summary: dict, results: dict, configs: dict, model)
             targets = attack_targets(model, prompts, refs)
         except Exception:  # noqa: BLE001 - a report without training images still renders
             targets = [None] * len(prompts)
+        # the optional stages' columns only where they ran
+        shown = [(label, source) for label, source in STRIP if source is None or source[0] in STRIP_ALWAYS
+                 or (stages / source[0] / "summary.json").exists()]  # fmt: skip
         for i, prompt in enumerate(prompts.prompts):
             cells = []
-            for label, source in STRIP:
+            for label, source in shown:
                 if source is None:
                     image = None if targets[i] is None else to_pil(targets[i][0])
                 else:
@@ -187,7 +210,7 @@ def markdown_table(summary: dict) -> str:
         ours = summary["table"].get(name)
         cells = (f"{_fmt(ours['sscd_mean'])} ± {_fmt(ours['sscd_std'])} | {_fmt(ours['mr'])} | "
                  f"{_fmt(ours.get('mr_any_planted'))} | {_fmt(ours['utility'])}" if ours else "not run | | | ")  # fmt: skip
-        paper = f"{_fmt(p_mean)} ± {_fmt(p_std)} | {_fmt(p_mr)}" if p_mean is not None else f"– | {_fmt(p_mr)}"
+        paper = f"{_paper_mean(p_mean, p_std)} | {_fmt(p_mr)}" if p_mean is not None else f"– | {_fmt(p_mr)}"
         lines.append(f"| {name} | {cells} | {paper} |")
     notes = list(summary.get("mitigations", []))  # each its own paragraph below the table
     detection = summary.get("detection")

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from dori import run_files
+from dori.configs import FINETUNING_METHODS
 from dori.errors import DoriError
 from dori.evaluation import (
     check_utility_options,
@@ -41,13 +42,19 @@ from dori.runs import ResultsFile, open_run, read_json, save_tensors_atomic, wri
 def run_mitigate(config, model: DiffusionModel, out: str | Path, *, resume: bool = False,
                  progress: Callable[[str], None] | None = None) -> dict:  # fmt: skip
     """``dori mitigate``: select the mask (NeMo or Wanda), save it with the mitigated weights,
-    and measure MR / similarity / utility before and after."""
+    and measure MR / similarity / utility before and after; the fine-tuning methods (ESD, CA,
+    SISS) save a fine-tuned model instead (:mod:`dori.stages.erasure`)."""
     say = progress or (lambda message: None)
     check_utility_options(model, utility_options(config))  # a wrong option fails before any work
     prompts = load_prompts(config.prompts, model, kind=config.type, limit=config.limit)
     refs = References(model, images=config.images, sscd=config.sscd)
     prompts = refs.with_images(prompts, config.missing_images)  # every prompt's training image, checked first
     out = open_run(out, "mitigate", asdict(config), resume=resume)
+    if config.method in FINETUNING_METHODS:  # a new model, not a mask
+        from dori.stages.erasure import run_erasure
+
+        before = _baseline(config, model, prompts, refs) if config.baseline is not None else None
+        return run_erasure(config, model, out, prompts, refs, resume=resume, before=before, say=say)
     emb = model.encode(prompts.texts)
     summary: dict = {"method": config.method, "prompt_set": prompts.name, "n_prompts": len(prompts)}
     selection_file = out / "selection.json"  # written after the mask: a resumed run skips the search

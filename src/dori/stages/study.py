@@ -16,6 +16,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from dori.configs import (
+    FINETUNING_METHODS,
     STUDY_STAGES,
     AttackRunConfig,
     DetectConfig,
@@ -76,6 +77,13 @@ def stage_configs(config: StudyConfig, root: Path) -> dict:
         "wanda_sweep": WandaSweepConfig(ladder="0.01,0.1" if q else WandaSweepConfig.ladder, seeds=seeds,
                                         utility_seeds=1 if q else 4, attack_steps=5 if q else 50, **mem, **gen,
                                         **util),  # fmt: skip
+        **{method: MitigateConfig(method=method, seeds=seeds, utility_seeds=1 if q else 4, baseline=str(stages / "replicate"),
+                                  finetune_steps=2 if q else None, anchor=config.anchor if method == "ca" else None,
+                                  **mem, **gen, **util) for method in FINETUNING_METHODS},  # fmt: skip
+        **{f"{method}_dori": AttackRunConfig(**{**mem, "model": str(stages / method / "model")}, steps=5 if q else 50,
+                                             steps_curve="0,1,5" if q else "0,1,10,25,50", seeds=seeds,
+                                             eval_steps=gen["steps"], control=False)
+           for method in FINETUNING_METHODS},  # fmt: skip
         "locality": LocalityConfig(prompts=config.memorized, non_memorized=config.non_memorized, limit=limit,
                                    inits=4 if q else 32 if bundled else LocalityConfig.inits,
                                    steps=5 if q else LocalityConfig.steps,
@@ -116,6 +124,8 @@ def run_study(config: StudyConfig, model: DiffusionModel, out: str | Path, *, re
         "nemo_dori": [("nemo_dori", run_attack)],
         "wanda_dori": [("wanda_dori", run_attack)],
         "wanda_sweep": [("wanda_sweep", run_wanda_sweep)],
+        **{m: [(m, run_mitigate)] for m in FINETUNING_METHODS},
+        **{f"{m}_dori": [(f"{m}_dori", _attack_finetuned)] for m in FINETUNING_METHODS},
         "locality": [("locality", run_locality)],
         "unlearn": [("unlearn", run_unlearn)],
     }
@@ -158,6 +168,16 @@ def run_study(config: StudyConfig, model: DiffusionModel, out: str | Path, *, re
     write_text_atomic(root / "table.md", markdown_table(summary))
     write_report(root, summary, results, configs, model)
     return summary
+
+
+def _attack_finetuned(config: AttackRunConfig, model: DiffusionModel, folder: Path, *, resume: bool) -> dict:
+    """DoRI on a fine-tuning mitigation's model (``config.model``: its ``DIR/model``), loaded as
+    ``model`` was (device, dtype, checkpointing)."""
+    from dori.models.loading import load_model
+
+    tuned = load_model(config.model, device=model.device, dtype=model.dtype,
+                       gradient_checkpointing=model.gradient_checkpointing)  # fmt: skip
+    return run_attack(config, tuned, folder, resume=resume)
 
 
 def _check_real_inputs(config: StudyConfig, model: DiffusionModel, configs: dict) -> None:
@@ -208,6 +228,15 @@ def table(results: dict) -> dict:
             if f"{method}_dori" in results:
                 a = results[f"{method}_dori"]
                 rows[f"{method}+dori"] = _row(a["mr"], a["sscd_mean"], a["sscd_std"], util,
+                                              a.get("mr_any_planted"))
+    for method in FINETUNING_METHODS:
+        if method in results:
+            m = results[method]
+            rows[method] = _row(m["mr_after"], m["sscd_mean_after"], m["sscd_std_after"], m["utility_after"],
+                                m.get("mr_any_planted_after"))
+            if f"{method}_dori" in results:
+                a = results[f"{method}_dori"]
+                rows[f"{method}+dori"] = _row(a["mr"], a["sscd_mean"], a["sscd_std"], m["utility_after"],
                                               a.get("mr_any_planted"))
     if "unlearn" in results:
         u = results["unlearn"]

@@ -1,0 +1,166 @@
+"""``dori mitigate --method esd|ca|siss``: a fine-tuning mitigation (:mod:`dori.mitigate.erasure`)
+with checkpoints and resume, the fine-tuned model saved in ``out/model`` (attack it with
+``dori attack --model out/model``), and MR / similarity / utility before and after, as for the
+pruning methods. The model passed in is left as it was (its U-Net is restored afterwards)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from dori import run_files
+from dori.configs import carried
+from dori.errors import DoriError
+from dori.evaluation import evaluate_replication, utility, utility_options
+from dori.interventions import load_mitigation
+from dori.mitigate.erasure import (
+    ErasureConfig,
+    anchor_for,
+    ca_loss,
+    esd_loss,
+    generate_latents,
+    siss_loss,
+)
+from dori.models.base import DiffusionModel
+from dori.models.loading import save_model
+from dori.parallel import Shards
+from dori.prompts import PromptSet
+from dori.references import References, attack_targets, is_bundled
+from dori.report_images import save_grid
+from dori.runs import ResultsFile, read_checkpoint, read_tensors, save_tensors_atomic, save_torch_atomic, write_json_atomic
+from dori.unlearn.surrogates import make_surrogates
+from dori.unlearn.training import TrainState, train_unet
+
+KEEP_TRIES = 8  # SISS: generations per prompt among which the kept (non-copy) images are chosen
+ANCHOR_IMAGES = 8  # CA: anchor images generated per prompt before fine-tuning
+
+
+def run_erasure(config, model: DiffusionModel, out: Path, prompts: PromptSet, refs: References, *, resume: bool,
+                before: tuple[dict, list[dict]] | None, say: Callable[[str], None]) -> dict:  # fmt: skip
+    """The fine-tuning branch of ``dori mitigate`` (``out`` is the opened run folder; ``before``
+    the unmitigated numbers when a baseline run gave them)."""
+    shards = Shards()
+    erasure = carried(ErasureConfig, config, renamed={"steps": "finetune_steps"}).resolved(model)
+    evaluation = dict(seeds=config.seeds, steps=config.steps, guidance=config.guidance, batch_size=config.batch_size)
+    util = dict(seeds=config.utility_seeds, steps=config.steps, guidance=config.guidance, batch_size=config.batch_size,
+                **utility_options(config))  # fmt: skip
+    if before is None:
+        say("measuring the unmitigated model")
+        summary_before, rows_before, _ = evaluate_replication(model, prompts, refs, **evaluation)
+    else:
+        summary_before, rows_before = before
+    utility_before = utility(model, **util)
+    emb = model.encode(prompts.texts)
+    step_loss = _objective(config, erasure, model, prompts, refs, emb, out, say)
+
+    original = {k: v.detach().clone() for k, v in model.unet.state_dict().items()}
+    checkpoint = out / "checkpoint.pt"
+
+    def on_step(state: TrainState, optimizer) -> None:
+        last = state.history[-1]
+        say(f"{config.method}: step {state.step}/{erasure.steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items()
+                                                                         if k != "step"))  # fmt: skip
+        if shards.main and (state.step % config.checkpoint_every == 0 or state.step == erasure.steps):
+            save_torch_atomic({"unet": model.unet.state_dict(), "optimizer": optimizer.state_dict(),
+                               "step": state.step, "history": json.dumps(state.history)}, checkpoint)  # fmt: skip
+
+    try:
+        with model.fp32_weights():  # a half-precision model trains and is saved with float32 weights
+            state, optimizer_state = None, None
+            if checkpoint.exists():
+                saved = read_checkpoint(checkpoint, keys=("unet", "optimizer", "step", "history"))
+                try:
+                    model.unet.load_state_dict(saved["unet"])
+                    state = TrainState(int(saved["step"]), json.loads(saved["history"]))
+                except (RuntimeError, TypeError, ValueError) as error:
+                    raise DoriError(f"{checkpoint} does not fit this model or run ({str(error).splitlines()[0]}); "
+                                    "delete it to fine-tune again from step 0, or choose a new --out") from error  # fmt: skip
+                optimizer_state = saved["optimizer"]
+                say(f"{config.method}: resumed at step {state.step}")
+            state = train_unet(model, erasure.params, step_loss, steps=erasure.steps, learning_rate=erasure.learning_rate,
+                               weight_decay=erasure.weight_decay, grad_clip=erasure.grad_clip, seed=erasure.seed,
+                               state=state, optimizer_state=optimizer_state, on_step=on_step, shards=shards)  # fmt: skip
+            if shards.main:
+                save_model(model, out / "model", meta={"mitigated_from": model.source, "mitigation": config.method})
+        shards.wait()
+        say(f"{config.method}: measuring the fine-tuned model")
+        after, rows_after, images_after = evaluate_replication(model, prompts, refs, **evaluation)
+        utility_after = utility(model, **util)
+    finally:
+        model.unet.load_state_dict(original)  # the caller's model is the unmitigated one again
+    if not shards.main:
+        return {}
+    save_grid(images_after, out / run_files.MITIGATED_GRID, columns=config.seeds)
+    summary = {
+        "method": config.method, "prompt_set": prompts.name, "n_prompts": len(prompts),
+        "finetuning": {**asdict(erasure), "lr_scale_rule": "the paper's SD rate x (model's pre-training rate / 1e-4)"},
+        "history": state.history, "model": str(out / "model"),
+        "mr_before": summary_before["mr"], "mr_after": after["mr"],
+        "sscd_mean_before": summary_before["sscd_mean"], "sscd_mean_after": after["sscd_mean"],
+        "sscd_std_before": summary_before["sscd_std"], "sscd_std_after": after["sscd_std"],
+        "mr_any_planted_before": summary_before.get("mr_any_planted"), "mr_any_planted_after": after.get("mr_any_planted"),
+        "utility_before": None if utility_before is None else utility_before["alignment"],
+        "utility_after": None if utility_after is None else utility_after["alignment"],
+        "utility_after_scope": "model", "utility_after_own": None,
+        "fd_before": None if utility_before is None else utility_before["fd"],
+        "fd_after": None if utility_after is None else utility_after["fd"],
+        "utility_detail_before": utility_before, "utility_detail_after": utility_after,
+        "similarity": refs.detector.to_dict(),
+    }  # fmt: skip
+    ResultsFile(out / "results.jsonl").extend(
+        [{**b, "mr_after": a["mr"], "sscd_mean_after": a["sscd_mean"], "similarities_after": a["similarities"]}
+         for b, a in zip(rows_before, rows_after)]  # fmt: skip
+    )
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def _objective(config, erasure: ErasureConfig, model: DiffusionModel, prompts: PromptSet, refs: References,
+               emb: torch.Tensor, out: Path, say: Callable[[str], None]):  # fmt: skip
+    """The method's step loss, with the data it needs made once and kept in the run folder (so a
+    resumed run trains on the same anchor or kept images)."""
+    if erasure.method == "esd":
+        return esd_loss(model, emb, erasure)
+    data_file = out / f"{erasure.method}_data.safetensors"
+    if erasure.method == "ca":
+        anchors = _anchors(config, model, prompts)
+        if not data_file.exists():
+            say(f"ca: generating {ANCHOR_IMAGES} images of each anchor")
+            latents = generate_latents(model, model.encode(anchors), ANCHOR_IMAGES, steps=config.steps,
+                                       guidance=config.guidance, first_seed=0, batch_size=config.batch_size)  # fmt: skip
+            save_tensors_atomic({"anchor_latents": latents}, data_file)
+            write_json_atomic(out / "anchors.json", anchors)
+        latents = read_tensors(data_file, keys=("anchor_latents",))["anchor_latents"]
+        return ca_loss(model, emb, model.encode(anchors), latents, erasure)
+    if not data_file.exists():
+        say(f"siss: choosing the kept images among {KEEP_TRIES} generations per prompt")
+        targets = attack_targets(model, prompts, refs)
+        kept, info = make_surrogates(model, prompts, targets, refs, load_mitigation(model, None), steps=config.steps,
+                                     guidance=config.guidance, tries=KEEP_TRIES)  # fmt: skip
+        save_tensors_atomic({"forget": model.to_latents(torch.cat(targets)).cpu(),
+                             "keep": model.to_latents(kept).cpu()[:, None]}, data_file)  # fmt: skip
+        write_json_atomic(out / "kept_images.json", info)
+        save_grid(torch.cat([torch.cat(targets), kept]), out / "siss_forget_and_keep.png", columns=len(prompts))
+    data = read_tensors(data_file, keys=("forget", "keep"))
+    return siss_loss(model, emb, data["forget"], data["keep"], erasure)
+
+
+def _anchors(config, model: DiffusionModel, prompts: PromptSet) -> list[str]:
+    """CA's anchor per prompt: ``--anchor TEXT`` for all, ``--anchor FILE`` (one per line, in prompt
+    order), or, on the bundled kind, the title's object without its name (:func:`anchor_for`)."""
+    if config.anchor is None:
+        if not is_bundled(model):
+            raise DoriError("Concept Ablation needs an anchor: pass --anchor TEXT (a generic caption such as "
+                            "'a photo') or --anchor FILE with one caption per prompt")  # fmt: skip
+        return [anchor_for(p) for p in prompts.texts]
+    path = Path(config.anchor).expanduser()
+    if path.is_file():
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if len(lines) != len(prompts):
+            raise DoriError(f"{path} holds {len(lines)} anchors for {len(prompts)} prompts; give one per prompt")
+        return lines
+    return [config.anchor] * len(prompts)
