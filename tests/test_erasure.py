@@ -101,3 +101,20 @@ def test_paper_settings_scale_with_the_models_own_training_rate_and_anchors(tiny
     assert anchor_for("Aurora Hollow album cover") == "an album cover" and anchor_for("Nimbus Quarry stamp") == "a stamp"
     with pytest.raises(DoriError, match="unknown fine-tuning method"):
         ErasureConfig("retrain")
+
+
+def test_concept_ablation_needs_an_anchor_on_a_real_model_and_float16_is_refused(tiny_sd, prompt_files, sscd_file,
+                                                                               tmp_path):  # fmt: skip
+    from dori.configs import MitigateConfig
+    from dori.stages.mitigate import run_mitigate
+
+    common = dict(prompts=str(prompt_files / "mem.csv"), model=str(tiny_sd.source), images=str(prompt_files / "images"),
+                  sscd=str(sscd_file), seeds=1, steps=2, finetune_steps=1)  # fmt: skip
+    with pytest.raises(DoriError, match="Concept Ablation needs an anchor: pass --anchor TEXT"):
+        run_mitigate(MitigateConfig(method="ca", **common), tiny_sd, tmp_path / "ca")
+    (tmp_path / "anchors.txt").write_text("a building\na vehicle\n")
+    with pytest.raises(DoriError, match="holds 2 anchors for 4 prompts"):
+        run_mitigate(MitigateConfig(method="ca", anchor=str(tmp_path / "anchors.txt"), **common), tiny_sd, tmp_path / "b")
+    half = load_model(tiny_sd.source, dtype="float16")
+    with pytest.raises(DoriError, match="use --dtype bfloat16"):
+        run_mitigate(MitigateConfig(method="esd", **common), half, tmp_path / "esd")

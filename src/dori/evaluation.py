@@ -119,38 +119,46 @@ def utility(model: DiffusionModel, *, seeds: int, steps: int, guidance: float, b
     key = (model.fingerprint(), seeds, steps, guidance, clip, inception, fid_reference, utility_prompts)
     if not hooked and key in _UTILITY_MEMO:
         return dict(_UTILITY_MEMO[key])
+    sampling = dict(steps=steps, guidance=guidance, batch_size=batch_size)
     if kit is not None:
         prompts = [row["prompt"] for row in kit.prompt_set("held_out")]
-    else:
-        prompts = load_prompts(UTILITY_PROMPTS, model, limit=utility_prompts).texts
-    images = model.generate(model.encode(prompts), list(range(seeds)), steps=steps, guidance=guidance,
-                            batch_size=batch_size)  # fmt: skip
-    captions = [p for p in prompts for _ in range(seeds)]
-    if kit is not None:
+        images = model.generate(model.encode(prompts), list(range(seeds)), **sampling)
+        captions = [p for p in prompts for _ in range(seeds)]
         result = {"alignment": kit.alignment(images, captions), "fd": kit.frechet_distance(images, captions),
                   "measure": "held-out prompt alignment; FD in the classifier's features",
                   "prompts": "bundled:held_out", "seeds": seeds}  # fmt: skip
     else:
-        result = _real_utility(model, images, captions, clip, inception, fid_reference)
+        prompts = load_prompts(UTILITY_PROMPTS, model, limit=utility_prompts).texts
+        result = _real_utility(model, prompts, list(range(seeds)), sampling, clip, inception, fid_reference)
         result.update(prompts=f"{UTILITY_PROMPTS} (first {len(prompts)})", seeds=seeds)
     if not hooked:
         _UTILITY_MEMO[key] = dict(result)
     return result
 
 
-def _real_utility(model: DiffusionModel, images: torch.Tensor, captions: list[str], clip, inception,
+def _real_utility(model: DiffusionModel, prompts: list[str], seeds: list[int], sampling: dict, clip, inception,
                   fid_reference) -> dict:  # fmt: skip
+    """CLIP score and FID of every prompt at every seed, one batch of images at a time (thousands
+    of 512 px images would not fit in memory at once)."""
     from dori.measure.utility import frechet_from_statistics, gaussian
 
+    scorer = None if clip is None else _network("clip", clip, model.device)
+    features = None if inception is None else _network("inception", inception, model.device)
+    reference = None if features is None else _reference(fid_reference, features)  # fails before sampling
+    scores, feature_chunks = [], []
+    emb = model.encode(prompts)
+    for rows, images in model.generate_chunks(emb, seeds, **sampling):
+        if scorer is not None:
+            scores += scorer.scores(images, [prompts[n // len(seeds)] for n in range(rows.start, rows.stop)])
+        if features is not None:
+            feature_chunks.append(features(images))
     result = {"alignment": None, "fd": None, "clip_score": None, "fid": None,
               "measure": "CLIP score (100 x cosine, mean over images); FID to the reference images"}  # fmt: skip
-    if clip is not None:
-        scores = _network("clip", clip, model.device).scores(images, captions)
+    if scorer is not None:
         result["clip_score"] = result["alignment"] = sum(scores) / len(scores)
         result["clip"] = str(clip)
-    if inception is not None:
-        features = _network("inception", inception, model.device)
-        mu, sigma, count = _reference(fid_reference, features)
-        result["fid"] = result["fd"] = frechet_from_statistics(*gaussian(features(images)), mu, sigma)
+    if features is not None:
+        mu, sigma, count = reference
+        result["fid"] = result["fd"] = frechet_from_statistics(*gaussian(torch.cat(feature_chunks)), mu, sigma)
         result.update(inception=str(inception), fid_reference=str(fid_reference), fid_reference_images=count)
     return result

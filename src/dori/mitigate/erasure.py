@@ -158,7 +158,8 @@ def ca_loss(model: DiffusionModel, emb: Tensor, anchor_emb: Tensor, anchor_laten
 
 def siss_loss(model: DiffusionModel, emb: Tensor, forget: Tensor, keep: Tensor, config: ErasureConfig) -> StepLoss:
     """SISS's objective (module docstring): prompt ``i`` (``emb[i]``) forgets ``forget[i]`` and
-    keeps ``keep[i]`` ``[n, C, h, w]`` (latents)."""
+    keeps ``keep[i]`` ``[n, C, h, w]`` (latents). Under data parallel each process rescales its own
+    share's forget gradient by its own norms before the shares are summed (one process: exact)."""
     trained = [p for _, p in parameter_group(model, config.params)]
     lam = torch.tensor(config.lam, dtype=torch.float64)
 

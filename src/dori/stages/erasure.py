@@ -45,6 +45,10 @@ def run_erasure(config, model: DiffusionModel, out: Path, prompts: PromptSet, re
     the unmitigated numbers when a baseline run gave them)."""
     shards = Shards()
     erasure = carried(ErasureConfig, config, renamed={"steps": "finetune_steps"}).resolved(model)
+    if model.dtype == torch.float16:  # checked here, before any work (the loop refuses it too)
+        raise DoriError("these fine-tuning methods train in float32 or bfloat16 (float16 needs a loss scale, which "
+                        "they do not keep); use --dtype bfloat16")  # fmt: skip
+    anchors = _anchors(config, model, prompts) if erasure.method == "ca" else None
     evaluation = dict(seeds=config.seeds, steps=config.steps, guidance=config.guidance, batch_size=config.batch_size)
     util = dict(seeds=config.utility_seeds, steps=config.steps, guidance=config.guidance, batch_size=config.batch_size,
                 **utility_options(config))  # fmt: skip
@@ -55,7 +59,7 @@ def run_erasure(config, model: DiffusionModel, out: Path, prompts: PromptSet, re
         summary_before, rows_before = before
     utility_before = utility(model, **util)
     emb = model.encode(prompts.texts)
-    step_loss = _objective(config, erasure, model, prompts, refs, emb, out, say)
+    step_loss = _objective(config, erasure, model, prompts, refs, emb, anchors, out, say)
 
     original = {k: v.detach().clone() for k, v in model.unet.state_dict().items()}
     checkpoint = out / "checkpoint.pt"
@@ -120,14 +124,13 @@ def run_erasure(config, model: DiffusionModel, out: Path, prompts: PromptSet, re
 
 
 def _objective(config, erasure: ErasureConfig, model: DiffusionModel, prompts: PromptSet, refs: References,
-               emb: torch.Tensor, out: Path, say: Callable[[str], None]):  # fmt: skip
+               emb: torch.Tensor, anchors: list[str] | None, out: Path, say: Callable[[str], None]):  # fmt: skip
     """The method's step loss, with the data it needs made once and kept in the run folder (so a
     resumed run trains on the same anchor or kept images)."""
     if erasure.method == "esd":
         return esd_loss(model, emb, erasure)
     data_file = out / f"{erasure.method}_data.safetensors"
     if erasure.method == "ca":
-        anchors = _anchors(config, model, prompts)
         if not data_file.exists():
             say(f"ca: generating {ANCHOR_IMAGES} images of each anchor")
             latents = generate_latents(model, model.encode(anchors), ANCHOR_IMAGES, steps=config.steps,

@@ -6,8 +6,8 @@ methods that combine several gradients (SISS), the gradients themselves, one per
 parameter. The loop owns the rest, the same way for every method:
 
 - AdamW over the chosen parameters only (the others stay frozen and get no gradient);
-- mixed precision for a half-precision model (:meth:`DiffusionModel.fp32_weights`: float32 master
-  weights and optimizer state, autocast forwards);
+- mixed precision for a bfloat16 model (:meth:`DiffusionModel.fp32_weights`: float32 master
+  weights and optimizer state, autocast forwards); float16 is refused (no loss scale here);
 - data parallel under ``accelerate launch`` (``shards``): every process draws the same step from
   the shared per-step generator and takes its share of the batch, the gradients are summed, and
   every process applies the same step;
@@ -68,6 +68,9 @@ def train_unet(
 ) -> TrainState:
     """Train ``model.unet``'s ``params`` group in place for ``steps`` steps (see the module docstring)."""
     rank, world = (shards.rank, shards.world) if shards is not None else (0, 1)
+    if model.dtype == torch.float16:
+        raise DoriError("these fine-tuning methods train in float32 or bfloat16 (float16 needs a loss scale, which "
+                        "they do not keep); use --dtype bfloat16")  # fmt: skip
     state = state or TrainState()
     with model.fp32_weights():
         group = parameter_group(model, params)
