@@ -206,7 +206,8 @@ def _row(mr, mean, std, utility, mr_any_planted=None):
 def table(results: dict) -> dict:
     """One row per setting, named as in the paper's table."""
     rows = {}
-    util_before = next((results[m]["utility_before"] for m in ("nemo", "wanda") if m in results), None)
+    util_before = next((results[m]["utility_before"] for m in ("nemo", "wanda", *FINETUNING_METHODS) if m in results),
+                       None)  # fmt: skip
     if "replicate" in results:
         r = results["replicate"]
         rows["memorized"] = _row(r["mr"], r["sscd_mean"], r["sscd_std"], util_before, r.get("mr_any_planted"))
