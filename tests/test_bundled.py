@@ -35,10 +35,13 @@ def test_planted_captions_replicate_and_ordinary_ones_do_not(bundled, kit):
     from dori.measure.replication import replication, summarize
 
     planted = [r["prompt"] for r in kit.prompt_set("memorized")]
-    rows, _ = replication(bundled, planted, [kit.references(p) for p in planted], kit.detector, seeds=[100, 101])
+    # DDIM 20, the bundled study's sampling (the card measures at 50)
+    rows, _ = replication(bundled, planted, [kit.references(p) for p in planted], kit.detector, seeds=[100, 101],
+                          steps=20)  # fmt: skip
     assert summarize([r.row() for r in rows], kit.detector.tau)["mr"] >= 0.9
     ordinary = [r["prompt"] for r in kit.prompt_set("non_memorized")]
-    rows, _ = replication(bundled, ordinary, [kit.references(p) for p in ordinary], kit.detector, seeds=[100])
+    rows, _ = replication(bundled, ordinary, [kit.references(p) for p in ordinary], kit.detector, seeds=[100],
+                          steps=20)  # fmt: skip
     summary = summarize([r.row() for r in rows], kit.detector.tau)
     assert summary["mr"] <= 0.05
     assert summary["sscd_mean"] <= kit.detector.tau - 0.3  # SD's regime (issue 21), on a seed the card never used
