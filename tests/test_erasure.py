@@ -118,3 +118,21 @@ def test_concept_ablation_needs_an_anchor_on_a_real_model_and_float16_is_refused
     half = load_model(tiny_sd.source, dtype="float16")
     with pytest.raises(DoriError, match="use --dtype bfloat16"):
         run_mitigate(MitigateConfig(method="esd", **common), half, tmp_path / "esd")
+
+
+@pytest.mark.parametrize("method", ["ca", "siss"])
+def test_the_stage_makes_its_data_once_saves_the_model_and_restores_the_callers(tiny_sd, prompt_files, sscd_file,
+                                                                              tmp_path, method):  # fmt: skip
+    from dori.configs import MitigateConfig
+    from dori.stages.mitigate import run_mitigate
+
+    config = MitigateConfig(method=method, prompts=str(prompt_files / "mem.csv"), model=str(tiny_sd.source), limit=2,
+                            images=str(prompt_files / "images"), sscd=str(sscd_file), seeds=1, steps=2,
+                            finetune_steps=2, anchor="a thing" if method == "ca" else None)  # fmt: skip
+    weights = {k: v.clone() for k, v in tiny_sd.unet.state_dict().items()}
+    summary = run_mitigate(config, tiny_sd, tmp_path / method)
+    assert all(torch.equal(v, weights[k]) for k, v in tiny_sd.unet.state_dict().items())
+    assert (tmp_path / method / f"{method}_data.safetensors").is_file() and len(summary["history"]) == 2
+    tuned = load_model(summary["model"])
+    assert any(not torch.equal(v, weights[k]) for k, v in tuned.unet.state_dict().items())
+    assert {"mr_before", "mr_after", "utility_detail_after"} <= set(summary)

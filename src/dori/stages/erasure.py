@@ -31,7 +31,8 @@ from dori.parallel import Shards
 from dori.prompts import PromptSet
 from dori.references import References, attack_targets, is_bundled
 from dori.report_images import save_grid
-from dori.runs import ResultsFile, read_checkpoint, read_tensors, save_tensors_atomic, save_torch_atomic, write_json_atomic
+from dori.runs import read_checkpoint, read_tensors, save_tensors_atomic, save_torch_atomic, write_json_atomic
+from dori.stages.mitigate import before_and_after, write_results
 from dori.unlearn.surrogates import make_surrogates
 from dori.unlearn.training import TrainState, train_unet
 
@@ -103,24 +104,10 @@ def run_erasure(config, model: DiffusionModel, out: Path, prompts: PromptSet, re
         "method": config.method, "prompt_set": prompts.name, "n_prompts": len(prompts),
         "finetuning": {**asdict(erasure), "lr_scale_rule": "the paper's SD rate x (model's pre-training rate / 1e-4)"},
         "history": state.history, "model": str(out / "model"),
-        "mr_before": summary_before["mr"], "mr_after": after["mr"],
-        "sscd_mean_before": summary_before["sscd_mean"], "sscd_mean_after": after["sscd_mean"],
-        "sscd_std_before": summary_before["sscd_std"], "sscd_std_after": after["sscd_std"],
-        "mr_any_planted_before": summary_before.get("mr_any_planted"), "mr_any_planted_after": after.get("mr_any_planted"),
-        "utility_before": None if utility_before is None else utility_before["alignment"],
-        "utility_after": None if utility_after is None else utility_after["alignment"],
-        "utility_after_scope": "model", "utility_after_own": None,
-        "fd_before": None if utility_before is None else utility_before["fd"],
-        "fd_after": None if utility_after is None else utility_after["fd"],
-        "utility_detail_before": utility_before, "utility_detail_after": utility_after,
-        "similarity": refs.detector.to_dict(),
+        **before_and_after(summary_before, after, utility_before, utility_after),
+        "utility_after_scope": "model", "utility_after_own": None, "similarity": refs.detector.to_dict(),
     }  # fmt: skip
-    ResultsFile(out / "results.jsonl").extend(
-        [{**b, "mr_after": a["mr"], "sscd_mean_after": a["sscd_mean"], "similarities_after": a["similarities"]}
-         for b, a in zip(rows_before, rows_after)]  # fmt: skip
-    )
-    write_json_atomic(out / "summary.json", summary)
-    return summary
+    return write_results(out, summary, rows_before, rows_after)
 
 
 def _objective(config, erasure: ErasureConfig, model: DiffusionModel, prompts: PromptSet, refs: References,

@@ -87,20 +87,28 @@ def run_mitigate(config, model: DiffusionModel, out: str | Path, *, resume: bool
         utility_after = utility(model, **util)
     utility_own = _utility_under_own_masks(model, mitigation, prompts.texts, util) if utility_after else None
     save_grid(images_after, out / run_files.MITIGATED_GRID, columns=config.seeds)
-    summary.update({
+    summary.update(before_and_after(before, after, utility_before, utility_after), utility_after_scope="union",
+                   utility_after_own=utility_own, similarity=refs.detector.to_dict())  # fmt: skip
+    return write_results(out, summary, rows_before, rows_after)
+
+
+def before_and_after(before: dict, after: dict, utility_before: dict | None, utility_after: dict | None) -> dict:
+    """A mitigation's summary numbers: MR, similarity and utility of the model before and after."""
+    return {
         "mr_before": before["mr"], "mr_after": after["mr"],
         "sscd_mean_before": before["sscd_mean"], "sscd_mean_after": after["sscd_mean"],
         "sscd_std_before": before["sscd_std"], "sscd_std_after": after["sscd_std"],
         "mr_any_planted_before": before.get("mr_any_planted"), "mr_any_planted_after": after.get("mr_any_planted"),
         "utility_before": None if utility_before is None else utility_before["alignment"],
         "utility_after": None if utility_after is None else utility_after["alignment"],
-        "utility_after_scope": "union",
-        "utility_after_own": utility_own,
         "fd_before": None if utility_before is None else utility_before["fd"],
         "fd_after": None if utility_after is None else utility_after["fd"],
         "utility_detail_before": utility_before, "utility_detail_after": utility_after,
-        "similarity": refs.detector.to_dict(),
-    })  # fmt: skip
+    }  # fmt: skip
+
+
+def write_results(out: Path, summary: dict, rows_before: list[dict], rows_after: list[dict]) -> dict:
+    """Each prompt's row before and after into ``results.jsonl``, then ``summary.json``."""
     ResultsFile(out / "results.jsonl").extend(
         [{**b, "mr_after": a["mr"], "sscd_mean_after": a["sscd_mean"], "similarities_after": a["similarities"]}
          for b, a in zip(rows_before, rows_after)]  # fmt: skip
