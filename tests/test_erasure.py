@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dori.errors import DoriError
-from dori.mitigate.erasure import ErasureConfig, anchor_for, ca_loss, esd_loss, siss_loss
+from dori.unlearn.erasure import ErasureConfig, anchor_for, ca_loss, esd_loss, siss_loss
 from dori.models import load_model
 from dori.unlearn.training import TrainState, parameter_group, train_unet
 

@@ -217,7 +217,7 @@ class MitigateConfig(Selection, UtilityOptions):
     utility_seeds: int = opt(4)
     steps: int = opt(50)
     guidance: float | None = opt(None, help=GUIDANCE_HELP)
-    # The fine-tuning methods (dori.mitigate.erasure): None takes the paper's setting.
+    # The fine-tuning methods (dori.unlearn.erasure): None takes the paper's setting.
     finetune_steps: int | None = opt(None, help="esd / ca / siss: fine-tuning steps (default: the paper's).")
     learning_rate: float | None = opt(None, flag="--lr", help=("esd / ca / siss: learning rate (default: the "
                                                                "paper's, scaled to the model's own pre-training "

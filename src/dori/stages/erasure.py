@@ -1,4 +1,4 @@
-"""``dori mitigate --method esd|ca|siss``: a fine-tuning mitigation (:mod:`dori.mitigate.erasure`)
+"""``dori mitigate --method esd|ca|siss``: a fine-tuning mitigation (:mod:`dori.unlearn.erasure`)
 with checkpoints and resume, the fine-tuned model saved in ``out/model`` (attack it with
 ``dori attack --model out/model``), and MR / similarity / utility before and after, as for the
 pruning methods. The model passed in is left as it was (its U-Net is restored afterwards)."""
@@ -17,7 +17,7 @@ from dori.configs import carried
 from dori.errors import DoriError
 from dori.evaluation import evaluate_replication, utility, utility_options
 from dori.interventions import load_mitigation
-from dori.mitigate.erasure import (
+from dori.unlearn.erasure import (
     ErasureConfig,
     anchor_for,
     ca_loss,
