@@ -132,6 +132,7 @@ def test_the_stage_makes_its_data_once_saves_the_model_and_restores_the_callers(
     weights = {k: v.clone() for k, v in tiny_sd.unet.state_dict().items()}
     summary = run_mitigate(config, tiny_sd, tmp_path / method)
     assert all(torch.equal(v, weights[k]) for k, v in tiny_sd.unet.state_dict().items())
+    assert all(p.grad is None for p in tiny_sd.unet.parameters())  # the shared model is left as it was
     assert (tmp_path / method / f"{method}_data.safetensors").is_file() and len(summary["history"]) == 2
     tuned = load_model(summary["model"])
     assert any(not torch.equal(v, weights[k]) for k, v in tuned.unet.state_dict().items())

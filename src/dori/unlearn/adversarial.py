@@ -199,6 +199,7 @@ def _finetune(model, targets, surrogates, prompt_emb, retain_latents, retain_emb
             if on_step is not None:
                 on_step(state, optimizer)
     finally:
+        optimizer.zero_grad(set_to_none=True)  # no gradient left on the model (the caller may keep using it)
         unet.eval().requires_grad_(False)
     return state
 

@@ -108,5 +108,7 @@ def train_unet(
                 if on_step is not None:
                     on_step(state, optimizer)
         finally:
+            for p in trained:  # no gradient left on the model (the caller may keep using it)
+                p.grad = None
             model.unet.eval().requires_grad_(False)
     return state
