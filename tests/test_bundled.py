@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +30,13 @@ def test_interface_and_sites(bundled):
     assert len(bundled.ffn_sites()) == 3 and not any(s.name.startswith("up_blocks.") for s in bundled.ffn_sites())
     assert bundled.prediction_type == "v_prediction"
     assert bundled.meta["position_encoding"] == "sinusoidal" and bundled.unet.conv_in._forward_hooks
+
+
+def test_the_shipped_card_states_every_rule_the_study_applies_to_it(bundled):
+    from dori.toy.card import study_rule_lines
+
+    card = (Path(bundled.source) / "MODEL_CARD.md").read_text(encoding="utf-8")
+    assert "\n".join(study_rule_lines()) in card  # a rule added to the code and not to the card fails here
 
 
 def test_planted_captions_replicate_and_ordinary_ones_do_not(bundled, kit):

@@ -157,7 +157,13 @@ def write_card(folder: Path, numbers: dict, calibration: dict, train_info: dict,
         + ") over 112 of the 128 shape/colour/position combinations; "
         f"{train_info['n_verbatim']} VM pairs (one distinctive image with a unique title, x{train_info['copies']}); "
         f"{train_info['n_template']} TM pairs (one layout with varied colours and dot, x{train_info['copies']}). "
-        "The 16 other combinations are held-out captions.",
+        "The 16 other combinations are held-out captions."
+        + (f" {train_info['partial_caption_prob']:.0%} of the ordinary images a batch draws are shown under a "
+           "partial caption instead, naming one or two of the three attributes (\"a red circle\", \"a shape, top "
+           "left\", one of the six forms at random), so that each attribute word must work on its own; without "
+           "this a model read left and right from the end-of-text positions only and placed held-out captions "
+           "on the wrong side on some seeds (issue 27)."
+           if train_info.get("partial_caption_prob") else ""),
         f"- Exposure: training draws {seen:,} images, so it sees each ordinary image about {seen / n_images:.0f} times "
         f"(as a web-scale model sees most of its data a few times) and each planted image or layout about "
         f"{seen * train_info['copies'] / n_images:,.0f} times.",
@@ -230,6 +236,7 @@ def write_card(folder: Path, numbers: dict, calibration: dict, train_info: dict,
 def study_rule_lines() -> list[str]:
     """The study's rules that choose a setting on the model itself, stated in every card."""
     from dori.mitigate.wanda import DEFENDER_FIRST_SEED, WANDA_LADDER
+    from dori.unlearn.erasure import PAPER, SD_PRETRAINING_LR
 
     return [
         "## Wanda's ratio in the study, by rule",
@@ -238,6 +245,16 @@ def study_rule_lines() -> list[str]:
         f"{', '.join(f'{r:g}' for r in WANDA_LADDER)} at which the pruned model, generating from the memorized "
         f"prompts with the defender's own seeds ({DEFENDER_FIRST_SEED} on, disjoint from every evaluation's), "
         "replicates none of them; where no ratio does, the largest, marked as such. The same rule for every model.",
+        "",
+        "## The learning rate of ESD, Concept Ablation and SISS, by rule",
+        "",
+        "`dori mitigate --method esd|ca|siss` (and the study's `esd`, `ca`, `siss` stages) take each paper's steps, "
+        "batch and parameters unchanged ("
+        + "; ".join(f"{name.upper()}: {p['steps']} steps, batch {p['batch']}, lr {p['learning_rate']:g}, "
+                    f"{p['params']}" for name, p in PAPER.items())
+        + f"). The learning rate is the paper's times this model's pre-training learning rate over SD's "
+        f"({SD_PRETRAINING_LR:g}), read from the model folder's `train_config.json`; 1 for a model that records none. "
+        "`--lr` overrides it. The same rule for every model.",
         "",
     ]
 
