@@ -1,36 +1,42 @@
 """Copy a study's results table (``DIR/table.md``, written by ``dori study``) into README.md,
-between the ``<!-- results:start -->`` and ``<!-- results:end -->`` markers.
+between the ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers (``NAME`` is ``results``
+unless ``--block`` names another). Rows of stages the study did not run are left out.
 
     python tools/readme_results.py runs/study
+    python tools/readme_results.py runs/erasure --block erasure-results
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
-START, END = "<!-- results:start -->", "<!-- results:end -->"
+NOT_RUN = "| not run |"
 
 
 def main() -> None:
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python tools/readme_results.py STUDY_DIR")
-    study = Path(sys.argv[1])
-    table = (study / "table.md").read_text()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study", type=Path)
+    parser.add_argument("--block", default="results")
+    args = parser.parse_args()
+    study = args.study
+    start, end = f"<!-- {args.block}:start -->", f"<!-- {args.block}:end -->"
+    table = "".join(line for line in (study / "table.md").read_text().splitlines(keepends=True) if NOT_RUN not in line)
     summary = json.loads((study / "summary.json").read_text())
     if summary.get("quick"):
         raise SystemExit(f"{study} is a --quick study; the README shows the full one")
     readme = Path(__file__).resolve().parents[1] / "README.md"
     text = readme.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"README.md lacks the {START} / {END} markers")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
+    if start not in text or end not in text:
+        raise SystemExit(f"README.md lacks the {start} / {end} markers")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
     config = json.loads((study / "config.json").read_text())
-    note = f"<!-- copied from {study.name}/table.md by tools/readme_results.py; dori {config['versions'].get('dori')} -->\n"
-    readme.write_text(f"{head}{START}\n{note}{table}{END}{tail}")
-    print(f"README.md: results table from {study}")
+    note = (f"<!-- copied from {study.name}/table.md by tools/readme_results.py --block {args.block}; "
+            f"dori {config['versions'].get('dori')} -->\n")  # fmt: skip
+    readme.write_text(f"{head}{start}\n{note}{table}{end}{tail}")
+    print(f"README.md: {args.block} table from {study}")
 
 
 if __name__ == "__main__":
