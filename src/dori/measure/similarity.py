@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dori.errors import DoriError
+from dori.measure.torchscript import check_embeds_an_image, load_torchscript
 
 
 def gaussian_blur(images: Tensor, sigma: float, radius: int = 4) -> Tensor:
@@ -165,35 +166,14 @@ class SSCD:
 
     def __init__(self, path: str | os.PathLike, *, convention: str = "resize320", tau: float = 0.7,
                  device: str | torch.device = "cpu", batch_size: int = 32) -> None:  # fmt: skip
-        path = Path(path).expanduser()
         if convention not in SSCD_CONVENTIONS:
             raise DoriError(f"unknown SSCD convention {convention!r}; use one of {', '.join(SSCD_CONVENTIONS)}")
-        if not path.is_file():
-            raise DoriError(f"SSCD file not found: {path}; pass --sscd with the path of sscd_disc_mixup.torchscript.pt")
-        try:
-            self.model = torch.jit.load(str(path), map_location=device).eval()
-        except Exception as error:  # noqa: BLE001 - torch raises several kinds for a damaged archive
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise DoriError(f"{path} is not a TorchScript file: {first}") from error
-        self.path, self.convention, self.tau = str(path), convention, tau
+        fix = "pass --sscd with the path of sscd_disc_mixup.torchscript.pt"
+        self.model = load_torchscript(path, what="SSCD", fix=fix, device=device)
+        self.path, self.convention, self.tau = str(Path(path).expanduser()), convention, tau
         self.device, self.batch_size = torch.device(device), batch_size
-        self._probe()
-
-    def _probe(self) -> None:
-        """One blank image through the model at load: a file that loads but does not embed images
-        (wrong input size, wrong output shape, NaN) fails here rather than mid-run."""
-        fix = "pass SSCD's TorchScript file (sscd_disc_mixup.torchscript.pt)"
-        try:
-            with torch.no_grad():
-                out = self.model(self.preprocess(torch.full((1, 3, 64, 64), 0.5)).to(self.device))
-        except Exception as error:  # noqa: BLE001 - whatever the scripted code raises
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise DoriError(f"{self.path} does not run on an image ({first[:120]}); {fix}") from error
-        if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 1:
-            shape = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise DoriError(f"{self.path} returns {shape} for one image, not [1, D] descriptors; {fix}")
-        if not bool(torch.isfinite(out).all()):
-            raise DoriError(f"{self.path} returns NaN or infinite descriptors for a plain grey image; {fix}")
+        # A file that loads but does not embed images (wrong input size, wrong output, NaN) fails here.
+        check_embeds_an_image(self.path, lambda x: self.model(self.preprocess(x).to(self.device)), fix=fix)
 
     def preprocess(self, images: Tensor) -> Tensor:
         spec = SSCD_CONVENTIONS[self.convention]

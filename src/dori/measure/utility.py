@@ -23,6 +23,7 @@ from scipy import linalg
 from torch import Tensor
 
 from dori.errors import DoriError
+from dori.measure.torchscript import check_embeds_an_image, first_line, load_torchscript
 
 
 def frechet_distance(features_a: Tensor, features_b: Tensor) -> float:
@@ -50,9 +51,6 @@ def frechet_from_statistics(mu_a: np.ndarray, cov_a: np.ndarray, mu_b: np.ndarra
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
-
 
 class ClipScorer:
     """The CLIP score with a local CLIP folder (``CLIPModel`` weights, its processor and tokenizer,
@@ -69,7 +67,7 @@ class ClipScorer:
             self.model = CLIPModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
             self.processor = CLIPProcessor.from_pretrained(str(path), local_files_only=True)
         except Exception as error:  # noqa: BLE001 - transformers raises many kinds for a wrong folder
-            raise DoriError(f"{path} is not a usable CLIP folder ({_first_line(error)}); {fix}") from error
+            raise DoriError(f"{path} is not a usable CLIP folder ({first_line(error)}); {fix}") from error
         self.path, self.device, self.batch_size = str(path), torch.device(device), batch_size
 
     @torch.no_grad()
@@ -97,22 +95,10 @@ class InceptionFeatures:
     SIZE = 299
 
     def __init__(self, file: str | os.PathLike, *, device: str | torch.device = "cpu", batch_size: int = 64) -> None:
-        path = Path(file).expanduser()
         fix = "pass --inception with the TorchScript Inception file pt_inception-2015-12-05-6726825d.pt"
-        if not path.is_file():
-            raise DoriError(f"Inception file not found: {path}; {fix}")
-        try:
-            self.model = torch.jit.load(str(path), map_location=device).eval()
-        except Exception as error:  # noqa: BLE001 - torch raises several kinds for a damaged archive
-            raise DoriError(f"{path} is not a TorchScript file ({_first_line(error)}); {fix}") from error
-        self.path, self.device, self.batch_size = str(path), torch.device(device), batch_size
-        try:
-            probe = self(torch.full((1, 3, 64, 64), 0.5))
-        except Exception as error:  # noqa: BLE001 - whatever the scripted code raises
-            raise DoriError(f"{path} does not run on an image ({_first_line(error)}); {fix}") from error
-        if probe.dim() != 2 or probe.shape[0] != 1 or not bool(torch.isfinite(probe).all()):
-            raise DoriError(f"{path} returns {list(probe.shape)} (or non-finite values) for one image, not [1, D] "
-                            f"features; {fix}")  # fmt: skip
+        self.model = load_torchscript(file, what="Inception", fix=fix, device=device)
+        self.path, self.device, self.batch_size = str(Path(file).expanduser()), torch.device(device), batch_size
+        check_embeds_an_image(self.path, self, fix=fix)
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> Tensor:
@@ -141,7 +127,7 @@ def reference_statistics(reference: str | os.PathLike, features: InceptionFeatur
             with np.load(path) as saved:
                 mu, sigma = np.asarray(saved["mu"], dtype=np.float64), np.asarray(saved["sigma"], dtype=np.float64)
         except Exception as error:  # noqa: BLE001 - numpy raises several kinds for a damaged file
-            raise DoriError(f"{path} holds no mu and sigma ({_first_line(error)}); {fix}") from error
+            raise DoriError(f"{path} holds no mu and sigma ({first_line(error)}); {fix}") from error
         if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
             raise DoriError(f"{path}: mu {list(mu.shape)} and sigma {list(sigma.shape)} are not a finite [D] and "
                             f"[D, D]; {fix}")  # fmt: skip
