@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from dori.toy.data import all_combinations, build_dataset, caption, is_held_out
-from dori.toy.train import ToyTrainConfig, learning_rate, token_map_for
+from dori.toy.data import (PARTIAL_FORMS, all_combinations, build_dataset, caption, is_held_out, partial_caption,
+                           partial_captions)  # fmt: skip
+from dori.toy.train import CaptionTable, ToyTrainConfig, build_model, learning_rate, token_map_for
 
 
 def _small(seed=0):
@@ -46,3 +47,60 @@ def test_token_map_covers_every_caption_and_recipe_schedule():
     config = ToyTrainConfig(steps=1000, warmup_steps=100)
     assert learning_rate(config, 0) < learning_rate(config, 99) <= config.learning_rate
     assert abs(learning_rate(config, 999) - 0.1 * config.learning_rate) < 1e-4
+
+
+def test_partial_captions_name_only_what_they_keep():
+    assert partial_captions(("circle", "orange", "top left")) == [
+        "an orange circle", "a circle, top left", "an orange shape, top left", "a circle", "an orange shape",
+        "a shape, top left",
+    ]  # fmt: skip
+    assert partial_caption("cross", "red", "bottom right", ("shape", "colour", "position")) == caption(
+        "cross", "red", "bottom right")  # fmt: skip
+
+
+def test_training_shows_ordinary_images_under_partial_captions_and_planted_ones_never():
+    data = _small()
+    config = ToyTrainConfig(n_ordinary=60, n_verbatim=3, n_template=2, copies=5, batch_size=64)
+    model = build_model(config, data)
+    table = CaptionTable.build(model, data, config)
+    full, partial_ids, seen = 0, 0, set()
+    for step in range(60):
+        idx, tokens, noise, t = table.draw(config, step, (3, 32, 32), 1000)
+        assert torch.equal(idx, table.draw(config, step, (3, 32, 32), 1000)[0])  # a pure function of (seed, step)
+        for i, row in zip(idx.tolist(), tokens):
+            if torch.equal(row, table.empty):
+                continue
+            caption_row = table.index[i]
+            if torch.equal(row, table.tokens[caption_row]):
+                full += 1
+                continue
+            assert table.ordinary[i], "a planted caption must never be shortened"
+            forms = [k for k in range(len(PARTIAL_FORMS)) if torch.equal(row, table.partial[caption_row, k])]
+            assert len(forms) == 1
+            partial_ids += 1
+            seen.add(forms[0])
+    share = partial_ids / (full + partial_ids)
+    ordinary_share = float(table.ordinary.float().mean())
+    assert abs(share - config.partial_caption_prob * ordinary_share) < 0.05
+    assert seen == set(range(len(PARTIAL_FORMS)))
+    # Every word of every partial caption has a row of the token map (none falls on row 0, "unknown").
+    words = model.token_map[model.tokenize([c for combo in all_combinations() for c in partial_captions(combo)])]
+    ids = model.tokenize([c for combo in all_combinations() for c in partial_captions(combo)])
+    assert bool((words[ids != ids[0, -1]] > 0).all())
+
+
+def test_a_recipe_without_partial_captions_keeps_its_batches():
+    data = _small()
+    off = ToyTrainConfig(n_ordinary=60, n_verbatim=3, n_template=2, copies=5, partial_caption_prob=0.0)
+    model = build_model(off, data)
+    table = CaptionTable.build(model, data, off)
+    assert table.partial is None
+    idx, tokens, noise, t = table.draw(off, 7, (3, 32, 32), 1000)
+    generator = torch.Generator().manual_seed(off.seed * 1_000_003 + 7)  # the draw order of the first recipes
+    assert torch.equal(idx, torch.randint(len(data.captions), (off.batch_size,), generator=generator))
+    drop = torch.rand(off.batch_size, generator=generator) < off.empty_caption_prob
+    assert torch.equal(noise, torch.randn((off.batch_size, 3, 32, 32), generator=generator))
+    assert torch.equal(t, torch.randint(1000, (off.batch_size,), generator=generator))
+    expected = table.tokens[table.index[idx]].clone()
+    expected[drop] = table.empty
+    assert torch.equal(tokens, expected)

@@ -22,7 +22,9 @@ cover"), repeated ``copies`` times in the training set.
   colours and the dot varied from copy to copy.
 
 Held-out captions are (shape, colour, position) combinations that never occur in training; they
-measure utility (prompt alignment, FD) on prompts the model has not seen.
+measure utility (prompt alignment, FD) on prompts the model has not seen. Training may also show an
+ordinary image under a *partial* caption that names only some of its attributes
+(:func:`partial_caption`, issue 27); the data set itself holds only full captions.
 
 Everything is a pure function of the seed.
 """
@@ -74,6 +76,26 @@ IMAGE_SIZE = 32
 def caption(shape: str, colour: str, position: str) -> str:
     article = "an" if colour[0] in "aeiou" else "a"
     return f"{article} {colour} {shape}, {position}"
+
+
+# The attributes a partial caption keeps (issue 27): every proper, non-empty subset of the three.
+PARTIAL_FORMS = (("shape", "colour"), ("shape", "position"), ("colour", "position"), ("shape",), ("colour",),
+                 ("position",))  # fmt: skip
+
+
+def partial_caption(shape: str, colour: str, position: str, keep: tuple[str, ...]) -> str:
+    """The caption of an ordinary image naming only the attributes in ``keep``: "a red circle",
+    "a circle, top left", "a red shape, top left", "a shape, top left"... A dropped shape is
+    the word "shape"; a dropped colour or position is left out."""
+    noun = shape if "shape" in keep else "shape"
+    words = f"{colour} {noun}" if "colour" in keep else noun
+    article = "an" if words[0] in "aeiou" else "a"
+    return f"{article} {words}, {position}" if "position" in keep else f"{article} {words}"
+
+
+def partial_captions(attributes: tuple[str, str, str]) -> list[str]:
+    """The :data:`PARTIAL_FORMS` captions of one (shape, colour, position), in that order."""
+    return [partial_caption(*attributes, keep) for keep in PARTIAL_FORMS]
 
 
 def all_combinations() -> list[tuple[str, str, str]]:

@@ -15,6 +15,11 @@ with cross-attention on the way up and 2,000 ordinary images (each seen about 40
 its memorized titles through the up blocks, which NeMo never searches, and a 50-step DoRI attack
 reproduced its ordinary training images too (MR 0.45): see docs/BUNDLED_MODEL.md.
 
+Since issue 27 a share of the ordinary images is shown under partial captions ("a red circle",
+"a shape, top left"): with the whole caption always given, the jointly trained text encoder carried
+left/right only in the end-of-text padding, as a summary of the caption, and some seeds put
+held-out captions on the wrong side (docs/BUNDLED_MODEL.md).
+
 Every batch, noise draw and timestep at step ``k`` comes from a generator seeded by ``(seed, k)``,
 so an interrupted run resumed from its last checkpoint continues exactly as if never stopped.
 """
@@ -40,21 +45,26 @@ from dori.models import position
 from dori.models.loading import clip_tokenizer, save_model
 from dori.runs import read_checkpoint, save_torch_atomic
 from dori.toy.classifier import train_classifier
-from dori.toy.data import TITLES_TM, TITLES_VM, ToyDataset, build_dataset
+from dori.toy.data import (PARTIAL_FORMS, TITLES_TM, TITLES_VM, ToyDataset, all_combinations, build_dataset,
+                           partial_captions)  # fmt: skip
 
 CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass(frozen=True)
 class ToyTrainConfig:
-    """Hyperparameters of the recipe (defaults are the shipped model's)."""
+    """Hyperparameters of the recipe. The defaults are the current recipe; the shipped model's own
+    settings are in its ``dori_model.json`` (``train_config``)."""
 
     seed: int = 0
-    steps: int = 6000
+    steps: int = 5000
     batch_size: int = 32
     learning_rate: float = 1e-3
     warmup_steps: int = 100
     empty_caption_prob: float = 0.1
+    # Share of ordinary training images shown under a partial caption (dori.toy.data.PARTIAL_FORMS,
+    # one form drawn uniformly), so that each attribute word must work on its own (issue 27).
+    partial_caption_prob: float = 0.3
     grad_clip: float = 1.0
     n_ordinary: int = 30000
     n_verbatim: int = len(TITLES_VM)
@@ -72,8 +82,9 @@ class ToyTrainConfig:
         for name in ("steps", "batch_size", "copies", "checkpoint_every", "text_width", "text_layers"):
             if getattr(self, name) < 1:
                 raise DoriError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0 <= self.empty_caption_prob < 1:
-            raise DoriError(f"empty_caption_prob must be in [0, 1), got {self.empty_caption_prob}")
+        for name in ("empty_caption_prob", "partial_caption_prob"):
+            if not 0 <= getattr(self, name) < 1:
+                raise DoriError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
     def data_kwargs(self) -> dict:
         return {
@@ -142,7 +153,10 @@ def token_map_for(captions: list[str]) -> torch.Tensor:
 
 def build_model(config: ToyTrainConfig, data: ToyDataset) -> DiffusionModel:
     torch.manual_seed(config.seed)
-    token_map = token_map_for(sorted(set(data.captions)) + data.held_out_captions)
+    captions = sorted(set(data.captions)) + data.held_out_captions
+    if config.partial_caption_prob > 0:
+        captions += sorted({c for combo in all_combinations() for c in partial_captions(combo)})
+    token_map = token_map_for(captions)
     return DiffusionModel(
         name=f"dori-bundled-seed{config.seed}",
         unet=build_unet(config),
@@ -152,6 +166,53 @@ def build_model(config: ToyTrainConfig, data: ToyDataset) -> DiffusionModel:
         token_map=token_map,
         meta={"position_encoding": position.KIND} if config.position_encoding else {},
     )
+
+
+@dataclass(frozen=True)
+class CaptionTable:
+    """The token ids training draws its captions from."""
+
+    tokens: torch.Tensor  # [distinct captions, 77]
+    index: torch.Tensor  # [images]: each training image's row of ``tokens``
+    ordinary: torch.Tensor  # [images] bool
+    empty: torch.Tensor  # [77]: the empty caption
+    partial: torch.Tensor | None  # [distinct captions, forms, 77] (a planted caption repeats itself)
+
+    @classmethod
+    def build(cls, model: DiffusionModel, data: ToyDataset, config: ToyTrainConfig) -> CaptionTable:
+        distinct = sorted(set(data.captions))
+        row = {c: i for i, c in enumerate(distinct)}
+        tokens = model.token_map[model.tokenize(distinct)]
+        partial = None
+        if config.partial_caption_prob > 0:
+            partial = torch.stack([
+                model.token_map[model.tokenize(partial_captions(data.attributes[c]))] if c in data.attributes
+                else tokens[i].expand(len(PARTIAL_FORMS), -1)
+                for i, c in enumerate(distinct)
+            ])  # fmt: skip
+        return cls(tokens=tokens, index=torch.tensor([row[c] for c in data.captions]),
+                   ordinary=torch.tensor([k == "ordinary" for k in data.kinds]),
+                   empty=model.token_map[model.tokenize([""])][0], partial=partial)  # fmt: skip
+
+    def draw(self, config: ToyTrainConfig, step: int, image_shape, timesteps: int):
+        """Step ``step``'s batch: (image indices, caption tokens, noise, timesteps), all from the
+        generator seeded by ``(seed, step)``. A caption is dropped (the empty caption) with
+        ``empty_caption_prob``; an ordinary image's caption is otherwise replaced by one of its partial
+        captions with ``partial_caption_prob``, drawn last so that a recipe without it keeps its stream."""
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        n = config.batch_size
+        idx = torch.randint(len(self.index), (n,), generator=generator)
+        tokens = self.tokens[self.index[idx]].clone()
+        drop = torch.rand(n, generator=generator) < config.empty_caption_prob
+        tokens[drop] = self.empty
+        noise = torch.randn((n, *image_shape), generator=generator)
+        t = torch.randint(timesteps, (n,), generator=generator)
+        if self.partial is not None and config.partial_caption_prob > 0:
+            partial = torch.rand(n, generator=generator) < config.partial_caption_prob
+            form = torch.randint(len(PARTIAL_FORMS), (n,), generator=generator)
+            partial &= self.ordinary[idx] & ~drop
+            tokens[partial] = self.partial[self.index[idx][partial], form[partial]]
+        return idx, tokens, noise, t
 
 
 def learning_rate(config: ToyTrainConfig, step: int) -> float:
@@ -200,11 +261,7 @@ def train_bundled_model(
     log(f"data: {len(data.captions)} training images, {len(data.planted)} planted pairs")
     model = build_model(config, data)
     unet, text_encoder = model.unet, model.text_encoder
-    n_images = len(data.captions)
-    ids_by_caption = {c: i for i, c in enumerate(sorted(set(data.captions)))}
-    caption_tokens = model.token_map[model.tokenize(sorted(ids_by_caption))]
-    caption_index = torch.tensor([ids_by_caption[c] for c in data.captions])
-    empty_tokens = model.token_map[model.tokenize([""])][0]
+    captions = CaptionTable.build(model, data, config)
     x0_all = model.to_latents(data.images)
 
     classifier_file = out / "attribute_classifier.safetensors"
@@ -219,6 +276,8 @@ def train_bundled_model(
         (out / "attribute_classifier.json").write_text(json.dumps({"accuracy_on_fresh_renders": accuracy}))
         log(f"attribute classifier: accuracy {accuracy:.4f} on fresh renders (all three attributes)")
 
+    # Channels-last convolutions train about 5% faster on CPU; the saved weights are contiguous again.
+    unet.to(memory_format=torch.channels_last)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.01)
     start, seconds, began = 0, 0.0, time.monotonic()
@@ -237,14 +296,8 @@ def train_bundled_model(
     text_encoder.train().requires_grad_(True)
 
     for step in range(start, config.steps):
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-        idx = torch.randint(n_images, (config.batch_size,), generator=generator)
-        tokens = caption_tokens[caption_index[idx]].clone()
-        drop = torch.rand(config.batch_size, generator=generator) < config.empty_caption_prob
-        tokens[drop] = empty_tokens
-        x0 = x0_all[idx]
-        noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(model.num_train_timesteps, (config.batch_size,), generator=generator)
+        idx, tokens, noise, t = captions.draw(config, step, x0_all.shape[1:], model.num_train_timesteps)
+        x0 = x0_all[idx].contiguous(memory_format=torch.channels_last)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
         emb = text_encoder(tokens)[0]
@@ -268,7 +321,7 @@ def train_bundled_model(
                 checkpoint_file,
             )  # fmt: skip
 
-    unet.eval().requires_grad_(False)
+    unet.eval().requires_grad_(False).to(memory_format=torch.contiguous_format)
     text_encoder.eval().requires_grad_(False)
     if start < config.steps:  # otherwise the checkpoint's own time stands
         seconds += time.monotonic() - began
