@@ -114,11 +114,16 @@ def test_position_encoding_tells_every_pixel_where_it_is():
     assert torch.equal(pe[16:, 0:1, :].expand(16, 16, 16), pe[16:])
 
 
-def test_position_encoding_survives_save_and_load_once(tiny_sd_dir, tmp_path):
+@pytest.mark.parametrize("where", ["conv_in", "attention"])
+def test_position_encoding_survives_save_and_load_once(tiny_sd_dir, tmp_path, where):
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
     from dori.models import load_model
     from dori.models.base import DiffusionModel
     from dori.models.loading import save_model
-    from dori.models.position import KIND
+    from dori.models.position import KIND as CONV_IN, KIND_ATTENTION
+
+    KIND = CONV_IN if where == "conv_in" else KIND_ATTENTION
 
     plain = load_model(tiny_sd_dir)
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -135,6 +140,13 @@ def test_position_encoding_survives_save_and_load_once(tiny_sd_dir, tmp_path):
     reloaded = load_model(save_model(encoded, tmp_path / "pe"))
     assert reloaded.meta["position_encoding"] == KIND
     assert torch.allclose(reloaded.unet(x, t, encoder_hidden_states=emb).sample, once, atol=1e-6)
+    blocks = [m for m in reloaded.unet.modules() if isinstance(m, Transformer2DModel)]
+    assert blocks and all(len(b._forward_pre_hooks) == (KIND == KIND_ATTENTION) for b in blocks)
+    if KIND == KIND_ATTENTION:  # more than the conv_in encoding alone
+        conv_in_only = load_model(tiny_sd_dir)
+        DiffusionModel(name="pe", unet=conv_in_only.unet, text_encoder=plain.text_encoder, tokenizer=plain.tokenizer,
+                       scheduler_config=plain.scheduler_config, vae=plain.vae, meta={"position_encoding": CONV_IN})  # fmt: skip
+        assert not torch.allclose(conv_in_only.unet(x, t, encoder_hidden_states=emb).sample, once)
 
 
 def test_a_folder_with_the_position_encoding_warns_a_plain_diffusers_load(tiny_sd_dir, tmp_path, capsys):

@@ -5,7 +5,7 @@ its ``card.json`` and ``dori_model.json`` (nothing is re-measured).
 
 ``--shipped`` adds the shipped model as the first row. ``--write`` puts the table into
 docs/BUNDLED_MODEL.md and the shipped MODEL_CARD.md, between ``<!-- recipe-seeds:start -->`` and
-``<!-- recipe-seeds:end -->`` (each file must hold the markers); otherwise it is printed.
+``<!-- recipe-seeds:end -->`` (a card without them gets a section at its end); otherwise it is printed.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def row(folder: Path, shipped: bool) -> str:
     held, plain = card["held_out"], card["non_memorized"]
     mark = "" if held["alignment"] >= ALIGNMENT_BAR else " (under 0.95)"
     name = f"{train['seed']} (shipped)" if shipped else str(train["seed"])
-    return (f"| {name} | {train.get('partial_caption_prob', 0):.0%} | {train['steps']} | {train.get('seconds', float('nan')) / 60:.1f} | "
+    where = "conv_in + attention" if meta.get("position_encoding") == "sinusoidal+attention" else "conv_in"
+    return (f"| {name} | {train.get('partial_caption_prob', 0):.0%} | {where} | {train['steps']} | {train.get('seconds', float('nan')) / 60:.1f} | "
             f"{card['guidance']:g} | {card['memorized']['mr']:.2f} ({card['memorized']['sscd_mean']:.3f}) | "
             f"{plain['mr']:.2f} | {held['alignment']:.3f}{mark} | {plain['alignment']:.3f} | {held['fd']:.0f} | "
             f"{bench['recall']:.3f} / {bench['false_positive_rate']:.3f} | {card['detector']['tau']:.3f} |")  # fmt: skip
@@ -40,9 +41,9 @@ def table(folders: list[Path], shipped: bool) -> str:
         f"Each row: `dori toy train --seed S` and its card (DDIM {first['steps']}, {first['seeds']} seeds per "
         "caption, the guidance chosen by the card's rule); `python tools/recipe_seeds.py` reads them.",
         "",
-        "| seed | partial captions | steps | training (min) | guidance | memorized MR (similarity) | non-memorized MR | "
+        "| seed | partial captions | position encoding | steps | training (min) | guidance | memorized MR (similarity) | non-memorized MR | "
         "held-out alignment | non-memorized alignment | held-out FD | detector recall / false positives | tau |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     if shipped:
         lines.append(row(SHIPPED, True))
@@ -55,8 +56,11 @@ def card_settings(folder: Path) -> dict:
     return {"steps": card["steps"], "seeds": card["seeds"]}
 
 
-def write_between(file: Path, text: str) -> None:
+def write_between(file: Path, text: str, *, heading: str | None = None) -> None:
+    """Replace the text between the markers; with ``heading``, a file without them gets a section."""
     content = file.read_text(encoding="utf-8")
+    if (START not in content or END not in content) and heading:
+        content = f"{content.rstrip()}\n\n{heading}\n\n{START}\n{END}\n"
     if START not in content or END not in content:
         raise SystemExit(f"{file} lacks the {START} / {END} markers")
     head, rest = content.split(START, 1)
@@ -77,8 +81,9 @@ def main() -> None:
     if not args.write:
         print(text, end="")
         return
-    for file in (ROOT / "docs/BUNDLED_MODEL.md", SHIPPED / "MODEL_CARD.md"):
-        write_between(file, text)
+    # 'dori toy train' writes the card without the section; the first --write appends it.
+    for file, heading in ((ROOT / "docs/BUNDLED_MODEL.md", None), (SHIPPED / "MODEL_CARD.md", "## The recipe on other seeds")):
+        write_between(file, text, heading=heading)
         print(f"{file.relative_to(ROOT)}: recipe table of {len(args.folders) + args.shipped} models")
 
 

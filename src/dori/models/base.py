@@ -96,8 +96,8 @@ class DiffusionModel:
         self.device = torch.device(device)
         self.dtype = dtype
         self.unet = _placed(unet, self.device, dtype)
-        if self.meta.get("position_encoding") == position.KIND:
-            position.add_position_encoding(self.unet)
+        if self.meta.get("position_encoding") in position.KINDS:
+            position.add_position_encoding(self.unet, self.meta["position_encoding"])
         self.text_encoder = _placed(text_encoder, self.device, dtype)
         self.vae = None if vae is None else _placed(vae, self.device, dtype)
         self.tokenizer = tokenizer

@@ -280,7 +280,7 @@ def save_model(model: DiffusionModel, out_dir: str | os.PathLike, *, meta: dict 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.unet.save_pretrained(out / "unet", safe_serialization=True)
-    if model.meta.get("position_encoding") == position.KIND:
+    if model.meta.get("position_encoding") in position.KINDS:
         position.mark_config(out / "unet")
     model.text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
     (out / "scheduler").mkdir(exist_ok=True)

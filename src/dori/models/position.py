@@ -1,6 +1,8 @@
-"""A fixed 2-D sinusoidal position encoding added to the U-Net's first feature map.
+"""A fixed 2-D sinusoidal position encoding added to the U-Net's first feature map and, in the
+recipe since issue 27, to the input of every cross-attention block.
 
-Only the bundled model uses it (``dori_model.json``: ``"position_encoding": "sinusoidal"``). Its
+Only the bundled model uses it (``dori_model.json``: ``"position_encoding": "sinusoidal"`` or
+``"sinusoidal+attention"``). Its
 text reaches the image only through the cross-attention of the down and mid blocks, where a
 small convolutional network cannot yet tell which quadrant a pixel lies in, so without it the
 model learnt colour and shape from its captions but placed the shape at random (see
@@ -15,13 +17,18 @@ import math
 import torch
 from torch import Tensor, nn
 
-KIND = "sinusoidal"
+KIND = "sinusoidal"  # added to the first feature map only (the fourth bundled model)
+# Also added to the input of every cross-attention block (issue 27), where the text meets the
+# image: its queries then know where they are, so "top left" can be routed to a quadrant directly.
+KIND_ATTENTION = "sinusoidal+attention"
+KINDS = (KIND, KIND_ATTENTION)
 _MARK = "_dori_position_encoding"
 # Written into ``unet/config.json`` of every model folder that uses the encoding. Plain diffusers
 # (``UNet2DConditionModel.from_pretrained``) does not know the key and prints it, with this text,
 # in its "config attributes ... will be ignored" warning, so nobody gets the other model silently.
 CONFIG_KEY = "dori_position_encoding"
-NOTICE = ("this U-Net adds a fixed 2-D sinusoidal position encoding to the output of conv_in, which plain diffusers "
+NOTICE = ("this U-Net adds a fixed 2-D sinusoidal position encoding to the output of conv_in (and to the input of "
+          "each cross-attention block where dori_model.json says 'sinusoidal+attention'), which plain diffusers "
           "does not: its images are wrong without it; load the folder with dori.models.load_model")  # fmt: skip
 
 
@@ -55,18 +62,38 @@ def sinusoidal_2d(channels: int, height: int, width: int) -> Tensor:
     return torch.cat([rows, cols], dim=0)[None].float()
 
 
-def add_position_encoding(unet: nn.Module) -> None:
-    """Add the encoding to the output of ``unet.conv_in`` (idempotent; copies keep it)."""
-    conv_in = unet.conv_in
-    if getattr(conv_in, _MARK, False):
-        return
-    cache: dict[tuple, Tensor] = {}
+_CACHE: dict[tuple, Tensor] = {}
 
-    def hook(_module: nn.Module, _args, output: Tensor) -> Tensor:
-        key = (output.shape[1], output.shape[2], output.shape[3], output.device, output.dtype)
-        if key not in cache:
-            cache[key] = sinusoidal_2d(*key[:3]).to(output.device, output.dtype)
-        return output + cache[key]
 
-    conv_in.register_forward_hook(hook)
-    setattr(conv_in, _MARK, True)
+def _encoding_like(x: Tensor) -> Tensor:
+    key = (x.shape[1], x.shape[2], x.shape[3], x.device, x.dtype)
+    if key not in _CACHE:
+        _CACHE[key] = sinusoidal_2d(*key[:3]).to(x.device, x.dtype)
+    return _CACHE[key]
+
+
+def _conv_in_hook(_module: nn.Module, _args, output: Tensor) -> Tensor:
+    return output + _encoding_like(output)
+
+
+def _attention_hook(_module: nn.Module, args: tuple, kwargs: dict):
+    if args:
+        return (args[0] + _encoding_like(args[0]), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": kwargs["hidden_states"] + _encoding_like(kwargs["hidden_states"])}
+
+
+def add_position_encoding(unet: nn.Module, kind: str = KIND) -> None:
+    """Add the encoding to the output of ``unet.conv_in`` and, for :data:`KIND_ATTENTION`, to the
+    input of every cross-attention transformer as well (idempotent; copies keep it)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown position encoding {kind!r}; use one of {KINDS}")
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    if not getattr(unet.conv_in, _MARK, False):
+        unet.conv_in.register_forward_hook(_conv_in_hook)
+        setattr(unet.conv_in, _MARK, True)
+    if kind == KIND_ATTENTION:
+        for module in unet.modules():
+            if isinstance(module, Transformer2DModel) and not getattr(module, _MARK, False):
+                module.register_forward_pre_hook(_attention_hook, with_kwargs=True)
+                setattr(module, _MARK, True)

@@ -74,6 +74,8 @@ class ToyTrainConfig:
     text_width: int = 128
     text_layers: int = 2
     position_encoding: bool = True  # fixed sinusoidal map added after conv_in (dori.models.position)
+    # ... and to the input of every cross-attention block (position.KIND_ATTENTION; issue 27)
+    position_at_attention: bool = True
     ordinary_style: str = "field"  # how ordinary images are rendered (dori.toy.data.render_ordinary)
     classifier_steps: int = 800
     checkpoint_every: int = 250
@@ -164,7 +166,8 @@ def build_model(config: ToyTrainConfig, data: ToyDataset) -> DiffusionModel:
         tokenizer=clip_tokenizer(),
         scheduler_config=scheduler_config(),
         token_map=token_map,
-        meta={"position_encoding": position.KIND} if config.position_encoding else {},
+        meta={"position_encoding": position.KIND_ATTENTION if config.position_at_attention else position.KIND}
+        if config.position_encoding else {},
     )
 
 
