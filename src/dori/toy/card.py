@@ -142,8 +142,10 @@ def write_card(folder: Path, numbers: dict, calibration: dict, train_info: dict,
         f"{tuple(train_info['channels'])}, cross-attention at 16x16 and 8x8 on the way down and in the mid block, "
         f"none on the way up ({sites['value']} value sites, {sites['ffn']} feed-forward sites): every route from the "
         "text to the image passes the sites NeMo searches."
-        + (" A fixed 2-D sinusoidal position encoding is added after the first convolution, so that this "
-           "cross-attention knows where each pixel lies (without it the model placed shapes at random). Load the "
+        + (" A fixed 2-D sinusoidal position encoding is added after the first convolution"
+           + (" and to the input of every cross-attention block" if train_info.get("position_at_attention") else "")
+           + ", so that this cross-attention knows where each pixel lies (without it the model placed shapes at "
+           "random). Load the "
            "folder with dori (`dori.models.load_model`): plain diffusers (`UNet2DConditionModel.from_pretrained`) "
            "does not add the encoding and says so in a warning, from the notice in `unet/config.json`."
            if train_info.get("position_encoding") else "")
@@ -160,9 +162,7 @@ def write_card(folder: Path, numbers: dict, calibration: dict, train_info: dict,
         "The 16 other combinations are held-out captions."
         + (f" {train_info['partial_caption_prob']:.0%} of the ordinary images a batch draws are shown under a "
            "partial caption instead, naming one or two of the three attributes (\"a red circle\", \"a shape, top "
-           "left\", one of the six forms at random), so that each attribute word must work on its own; without "
-           "this a model read left and right from the end-of-text positions only and placed held-out captions "
-           "on the wrong side on some seeds (issue 27)."
+           "left\", one of the six forms at random), so that each attribute word must work on its own (issue 27)."
            if train_info.get("partial_caption_prob") else ""),
         f"- Exposure: training draws {seen:,} images, so it sees each ordinary image about {seen / n_images:.0f} times "
         f"(as a web-scale model sees most of its data a few times) and each planted image or layout about "
