@@ -60,7 +60,8 @@ def test_partial_captions_name_only_what_they_keep():
 
 def test_training_shows_ordinary_images_under_partial_captions_and_planted_ones_never():
     data = _small()
-    config = ToyTrainConfig(n_ordinary=60, n_verbatim=3, n_template=2, copies=5, batch_size=64)
+    config = ToyTrainConfig(n_ordinary=60, n_verbatim=3, n_template=2, copies=5, batch_size=64,
+                            partial_caption_prob=0.3)
     model = build_model(config, data)
     table = CaptionTable.build(model, data, config)
     full, partial_ids, seen = 0, 0, set()

@@ -15,10 +15,10 @@ with cross-attention on the way up and 2,000 ordinary images (each seen about 40
 its memorized titles through the up blocks, which NeMo never searches, and a 50-step DoRI attack
 reproduced its ordinary training images too (MR 0.45): see docs/BUNDLED_MODEL.md.
 
-Since issue 27 a share of the ordinary images is shown under partial captions ("a red circle",
-"a shape, top left"): with the whole caption always given, the jointly trained text encoder carried
-left/right only in the end-of-text padding, as a summary of the caption, and some seeds put
-held-out captions on the wrong side (docs/BUNDLED_MODEL.md).
+Issue 27 added two options, off by default because neither fixed what they were for: ordinary
+images shown under partial captions ("a red circle", "a shape, top left"), and the position
+encoding at every cross-attention block. On seed 1 with both, held-out alignment was 0.275
+(docs/BUNDLED_MODEL.md).
 
 Every batch, noise draw and timestep at step ``k`` comes from a generator seeded by ``(seed, k)``,
 so an interrupted run resumed from its last checkpoint continues exactly as if never stopped.
@@ -53,18 +53,19 @@ CHECKPOINT = "checkpoint.pt"
 
 @dataclass(frozen=True)
 class ToyTrainConfig:
-    """Hyperparameters of the recipe. The defaults are the current recipe; the shipped model's own
-    settings are in its ``dori_model.json`` (``train_config``)."""
+    """Hyperparameters of the recipe (defaults: the fourth recipe, the shipped model's). Partial
+    captions and the encoding at every cross-attention block are options that issue 27 measured on
+    seed 1 and found no fix (docs/BUNDLED_MODEL.md)."""
 
     seed: int = 0
-    steps: int = 5000
+    steps: int = 6000
     batch_size: int = 32
     learning_rate: float = 1e-3
     warmup_steps: int = 100
     empty_caption_prob: float = 0.1
     # Share of ordinary training images shown under a partial caption (dori.toy.data.PARTIAL_FORMS,
     # one form drawn uniformly), so that each attribute word must work on its own (issue 27).
-    partial_caption_prob: float = 0.3
+    partial_caption_prob: float = 0.0  # issue 27 tried 0.3: seed 1 then learnt no position (see docs)
     grad_clip: float = 1.0
     n_ordinary: int = 30000
     n_verbatim: int = len(TITLES_VM)
@@ -75,7 +76,7 @@ class ToyTrainConfig:
     text_layers: int = 2
     position_encoding: bool = True  # fixed sinusoidal map added after conv_in (dori.models.position)
     # ... and to the input of every cross-attention block (position.KIND_ATTENTION; issue 27)
-    position_at_attention: bool = True
+    position_at_attention: bool = False  # issue 27 tried True with 0.3 partial captions: alignment 0.275
     ordinary_style: str = "field"  # how ordinary images are rendered (dori.toy.data.render_ordinary)
     classifier_steps: int = 800
     checkpoint_every: int = 250
