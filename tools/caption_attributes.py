@@ -75,7 +75,7 @@ def alignment_errors(model, kit: ToyKit, held: list[str], seeds: int, steps: int
     for guidance in guidances:
         images = model.generate(model.encode(held), list(range(seeds)), steps=steps, guidance=guidance)
         captions = [p for p in held for _ in range(seeds)]
-        truth = torch.tensor([kit._labels(p) for p in captions])
+        truth = torch.tensor([kit.labels(p) for p in captions])
         predicted = kit.classifier.predict(images)
         errors = Counter()
         for t, q in zip(truth.tolist(), predicted.tolist()):

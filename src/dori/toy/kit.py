@@ -130,7 +130,7 @@ class ToyKit:
     # ------------------------------------------------------------- utility
     def alignment(self, images: Tensor, prompts: list[str]) -> float:
         """Fraction of images whose predicted shape, colour and position all match the caption."""
-        truth = torch.tensor([self._labels(p) for p in prompts])
+        truth = torch.tensor([self.labels(p) for p in prompts])
         return float((self.classifier.predict(images) == truth).all(1).float().mean())
 
     def frechet_distance(self, images: Tensor, prompts: list[str], *, seed: int = 1234) -> float:
@@ -140,7 +140,8 @@ class ToyKit:
         with torch.no_grad():
             return frechet_distance(self.classifier.features(images), self.classifier.features(real))
 
-    def _labels(self, prompt: str) -> tuple[int, int, int]:
+    def labels(self, prompt: str) -> tuple[int, int, int]:
+        """The (shape, colour, position) indices a caption names, as the classifier predicts them."""
         if prompt not in self.data.attributes:
             raise DoriError(f"prompt {prompt!r} names no shape, colour and position; alignment needs an ordinary caption")
         shape, colour, position = self.data.attributes[prompt]
