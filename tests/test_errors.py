@@ -229,3 +229,16 @@ def test_non_finite_steps_stop_with_a_clear_error(tiny_sd_dir, monkeypatch):
     with pytest.raises(DoriError, match="non-finite weights at step 0; the last good checkpoint is kept"):
         finetune(targets.clone())
     assert checkpoints == []  # nothing non-finite was handed to the checkpoint writer
+
+
+@pytest.mark.parametrize("device, message", [
+    ("bogus", "unknown --device 'bogus'; use cpu, cuda or cuda:N"),
+    pytest.param("cuda", "--device cuda: torch sees no CUDA GPU on this machine; use --device cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there")),
+])  # fmt: skip
+def test_a_device_that_is_not_there_is_named_before_any_work(device, message, tmp_path, capsys):
+    for args in (["generate", "--model", "bundled", "--prompt", "a red circle, top left", "--out", tmp_path / "g"],
+                 ["toy", "train", "--out", tmp_path / "t"]):
+        code, err = run_cli([*args, "--device", device], capsys)
+        assert_clear_error(code, err, message)
+    assert not (tmp_path / "t" / "train_config.json").exists()

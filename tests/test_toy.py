@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dori.toy.data import (PARTIAL_FORMS, all_combinations, build_dataset, caption, is_held_out, partial_caption,
@@ -105,3 +106,23 @@ def test_a_recipe_without_partial_captions_keeps_its_batches():
     expected = table.tokens[table.index[idx]].clone()
     expected[drop] = table.empty
     assert torch.equal(tokens, expected)
+
+
+@pytest.mark.parametrize("text_lr_scale", [0.0, 1.0])
+def test_a_frozen_text_encoder_keeps_its_initialisation_while_the_unet_trains(tmp_path, text_lr_scale):
+    from dori.models import load_model
+    from dori.toy.train import train_bundled_model
+
+    config = ToyTrainConfig(n_ordinary=60, n_verbatim=3, n_template=2, copies=5, steps=2, batch_size=4,
+                            channels=(8, 16, 16), text_width=16, checkpoint_every=1, text_lr_scale=text_lr_scale)
+    (tmp_path / "attribute_classifier.safetensors").write_bytes(b"")  # an existing classifier is kept: skip it
+    seen = []
+    train_bundled_model(config, tmp_path, log=lambda _: None, on_checkpoint=lambda step, model: seen.append(step))
+    assert seen == [1, 2]
+    initial = build_model(config, _small())
+    trained = load_model(tmp_path)
+    same_text = all(torch.equal(a, b) for a, b in zip(initial.text_encoder.state_dict().values(),
+                                                       trained.text_encoder.state_dict().values()))  # fmt: skip
+    same_unet = all(torch.equal(a, b) for a, b in zip(initial.unet.state_dict().values(),
+                                                       trained.unet.state_dict().values()))  # fmt: skip
+    assert same_text == (text_lr_scale == 0) and not same_unet

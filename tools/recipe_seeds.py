@@ -29,7 +29,9 @@ def row(folder: Path, shipped: bool) -> str:
     mark = "" if held["alignment"] >= ALIGNMENT_BAR else " (under 0.95)"
     name = f"{train['seed']} (shipped)" if shipped else str(train["seed"])
     where = "conv_in + attention" if meta.get("position_encoding") == "sinusoidal+attention" else "conv_in"
-    return (f"| {name} | {train.get('partial_caption_prob', 0):.0%} | {where} | {train['steps']} | {train.get('seconds', float('nan')) / 60:.1f} | "
+    scale = train.get("text_lr_scale", 1.0)
+    text = "frozen at init" if scale == 0 else "trained" if scale == 1 else f"trained at x{scale:g}"
+    return (f"| {name} | {train.get('partial_caption_prob', 0):.0%} | {where} | {text} | {train['steps']} | {train.get('seconds', float('nan')) / 60:.1f} | "
             f"{card['guidance']:g} | {card['memorized']['mr']:.2f} ({card['memorized']['sscd_mean']:.3f}) | "
             f"{plain['mr']:.2f} | {held['alignment']:.3f}{mark} | {plain['alignment']:.3f} | {held['fd']:.0f} | "
             f"{bench['recall']:.3f} / {bench['false_positive_rate']:.3f} | {card['detector']['tau']:.3f} |")  # fmt: skip
@@ -41,9 +43,9 @@ def table(folders: list[Path], shipped: bool) -> str:
         f"Each row: `dori toy train --seed S` and its card (DDIM {first['steps']}, {first['seeds']} seeds per "
         "caption, the guidance chosen by the card's rule); `python tools/recipe_seeds.py` reads them.",
         "",
-        "| seed | partial captions | position encoding | steps | training (min) | guidance | memorized MR (similarity) | non-memorized MR | "
+        "| seed | partial captions | position encoding | text encoder | steps | training (min) | guidance | memorized MR (similarity) | non-memorized MR | "
         "held-out alignment | non-memorized alignment | held-out FD | detector recall / false positives | tau |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     if shipped:
         lines.append(row(SHIPPED, True))

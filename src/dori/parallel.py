@@ -124,7 +124,18 @@ class Shards:
 
 
 def device_for(device: str) -> str:
-    """Under ``accelerate launch`` on GPUs, ``cuda`` means this process's own GPU."""
+    """``--device`` checked before any work (an unknown name, or a GPU that torch does not see, is
+    a one-line error); under ``accelerate launch`` on GPUs, ``cuda`` means this process's own GPU."""
+    import torch
+
+    from dori.errors import DoriError
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise DoriError(f"unknown --device {device!r}; use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise DoriError(f"--device {device}: torch sees no CUDA GPU on this machine; use --device cpu")
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return device

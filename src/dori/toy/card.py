@@ -28,6 +28,18 @@ SWEEP_SEEDS = tuple(range(100, 105))
 REGIME_MARGIN = 0.3
 
 
+def text_encoder_words(train_info: dict) -> str:
+    """How a bundled model's text encoder was trained (``text_lr_scale``; models before issue 27
+    trained it jointly at the U-Net's rate)."""
+    scale = train_info.get("text_lr_scale", 1.0)
+    if scale == 0:
+        return ("never trained: frozen at its seeded random initialisation, so that each word keeps an embedding of "
+                "its own and held-out combinations of words stay readable (issue 27)")  # fmt: skip
+    if scale == 1:
+        return "trained jointly and frozen afterwards"
+    return f"trained jointly at {scale:g} times the U-Net's learning rate and frozen afterwards"
+
+
 def calibrate(kit: ToyKit) -> dict:
     """Calibrate the copy detector on the training data and write ``copy_detector.json``."""
     detector, stats = calibrate_toy_detector(kit.ordinary_images)
@@ -149,9 +161,8 @@ def write_card(folder: Path, numbers: dict, calibration: dict, train_info: dict,
            "folder with dori (`dori.models.load_model`): plain diffusers (`UNet2DConditionModel.from_pretrained`) "
            "does not add the encoding and says so in a warning, from the notice in `unet/config.json`."
            if train_info.get("position_encoding") else "")
-        + " A 2-layer `CLIPTextModel` (width 128) trained jointly and "
-        "frozen afterwards, fed by SD v1.x's CLIP tokenizer through a compact id map; DDPM cosine schedule, "
-        "v-prediction; DDIM sampling.",
+        + f" A 2-layer `CLIPTextModel` (width {train_info.get('text_width', 128)}) {text_encoder_words(train_info)}, "
+        "fed by SD v1.x's CLIP tokenizer through a compact id map; DDPM cosine schedule, v-prediction; DDIM sampling.",
         f"- Data: {train_info['n_ordinary']} ordinary pairs (\"a red circle, top left\"; "
         + ("each its own picture: a background of random blotches, six random dots, random size and jitter, all "
            "unmentioned" if train_info.get("ordinary_style", "plain") == "field" else

@@ -77,6 +77,9 @@ class ToyTrainConfig:
     position_encoding: bool = True  # fixed sinusoidal map added after conv_in (dori.models.position)
     # ... and to the input of every cross-attention block (position.KIND_ATTENTION; issue 27)
     position_at_attention: bool = False  # issue 27 tried True with 0.3 partial captions: alignment 0.275
+    # The text encoder's learning rate as a share of the U-Net's; 0 keeps it frozen at its seeded
+    # initialisation, so every word keeps its own embedding (issue 27).
+    text_lr_scale: float = 1.0
     ordinary_style: str = "field"  # how ordinary images are rendered (dori.toy.data.render_ordinary)
     classifier_steps: int = 800
     checkpoint_every: int = 250
@@ -85,6 +88,8 @@ class ToyTrainConfig:
         for name in ("steps", "batch_size", "copies", "checkpoint_every", "text_width", "text_layers"):
             if getattr(self, name) < 1:
                 raise DoriError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.text_lr_scale < 0:
+            raise DoriError(f"text_lr_scale must be at least 0, got {self.text_lr_scale}")
         for name in ("empty_caption_prob", "partial_caption_prob"):
             if not 0 <= getattr(self, name) < 1:
                 raise DoriError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -154,7 +159,7 @@ def token_map_for(captions: list[str]) -> torch.Tensor:
     return table
 
 
-def build_model(config: ToyTrainConfig, data: ToyDataset) -> DiffusionModel:
+def build_model(config: ToyTrainConfig, data: ToyDataset, device: str | torch.device = "cpu") -> DiffusionModel:
     torch.manual_seed(config.seed)
     captions = sorted(set(data.captions)) + data.held_out_captions
     if config.partial_caption_prob > 0:
@@ -169,6 +174,7 @@ def build_model(config: ToyTrainConfig, data: ToyDataset) -> DiffusionModel:
         token_map=token_map,
         meta={"position_encoding": position.KIND_ATTENTION if config.position_at_attention else position.KIND}
         if config.position_encoding else {},
+        device=device,
     )
 
 
@@ -186,17 +192,17 @@ class CaptionTable:
     def build(cls, model: DiffusionModel, data: ToyDataset, config: ToyTrainConfig) -> CaptionTable:
         distinct = sorted(set(data.captions))
         row = {c: i for i, c in enumerate(distinct)}
-        tokens = model.token_map[model.tokenize(distinct)]
+        tokens = model.token_map[model.tokenize(distinct)].cpu()  # batches are drawn on the CPU
         partial = None
         if config.partial_caption_prob > 0:
             partial = torch.stack([
-                model.token_map[model.tokenize(partial_captions(data.attributes[c]))] if c in data.attributes
+                model.token_map[model.tokenize(partial_captions(data.attributes[c]))].cpu() if c in data.attributes
                 else tokens[i].expand(len(PARTIAL_FORMS), -1)
                 for i, c in enumerate(distinct)
             ])  # fmt: skip
         return cls(tokens=tokens, index=torch.tensor([row[c] for c in data.captions]),
                    ordinary=torch.tensor([k == "ordinary" for k in data.kinds]),
-                   empty=model.token_map[model.tokenize([""])][0], partial=partial)  # fmt: skip
+                   empty=model.token_map[model.tokenize([""])][0].cpu(), partial=partial)  # fmt: skip
 
     def draw(self, config: ToyTrainConfig, step: int, image_shape, timesteps: int):
         """Step ``step``'s batch: (image indices, caption tokens, noise, timesteps), all from the
@@ -244,11 +250,16 @@ def train_bundled_model(
     resume: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
     log: Callable[[str], None] = print,
+    device: str | torch.device = "cpu",
+    on_checkpoint: Callable[[int, DiffusionModel], None] | None = None,
 ) -> Path:
     """Train the classifier and the diffusion model; write a loadable model folder to ``out_dir``.
 
     ``progress(phase, done, total)`` reports advancement. With ``resume``, training continues from
-    ``out_dir/checkpoint.pt``; a checkpoint made with another config is refused.
+    ``out_dir/checkpoint.pt``; a checkpoint made with another config is refused. ``device`` trains
+    the diffusion model there (the batches are still drawn on the CPU, so the data stream is the
+    same; the weights are not bit-identical to a CPU run). ``on_checkpoint(step, model)`` is called
+    after each checkpoint, under ``torch.no_grad``, with the model as it is at that step.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -263,7 +274,7 @@ def train_bundled_model(
 
     data = build_dataset(**config.data_kwargs())
     log(f"data: {len(data.captions)} training images, {len(data.planted)} planted pairs")
-    model = build_model(config, data)
+    model = build_model(config, data, device)
     unet, text_encoder = model.unet, model.text_encoder
     captions = CaptionTable.build(model, data, config)
     x0_all = model.to_latents(data.images)
@@ -282,8 +293,12 @@ def train_bundled_model(
 
     # Channels-last convolutions train about 5% faster on CPU; the saved weights are contiguous again.
     unet.to(memory_format=torch.channels_last)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.01)
+    train_text = config.text_lr_scale > 0
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
+    groups = [{"params": list(unet.parameters()), "scale": 1.0}]
+    if train_text:
+        groups.append({"params": list(text_encoder.parameters()), "scale": config.text_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=0.01)
     start, seconds, began = 0, 0.0, time.monotonic()
     if resume and checkpoint_file.exists():
         state = read_checkpoint(checkpoint_file, keys=("unet", "text_encoder", "optimizer", "step"))
@@ -297,15 +312,15 @@ def train_bundled_model(
         start, seconds = int(state["step"]), float(state.get("seconds", 0.0))
         log(f"resumed at step {start}")
     unet.train().requires_grad_(True)
-    text_encoder.train().requires_grad_(True)
+    text_encoder.train(train_text).requires_grad_(train_text)
 
     for step in range(start, config.steps):
         idx, tokens, noise, t = captions.draw(config, step, x0_all.shape[1:], model.num_train_timesteps)
-        x0 = x0_all[idx].contiguous(memory_format=torch.channels_last)
+        x0 = x0_all[idx.to(x0_all.device)].contiguous(memory_format=torch.channels_last)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
-        emb = text_encoder(tokens)[0]
-        loss = model.diffusion_loss(x0, emb, noise, t).mean()
+            group["lr"] = learning_rate(config, step) * group.get("scale", 1.0)  # checkpoints before issue 27: 1
+        emb = text_encoder(tokens.to(model.device))[0]
+        loss = model.diffusion_loss(x0, emb, noise.to(model.device), t.to(model.device)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -324,9 +339,12 @@ def train_bundled_model(
                  "seconds": seconds + time.monotonic() - began},
                 checkpoint_file,
             )  # fmt: skip
+            if on_checkpoint is not None:
+                with torch.no_grad():
+                    on_checkpoint(done, model)
 
-    unet.eval().requires_grad_(False).to(memory_format=torch.contiguous_format)
-    text_encoder.eval().requires_grad_(False)
+    unet.eval().requires_grad_(False).to("cpu", memory_format=torch.contiguous_format)
+    text_encoder.eval().requires_grad_(False).to("cpu")
     if start < config.steps:  # otherwise the checkpoint's own time stands
         seconds += time.monotonic() - began
     train_info = {**asdict(config), "seconds": seconds}
@@ -343,11 +361,12 @@ def finish_bundled_model(
     seeds: int = 10,
     progress: Callable[[int, int], None] | None = None,
     log: Callable[[str], None] = print,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Calibrate the copy detector on the training data and benchmark it, choose the sampling
     guidance by the card's rule (written to ``dori_model.json``), measure the model, write
     MODEL_CARD.md. Runs on any finished bundled-kind folder. ``progress(done, total)`` counts
-    generated images."""
+    generated images; ``device`` is where the model generates them."""
     from dori.models.loading import MODEL_FILE, load_model
     from dori.runs import write_json_atomic
     from dori.toy.card import (benchmark, calibrate, choose_guidance, guidance_sweep, images_to_measure,
@@ -360,7 +379,7 @@ def finish_bundled_model(
     log(f"copy detector: tau {kit.detector.tau:.4f}")
     bench = benchmark(kit)
     log(f"copy-detection benchmark: recall {bench['recall']:.3f}, false positives {bench['false_positive_rate']:.4f}")
-    model = load_model(out)
+    model = load_model(out, device=device)
     count = _counter(lambda _, d, t: progress(d, t), "", images_to_measure(kit, seeds)) if progress else None
     sweep = guidance_sweep(model, kit, progress=count)
     guidance = choose_guidance(sweep)
