@@ -41,7 +41,10 @@ def table(folders: list[Path], shipped: bool) -> str:
     first = card_settings(folders[0] if folders else SHIPPED)
     lines = [
         f"Each row: `dori toy train --seed S` and its card (DDIM {first['steps']}, {first['seeds']} seeds per "
-        "caption, the guidance chosen by the card's rule); `python tools/recipe_seeds.py` reads them.",
+        "caption, the guidance chosen by the card's rule); `python tools/recipe_seeds.py` reads them. Text encoder "
+        "'trained': jointly with the U-Net (the fourth recipe, the shipped model's); 'frozen at init': never trained "
+        "(the fifth recipe, `dori toy train`'s default since issue 27). Training times are on this project's 2-core "
+        "machine.",
         "",
         "| seed | partial captions | position encoding | text encoder | steps | training (min) | guidance | memorized MR (similarity) | non-memorized MR | "
         "held-out alignment | non-memorized alignment | held-out FD | detector recall / false positives | tau |",
