@@ -1,4 +1,4 @@
-"""The bundled model's synthetic data and recipe pieces (cheap, no training)."""
+"""The bundled model's synthetic data and recipe pieces (cheap: at most two training steps of a tiny U-Net)."""
 
 from __future__ import annotations
 

@@ -119,7 +119,7 @@ def work(name: str, overrides: dict, seed: int, out: str, device: str, eval_at: 
 
 def table(rows: list[dict], guidances: list[float]) -> str:
     head = ["variant", "seed", "step", *(f"held-out @{g:g}" for g in guidances), "side / half / shape wrong",
-            "non-mem.", "mem. sim.", "min"]  # fmt: skip
+            "non-mem.", "mem. sim.", "wall (min)"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: (r["variant"], r["seed"], r["step"])):
         e = r[f"errors@{guidances[0]:g}"]
