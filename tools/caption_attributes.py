@@ -67,27 +67,30 @@ def text_moves(model, held: list[tuple[str, str, str]]) -> None:
         print(f"| {name} | {mean(own)} | {mean(after)} | {mean(padding)} |")
 
 
+def error_shares(truth: torch.Tensor, predicted: torch.Tensor) -> dict[str, float]:
+    """Share of generations with the wrong shape, colour, side (left/right) or half (top/bottom),
+    from (shape, colour, position) label rows as :meth:`ToyKit.labels` gives them."""
+    positions = [p.split() for p in POSITIONS]
+    errors = Counter()
+    for t, q in zip(truth.tolist(), predicted.tolist()):
+        errors["shape"] += t[0] != q[0]
+        errors["colour"] += t[1] != q[1]
+        errors["side"] += positions[t[2]][1] != positions[q[2]][1]
+        errors["half"] += positions[t[2]][0] != positions[q[2]][0]
+    return {k: errors[k] / len(truth) for k in ("shape", "colour", "side", "half")}
+
+
 def alignment_errors(model, kit: ToyKit, held: list[str], seeds: int, steps: int, guidances: list[float]) -> None:
     print(f"\nHeld-out generations, {seeds} seeds, DDIM {steps}:")
     print("| guidance | alignment | wrong shape | wrong colour | wrong side (left/right) | wrong half (top/bottom) |")
     print("|---|---|---|---|---|---|")
-    positions = list(POSITIONS)
     for guidance in guidances:
         images = model.generate(model.encode(held), list(range(seeds)), steps=steps, guidance=guidance)
-        captions = [p for p in held for _ in range(seeds)]
-        truth = torch.tensor([kit.labels(p) for p in captions])
+        truth = torch.tensor([kit.labels(p) for p in held for _ in range(seeds)])
         predicted = kit.classifier.predict(images)
-        errors = Counter()
-        for t, q in zip(truth.tolist(), predicted.tolist()):
-            errors["shape"] += t[0] != q[0]
-            errors["colour"] += t[1] != q[1]
-            true_pos, got = positions[t[2]].split(), positions[q[2]].split()
-            errors["side"] += true_pos[1] != got[1]
-            errors["half"] += true_pos[0] != got[0]
-        n = len(captions)
+        e = error_shares(truth, predicted)
         aligned = float((predicted == truth).all(1).float().mean())
-        print(f"| {guidance:g} | {aligned:.3f} | {errors['shape'] / n:.3f} | {errors['colour'] / n:.3f} | "
-              f"{errors['side'] / n:.3f} | {errors['half'] / n:.3f} |")
+        print(f"| {guidance:g} | {aligned:.3f} | {e['shape']:.3f} | {e['colour']:.3f} | {e['side']:.3f} | {e['half']:.3f} |")
 
 
 def main() -> None:

@@ -51,25 +51,17 @@ def parse_variant(text: str) -> tuple[str, dict]:
 def evaluate(model, kit, step: int, guidances: list[float]) -> dict:
     import torch
 
+    from caption_attributes import error_shares  # beside this file
     from dori.measure.similarity import ToyCopyDetector
-    from dori.toy.data import POSITIONS
 
     row: dict = {"step": step}
     held = [r["prompt"] for r in kit.prompt_set("held_out")]
-    positions = list(POSITIONS)
     for guidance in guidances:
         images = model.generate(model.encode(held), list(range(10)), steps=20, guidance=guidance)
         truth = torch.tensor([kit.labels(p) for p in held for _ in range(10)])
         got = kit.classifier.predict(images)
-        side = [positions[t].split()[1] != positions[g].split()[1] for t, g in zip(truth[:, 2].tolist(), got[:, 2].tolist())]
-        half = [positions[t].split()[0] != positions[g].split()[0] for t, g in zip(truth[:, 2].tolist(), got[:, 2].tolist())]
         row[f"held_out@{guidance:g}"] = float((got == truth).all(1).float().mean())
-        row[f"errors@{guidance:g}"] = {
-            "shape": float((got[:, 0] != truth[:, 0]).float().mean()),
-            "colour": float((got[:, 1] != truth[:, 1]).float().mean()),
-            "side": sum(side) / len(side),
-            "half": sum(half) / len(half),
-        }
+        row[f"errors@{guidance:g}"] = error_shares(truth, got)
     ordinary = [r["prompt"] for r in kit.prompt_set("non_memorized")]
     images = model.generate(model.encode(ordinary), list(range(4)), steps=20, guidance=guidances[0])
     row["non_memorized"] = kit.alignment(images, [p for p in ordinary for _ in range(4)])
