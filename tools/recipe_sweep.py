@@ -71,7 +71,7 @@ def evaluate(model, kit, step: int, guidances: list[float]) -> dict:
     detector = ToyCopyDetector(tau=1.0)
     planted = detector.embed(torch.stack([kit.references(r["prompt"])[0] for r in titles]))
     own = planted.repeat_interleave(4, dim=0)
-    row["memorized_similarity"] = float(detector.similarity(detector.embed(images), own).diagonal().mean())
+    row["memorized_similarity"] = float(detector.paired_similarity(detector.embed(images), own).mean())
     return row
 
 

@@ -34,7 +34,7 @@ from dori.report_images import save_grid
 from dori.runs import read_checkpoint, read_tensors, save_tensors_atomic, save_torch_atomic, write_json_atomic
 from dori.stages.mitigate import before_and_after, write_results
 from dori.unlearn.surrogates import make_surrogates
-from dori.unlearn.training import TrainState, train_unet
+from dori.unlearn.training import TrainState, refuse_float16, train_unet
 
 KEEP_TRIES = 8  # SISS: generations per prompt among which the kept (non-copy) images are chosen
 ANCHOR_IMAGES = 8  # CA: anchor images generated per prompt before fine-tuning
@@ -46,9 +46,7 @@ def run_erasure(config, model: DiffusionModel, out: Path, prompts: PromptSet, re
     the unmitigated numbers when a baseline run gave them)."""
     shards = Shards()
     erasure = carried(ErasureConfig, config, renamed={"steps": "finetune_steps"}).resolved(model)
-    if model.dtype == torch.float16:  # checked here, before any work (the loop refuses it too)
-        raise DoriError("these fine-tuning methods train in float32 or bfloat16 (float16 needs a loss scale, which "
-                        "they do not keep); use --dtype bfloat16")  # fmt: skip
+    refuse_float16(model)  # before any work (the loop refuses it too)
     anchors = _anchors(config, model, prompts) if erasure.method == "ca" else None
     evaluation = dict(seeds=config.seeds, steps=config.steps, guidance=config.guidance, batch_size=config.batch_size)
     util = dict(seeds=config.utility_seeds, steps=config.steps, guidance=config.guidance, batch_size=config.batch_size,

@@ -51,6 +51,13 @@ def parameter_group(model: DiffusionModel, which: str) -> list[tuple[str, nn.Par
     raise DoriError(f"unknown parameter group {which!r}; use full, xattn or kv")
 
 
+def refuse_float16(model: DiffusionModel) -> None:
+    """These loops keep no loss scale, so a float16 model is refused (callers check it before any work)."""
+    if model.dtype == torch.float16:
+        raise DoriError("these fine-tuning methods train in float32 or bfloat16 (float16 needs a loss scale, which "
+                        "they do not keep); use --dtype bfloat16")  # fmt: skip
+
+
 def train_unet(
     model: DiffusionModel,
     params: str,
@@ -68,9 +75,7 @@ def train_unet(
 ) -> TrainState:
     """Train ``model.unet``'s ``params`` group in place for ``steps`` steps (see the module docstring)."""
     rank, world = (shards.rank, shards.world) if shards is not None else (0, 1)
-    if model.dtype == torch.float16:
-        raise DoriError("these fine-tuning methods train in float32 or bfloat16 (float16 needs a loss scale, which "
-                        "they do not keep); use --dtype bfloat16")  # fmt: skip
+    refuse_float16(model)
     state = state or TrainState()
     with model.fp32_weights():
         group = parameter_group(model, params)
