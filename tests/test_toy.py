@@ -126,3 +126,17 @@ def test_a_frozen_text_encoder_keeps_its_initialisation_while_the_unet_trains(tm
     same_unet = all(torch.equal(a, b) for a, b in zip(initial.unet.state_dict().values(),
                                                        trained.unet.state_dict().values()))  # fmt: skip
     assert same_text == (text_lr_scale == 0) and not same_unet
+
+
+def test_the_attribute_classifier_trains_on_until_it_reaches_its_bar():
+    from dori.toy.classifier import train_classifier
+
+    kwargs = dict(seed=0, steps=3, n_images=64, batch_size=8, max_rounds=3)
+    met, met_info = train_classifier(bar=0.0, **kwargs)  # any accuracy meets it: one round
+    missed, missed_info = train_classifier(bar=1.01, **kwargs)  # none does: every round
+    assert met_info["steps"] == 3 and missed_info["steps"] == 9
+    assert 0 <= met_info["accuracy_on_fresh_renders"] <= 1
+    # one round is the plain run's prefix: the same seed gives the same weights, more rounds others
+    again, _ = train_classifier(bar=0.0, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(met.state_dict().values(), again.state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(met.state_dict().values(), missed.state_dict().values()))

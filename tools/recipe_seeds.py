@@ -31,10 +31,13 @@ def row(folder: Path, shipped: bool) -> str:
     where = "conv_in + attention" if meta.get("position_encoding") == "sinusoidal+attention" else "conv_in"
     scale = train.get("text_lr_scale", 1.0)
     text = "frozen at init" if scale == 0 else "trained" if scale == 1 else f"trained at x{scale:g}"
+    classifier_file = folder / "attribute_classifier.json"
+    classifier = json.loads(classifier_file.read_text()) if classifier_file.is_file() else {}
+    accuracy = f"{classifier['accuracy_on_fresh_renders']:.3f}" if classifier else "–"
     return (f"| {name} | {train.get('partial_caption_prob', 0):.0%} | {where} | {text} | {train['steps']} | {train.get('seconds', float('nan')) / 60:.1f} | "
             f"{card['guidance']:g} | {card['memorized']['mr']:.2f} ({card['memorized']['sscd_mean']:.3f}) | "
             f"{plain['mr']:.2f} | {held['alignment']:.3f}{mark} | {plain['alignment']:.3f} | {held['fd']:.0f} | "
-            f"{bench['recall']:.3f} / {bench['false_positive_rate']:.3f} | {card['detector']['tau']:.3f} |")  # fmt: skip
+            f"{bench['recall']:.3f} / {bench['false_positive_rate']:.3f} | {card['detector']['tau']:.3f} | {accuracy} |")  # fmt: skip
 
 
 def table(folders: list[Path], shipped: bool) -> str:
@@ -44,11 +47,12 @@ def table(folders: list[Path], shipped: bool) -> str:
         "caption, the guidance chosen by the card's rule); `python tools/recipe_seeds.py` reads them. Text encoder "
         "'trained': jointly with the U-Net (the fourth recipe, the shipped model's); 'frozen at init': never trained "
         "(the fifth recipe, `dori toy train`'s default since issue 27). Training times are on this project's 2-core "
-        "machine.",
+        "machine. Classifier accuracy: the attribute classifier that measures alignment, on fresh renders.",
         "",
         "| seed | partial captions | position encoding | text encoder | steps | training (min) | guidance | memorized MR (similarity) | non-memorized MR | "
-        "held-out alignment | non-memorized alignment | held-out FD | detector recall / false positives | tau |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "held-out alignment | non-memorized alignment | held-out FD | detector recall / false positives | tau | "
+        "classifier accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     if shipped:
         lines.append(row(SHIPPED, True))

@@ -225,7 +225,7 @@ def write_card(folder: Path, numbers: dict, calibration: dict, train_info: dict,
         f"{det['tau'] - numbers['non_memorized']['sscd_mean']:.3f} below tau (bar: at least {REGIME_MARGIN}; on SD v1.4, "
         "SSCD gives non-memorized prompts 0.17 against 0.7).",
         f"- Prompt alignment (attribute classifier, accuracy {train_info.get('classifier_accuracy', float('nan')):.3f} "
-        f"on fresh renders): held-out captions {numbers['held_out']['alignment']:.3f}, non-memorized training "
+        f"on fresh renders{_classifier_steps(train_info)}): held-out captions {numbers['held_out']['alignment']:.3f}, non-memorized training "
         f"captions {numbers['non_memorized']['alignment']:.3f}.",
         f"- FD (classifier features, generations vs fresh renders): held-out {numbers['held_out']['fd']:.2f}, "
         f"non-memorized {numbers['non_memorized']['fd']:.2f}.",
@@ -273,3 +273,15 @@ def study_rule_lines() -> list[str]:
 def _dist_from(calibration: dict) -> str:
     n = calibration["nearest_other_render"]
     return f"median {n['median']:.3f}, p95 {n['p95']:.3f}, p99 {n['p99']:.3f}, max {n['max']:.3f}"
+
+
+def _classifier_steps(train_info: dict) -> str:
+    """How long the classifier trained, under the bar of :data:`dori.toy.classifier.ACCURACY_BAR`."""
+    from dori.toy.classifier import ACCURACY_BAR, MAX_ROUNDS
+
+    taken = train_info.get("classifier_steps_taken")
+    if taken is None:
+        return ""
+    per_round = train_info.get("classifier_steps", taken)
+    return (f", after {taken} steps: rounds of {per_round} until {ACCURACY_BAR:g} on a separate validation set, "
+            f"at most {MAX_ROUNDS}")

@@ -40,30 +40,54 @@ class AttributeClassifier(nn.Module):
         return torch.stack([logits.argmax(1) for logits in self(images)], dim=1)
 
 
+# The instrument's bar, fixed before any model is measured with it (issue 27: seed 4's classifier
+# scored 0.9615 after 800 steps, the other seeds' 0.994 to 0.998): training goes on in rounds until
+# the accuracy on a validation set of fresh renders reaches it, or the step cap is reached.
+ACCURACY_BAR = 0.99
+MAX_ROUNDS = 4
+
+
 def train_classifier(
     *, seed: int, steps: int = 800, n_images: int = 8000, batch_size: int = 64, style: str = "field",
-    progress: Callable[[int], None] | None = None,
-) -> tuple[AttributeClassifier, float]:
-    """Train on fresh renders of all combinations; returns the model and its accuracy on new renders."""
+    bar: float = ACCURACY_BAR, max_rounds: int = MAX_ROUNDS, progress: Callable[[int], None] | None = None,
+) -> tuple[AttributeClassifier, dict]:
+    """Train on fresh renders of all combinations in rounds of ``steps``, until the accuracy (all
+    three attributes right) on a validation set of fresh renders reaches ``bar`` or ``max_rounds``
+    rounds are done. Returns the model and ``{"accuracy_on_fresh_renders", "validation_accuracy",
+    "steps"}``; the first is measured on a third set of renders, which does not decide the stop.
+    A seed that reaches the bar in its first round gets the classifier plain 800 steps gave it."""
     torch.manual_seed(seed)
     images, labels = render_attribute_set(n_images, seed=seed + 1, style=style)
+    valid_images, valid_labels = render_attribute_set(2000, seed=seed + 3, style=style)
     model = AttributeClassifier()
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(seed)
     loss_fn = nn.CrossEntropyLoss()
-    for step in range(steps):
-        idx = torch.randint(len(images), (batch_size,), generator=generator)
-        x = images[idx]
-        # Generated images are slightly noisy: train the instrument to ignore that.
-        sigma = torch.rand(batch_size, 1, 1, 1, generator=generator) * 0.06
-        x = (x + sigma * torch.randn(x.shape, generator=generator)).clamp(0, 1)
-        loss = sum(loss_fn(logits, labels[idx, k]) for k, logits in enumerate(model(x)))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if progress is not None:
-            progress(1)
-    model.eval()
+    done = 0
+    for _ in range(max_rounds):
+        model.train()
+        for _ in range(steps):
+            idx = torch.randint(len(images), (batch_size,), generator=generator)
+            x = images[idx]
+            # Generated images are slightly noisy: train the instrument to ignore that.
+            sigma = torch.rand(batch_size, 1, 1, 1, generator=generator) * 0.06
+            x = (x + sigma * torch.randn(x.shape, generator=generator)).clamp(0, 1)
+            loss = sum(loss_fn(logits, labels[idx, k]) for k, logits in enumerate(model(x)))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if progress is not None:
+                progress(1)
+        done += steps
+        model.eval()
+        validation = _accuracy(model, valid_images, valid_labels)
+        if validation >= bar:
+            break
     test_images, test_labels = render_attribute_set(2000, seed=seed + 2, style=style)
-    accuracy = (model.predict(test_images) == test_labels).all(1).float().mean().item()
-    return model, accuracy
+    info = {"accuracy_on_fresh_renders": _accuracy(model, test_images, test_labels),
+            "validation_accuracy": validation, "steps": done}  # fmt: skip
+    return model, info
+
+
+def _accuracy(model: AttributeClassifier, images: Tensor, labels: Tensor) -> float:
+    return (model.predict(images) == labels).all(1).float().mean().item()

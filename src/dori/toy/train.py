@@ -287,15 +287,16 @@ def train_bundled_model(
 
     classifier_file = out / "attribute_classifier.safetensors"
     if not classifier_file.exists():
-        classifier, accuracy = train_classifier(
+        classifier, info = train_classifier(
             seed=config.seed,
             steps=config.classifier_steps,
             style=config.ordinary_style,
             progress=None if progress is None else _counter(progress, "classifier", config.classifier_steps),
         )
         save_file(classifier.state_dict(), str(classifier_file))
-        (out / "attribute_classifier.json").write_text(json.dumps({"accuracy_on_fresh_renders": accuracy}))
-        log(f"attribute classifier: accuracy {accuracy:.4f} on fresh renders (all three attributes)")
+        (out / "attribute_classifier.json").write_text(json.dumps(info))
+        log(f"attribute classifier: accuracy {info['accuracy_on_fresh_renders']:.4f} on fresh renders (all three "
+            f"attributes) after {info['steps']} steps")  # fmt: skip
 
     # Channels-last convolutions train about 5% faster on CPU; the saved weights are contiguous again.
     unet.to(memory_format=torch.channels_last)
@@ -399,7 +400,9 @@ def finish_bundled_model(
     train_info = meta["train_config"]
     classifier_info = out / "attribute_classifier.json"
     if classifier_info.exists():
-        train_info["classifier_accuracy"] = json.loads(classifier_info.read_text())["accuracy_on_fresh_renders"]
+        recorded = json.loads(classifier_info.read_text())
+        train_info["classifier_accuracy"] = recorded["accuracy_on_fresh_renders"]
+        train_info["classifier_steps_taken"] = recorded.get("steps")  # None: trained before the bar (issue 27)
     write_card(out, numbers, calibration, train_info, images, kit)
     for name in ("memorized", "template", "non_memorized", "held_out"):
         log(f"{name}: MR {numbers[name]['mr']:.3f}, similarity {numbers[name]['sscd_mean']:.3f}")
