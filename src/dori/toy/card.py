@@ -225,8 +225,8 @@ def write_card(folder: Path, numbers: dict, calibration: dict, train_info: dict,
         f"{det['tau'] - numbers['non_memorized']['sscd_mean']:.3f} below tau (bar: at least {REGIME_MARGIN}; on SD v1.4, "
         "SSCD gives non-memorized prompts 0.17 against 0.7).",
         f"- Prompt alignment (attribute classifier, accuracy {train_info.get('classifier_accuracy', float('nan')):.3f} "
-        f"on fresh renders{_classifier_steps(train_info)}): held-out captions {numbers['held_out']['alignment']:.3f}, non-memorized training "
-        f"captions {numbers['non_memorized']['alignment']:.3f}.",
+        f"on fresh renders{_classifier_steps(train_info)}): held-out captions {numbers['held_out']['alignment']:.3f}, "
+        f"non-memorized training captions {numbers['non_memorized']['alignment']:.3f}.",
         f"- FD (classifier features, generations vs fresh renders): held-out {numbers['held_out']['fd']:.2f}, "
         f"non-memorized {numbers['non_memorized']['fd']:.2f}.",
         f"- Noise-difference norm, first step, 4 seeds: planted (VM+TM) {_dist(nn['memorized'])}; ordinary "
