@@ -244,7 +244,7 @@ def _counter(progress: Callable[[str, int, int], None], phase: str, total: int) 
     def advance(n: int) -> None:
         nonlocal done
         done += n
-        progress(phase, done, total)
+        progress(phase, done, max(done, total))  # the classifier may train past its first round
 
     return advance
 
