@@ -14,6 +14,7 @@ from dori.measure.similarity import calibrate_toy_detector
 from dori.models.base import DiffusionModel
 from dori.report_images import save_grid
 from dori.runs import write_json_atomic
+from dori.toy.classifier import ACCURACY_BAR, MAX_ROUNDS
 from dori.toy.copy_benchmark import benchmark_lines, run_copy_benchmark
 from dori.toy.kit import DETECTOR_FILE, ToyKit
 
@@ -277,8 +278,6 @@ def _dist_from(calibration: dict) -> str:
 
 def _classifier_steps(train_info: dict) -> str:
     """How long the classifier trained, under the bar of :data:`dori.toy.classifier.ACCURACY_BAR`."""
-    from dori.toy.classifier import ACCURACY_BAR, MAX_ROUNDS
-
     taken = train_info.get("classifier_steps_taken")
     if taken is None:
         return ""
