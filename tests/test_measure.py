@@ -10,7 +10,7 @@ import torch
 from dori.configs import DetectConfig, ReplicateConfig
 from dori.errors import DoriError
 from dori.measure.detection import roc_auc, tpr_at_fpr
-from dori.measure.similarity import calibrate_toy_detector, gaussian_blur, ssim
+from dori.measure.similarity import calibrate_toy_detector, gaussian_blur, ms_ssim
 from dori.stages.detect import run_detect
 from dori.stages.replicate import run_replicate
 
@@ -24,10 +24,10 @@ def test_roc_auc_and_tpr():
     assert tpr_at_fpr([200], [1, 2, 3]) == 1.0
 
 
-def test_ssim_identity_and_difference():
+def test_ms_ssim_identity_and_difference():
     a = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(ssim(a, a), torch.ones(2))
-    assert (ssim(a, a.flip(0)) < 0.5).all()
+    assert torch.allclose(ms_ssim(a, a), torch.ones(2))
+    assert (ms_ssim(a, a.flip(0)) < 0.5).all()
 
 
 def test_toy_detector_separates_copies_from_other_images():

@@ -126,12 +126,12 @@ def weight_agreement_view(model: DiffusionModel, groups: list[Tensor], mem: Tens
     from dori.mitigate.wanda import WandaConfig, wanda_masks
     from dori.mitigate.nemo_reference import nemo_reference
 
+    nemo_config = NemoConfig(batch_size=max(config.batch_size, 10))  # NeMo's own 50-step schedule
     stats, threshold = nemo_reference(model, reference_prompts=config.reference_prompts, stats=config.stats,
-                                      threshold=config.threshold, steps=config.eval_steps, say=say)  # fmt: skip
+                                      threshold=config.threshold, steps=nemo_config.steps, say=say)  # fmt: skip
     every = torch.cat([*groups, mem])
     say(f"locality: NeMo on {len(every)} embeddings")
-    nemo = nemo_localize(model, every, stats, threshold,
-                         NemoConfig(steps=config.eval_steps, batch_size=max(config.batch_size, 10)))  # fmt: skip
+    nemo = nemo_localize(model, every, stats, threshold, nemo_config)
     wanda_sites = [s.name for s in (model.ffn_sites() if config.wanda_sites == "ffn" else model.value_sites())]
     say(f"locality: Wanda on {len(every)} embeddings")
     wanda = wanda_masks(model, [every[i : i + 1] for i in range(len(every))], sites=wanda_sites,

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from dori.measure.similarity import ssim
+from dori.measure.similarity import ms_ssim
 from dori.models.base import DiffusionModel, StepInfo
 
 
@@ -64,30 +64,76 @@ def _first_step(model, emb, seeds, steps, guidance, batch_size, callback) -> Non
         callback(model.step_info(0, timestep, rows, noise[rows], cond, uncond))
 
 
+# NeMo's check reads the noise map at the second DDIM timestep: the reference code's loop runs one
+# DDIM step from x_T and evaluates the next call (its ``early_stopping=1``), t = 961 on SD v1.4.
+NEMO_TIMESTEP_INDEX = 1
+# ... of a 50-step DDIM schedule (its ``--num_inference_steps``), whatever schedule the images are sampled with.
+NEMO_STEPS = 50
+
+
 @torch.no_grad()
-def consistency_scores(
-    model: DiffusionModel, emb: torch.Tensor, *, seeds: Sequence[int] = tuple(range(10)), steps: int = 50,
+def noise_maps(model: DiffusionModel, emb: torch.Tensor, noise: torch.Tensor, *, steps: int = NEMO_STEPS,
+               timestep_index: int = NEMO_TIMESTEP_INDEX) -> torch.Tensor:  # fmt: skip
+    """NeMo's noise map per row ``[B, C, H, W]``: conditional only (guidance 0), DDIM from ``noise``
+    for ``timestep_index`` steps, then ``eps(x_t, t, y) - x_t`` at that step's timestep, min-max
+    normalised per sample and channel. Any neuron mask active around the call acts on every U-Net
+    call, the first step's included, as the reference's hooks do. The prediction is taken in epsilon
+    space (the reference's raw output on SD v1.x; v-prediction models are converted)."""
+    scheduler = model.ddim_scheduler(steps)
+    index = min(timestep_index, len(scheduler.timesteps) - 1)
+    x_t = noise
+    for t in scheduler.timesteps[:index]:
+        x_t = scheduler.step(model.model_output(x_t, t, emb), t, x_t).prev_sample
+    maps = (model.predict_noise(x_t, scheduler.timesteps[index], emb) - x_t).float()
+    low = maps.amin(dim=(2, 3), keepdim=True)
+    high = maps.amax(dim=(2, 3), keepdim=True)
+    return (maps - low) / (high - low).clamp_min(1e-8)
+
+
+def seed_pairs(n: int) -> torch.Tensor:
+    """``[n(n-1)/2, 2]``: the seed pairs in torch.combinations' order."""
+    return torch.combinations(torch.arange(n), r=2)
+
+
+@torch.no_grad()
+def pairwise_consistency(
+    model: DiffusionModel, emb: torch.Tensor, *, seeds: Sequence[int] = tuple(range(10)), steps: int = NEMO_STEPS,
     batch_size: int = 64,
-) -> list[float]:
-    """NeMo's noise-pattern consistency: per embedding, the maximum pairwise SSIM between the
-    seeds' first-step maps ``eps(x_T, T, y) - x_T`` (conditional only, guidance 0), each map
-    min-max normalised per sample and channel. High for memorized prompts."""
-    timestep = model.ddim_scheduler(steps).timesteps[0]
+) -> list[list[float]]:
+    """NeMo's noise-pattern consistency: per embedding, the multi-scale SSIM of every pair of seeds'
+    noise maps (:func:`noise_maps`), in :func:`seed_pairs` order."""
     noise = model.initial_noise(seeds)
     n = len(seeds)
-    first, second = torch.triu_indices(n, n, offset=1)
-    scores = []
+    pairs = seed_pairs(n)
+    out: list[list[float]] = []
     per_batch = max(1, batch_size // n)
     for start in range(0, emb.shape[0], per_batch):
         chunk = emb[start : start + per_batch]
-        x_t = noise.repeat(chunk.shape[0], 1, 1, 1)
-        maps = (model.predict_noise(x_t, timestep, chunk.repeat_interleave(n, dim=0)) - x_t).float()
-        low = maps.amin(dim=(2, 3), keepdim=True)
-        high = maps.amax(dim=(2, 3), keepdim=True)
-        maps = ((maps - low) / (high - low).clamp_min(1e-8)).view(chunk.shape[0], n, *maps.shape[1:])
-        for prompt_maps in maps:
-            scores.append(float(ssim(prompt_maps[first], prompt_maps[second]).max()))
-    return scores
+        maps = noise_maps(model, chunk.repeat_interleave(n, dim=0), noise.repeat(chunk.shape[0], 1, 1, 1), steps=steps)
+        for prompt_maps in maps.view(chunk.shape[0], n, *maps.shape[1:]):
+            out.append(ms_ssim(prompt_maps[pairs[:, 0]], prompt_maps[pairs[:, 1]]).tolist())
+    return out
+
+
+def consistency_scores(model: DiffusionModel, emb: torch.Tensor, **kwargs) -> list[float]:
+    """Per embedding, the maximum pairwise SSIM of :func:`pairwise_consistency`: memorized when it
+    exceeds NeMo's threshold (equivalently, when any seed's best pair does)."""
+    return [max(pairs) for pairs in pairwise_consistency(model, emb, **kwargs)]
+
+
+def flagged_seeds(pair_scores: Sequence[float], n: int, threshold: float) -> list[bool]:
+    """The reference's seeds to look at: those whose best pairwise SSIM exceeds the threshold."""
+    pairs, scores = seed_pairs(n), torch.tensor(list(pair_scores))
+    best = [float(scores[(pairs == i).any(dim=1)].max()) for i in range(n)]
+    return [b > threshold for b in best]
+
+
+def nemo_threshold(pair_scores: Sequence[Sequence[float]]) -> float:
+    """NeMo's memorization threshold from ordinary prompts: the mean plus one standard deviation of
+    all their pairwise SSIM scores (the reference stores a [prompts, pairs] tensor and takes its
+    mean and std; 0.428 on SD v1.4), not of a per-prompt maximum."""
+    scores = torch.tensor([s for pairs in pair_scores for s in pairs], dtype=torch.float64)
+    return float(scores.mean() + (scores.std() if len(scores) > 1 else 0.0))
 
 
 def roc_auc(positive: Sequence[float], negative: Sequence[float]) -> float:
@@ -127,12 +173,17 @@ def summarize_detection(rows: list[dict]) -> dict:
         pos_all, neg_all = scores_by_set(rows, "noise_all_steps")
         summary["noise_norm_all_steps"] = {"auc": roc_auc(pos_all, neg_all), "tpr_at_1pct_fpr": tpr_at_fpr(pos_all, neg_all)}
     pos_s, neg_s = scores_by_set(rows, "ssim_max")
-    neg_t = torch.tensor(neg_s)
-    threshold = float(neg_t.mean() + (neg_t.std() if len(neg_s) > 1 else 0.0))
+    if any("ssim_pairs" not in r for r in rows):
+        from dori.errors import DoriError
+
+        raise DoriError("these detection scores predate NeMo's multi-scale SSIM check; run dori detect again "
+                        "into a new --out folder (without --resume)")  # fmt: skip
+    threshold = nemo_threshold([r["ssim_pairs"] for r in rows if r["set"] == "non_memorized"])
     summary["ssim"] = {
         "auc": roc_auc(pos_s, neg_s),
         "tpr_at_1pct_fpr": tpr_at_fpr(pos_s, neg_s),
         "threshold": threshold,
+        "threshold_rule": "mean + 1 std of every pairwise multi-scale SSIM over the non-memorized prompts",
         "memorized_flagged": float(sum(s > threshold for s in pos_s) / len(pos_s)),
         "non_memorized_flagged": float(sum(s > threshold for s in neg_s) / len(neg_s)),
     }

@@ -10,7 +10,7 @@
   threshold is calibrated on the training data (:func:`calibrate_toy_detector`) and checked by a
   benchmark of edited copies and distinct pictures (:mod:`dori.toy.copy_benchmark`).
 
-Also :func:`ssim`, the structural similarity used by NeMo's noise-pattern consistency check.
+Also :func:`ms_ssim`, the multi-scale structural similarity of NeMo's noise-pattern check (torchmetrics').
 """
 
 from __future__ import annotations
@@ -206,12 +206,36 @@ class SSCD:
         return {"name": self.name, "path": self.path, "convention": self.convention, "tau": self.tau}
 
 
-def ssim(a: Tensor, b: Tensor, *, sigma: float = 1.5, radius: int = 5, data_range: float = 1.0) -> Tensor:
-    """Mean structural similarity (Wang et al. 2004, Gaussian window) per pair, ``[N]``."""
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_a, mu_b = gaussian_blur(a, sigma, radius), gaussian_blur(b, sigma, radius)
-    var_a = gaussian_blur(a * a, sigma, radius) - mu_a**2
-    var_b = gaussian_blur(b * b, sigma, radius) - mu_b**2
-    cov = gaussian_blur(a * b, sigma, radius) - mu_a * mu_b
-    value = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return value.flatten(1).mean(1)
+# NeMo's SSIM: torchmetrics' multi-scale SSIM with the reference code's arguments (kernel 11, three
+# scales weighted 0.33 each, data range from the inputs, torchmetrics' default "relu" normalisation).
+MS_SSIM_KERNEL = 11
+MS_SSIM_BETAS = (0.33, 0.33, 0.33)
+
+
+def ms_ssim_settings(height: int, width: int) -> tuple[int, tuple[float, ...]]:
+    """The ``kernel_size`` and scale weights NeMo's multi-scale SSIM passes torchmetrics for
+    ``height x width`` maps.
+
+    torchmetrics' Gaussian window comes from sigma 1.5 (11 pixels, reflect-padded by 5) whatever
+    ``kernel_size`` says; ``kernel_size`` only feeds its size check. The rule, fixed for every
+    model: the reference's three scales wherever the coarsest scale keeps more than 5 pixels (SD's
+    64x64 latents, the bundled model's 32x32 images), else as many as do; ``kernel_size`` 11 where
+    the check admits it, else the largest odd value it admits (the window stays the same)."""
+    side = min(height, width)
+    for scales in range(len(MS_SSIM_BETAS), 0, -1):
+        if side >> (scales - 1) <= 5:
+            continue
+        divisor = max(1, scales - 1) ** 2
+        for kernel in range(MS_SSIM_KERNEL, 0, -2):
+            if side >= 2**scales and side // divisor > kernel - 1:
+                return kernel, MS_SSIM_BETAS[:scales]
+    raise DoriError(f"maps of {height}x{width} are too small for NeMo's multi-scale SSIM (at least 6x6 needed)")
+
+
+def ms_ssim(a: Tensor, b: Tensor) -> Tensor:
+    """NeMo's multi-scale SSIM per pair of maps ``[N, C, H, W]`` -> ``[N]`` (torchmetrics)."""
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
+
+    kernel, betas = ms_ssim_settings(*a.shape[-2:])
+    return multiscale_structural_similarity_index_measure(a.float(), b.float(), reduction="none",
+                                                          kernel_size=kernel, betas=betas)  # fmt: skip

@@ -1,14 +1,28 @@
 """NeMo: localising memorization neurons in the cross-attention value layers.
 
 Hintersdorf et al., "Finding NeMo: Localizing Neurons Responsible for Memorization in Diffusion
-Models", NeurIPS 2024. A neuron is one output channel of a value projection ``attn2.to_v`` in the
-down and mid blocks; its activation for a prompt is the mean over token positions of
-``|to_v(y)|``. Neurons whose activation is an outlier (z-score against non-memorized prompts) are
-deactivated until NeMo's SSIM consistency check says the prompt is no longer memorized; the
-selection is then pruned layer by layer and neuron by neuron.
+Models", NeurIPS 2024; the behaviour follows the authors' code point by point
+(ml-research/localizing_memorization_in_diffusion_models, ``3_detect_memorized_neurons.py`` and
+``utils/activation_detection.py``; docs/NEMO_WANDA.md lists every point and its test).
 
-All prompts are processed together: each prompt carries its own mask as a per-sample scale, so
-every consistency check of a round is one batched U-Net call.
+A neuron is one output channel of a value projection ``attn2.to_v`` in the down and mid blocks; its
+activation for a prompt is the mean over token positions of ``|to_v(y)|``.
+
+1. The check. Each seed's noise map (:func:`dori.measure.detection.noise_maps`, the second DDIM
+   timestep) is compared with every other seed's by multi-scale SSIM; the seeds whose best pair
+   exceeds the threshold are the prompt's memorized seeds (none: the prompt is not memorized).
+   A selection *still memorizes* when, on those seeds, the blocked model's map is more similar to
+   the unblocked model's map of the same seed than the threshold (maximum over the seeds).
+2. Initial selection: neurons with ``z = |a - mu| / sigma > theta`` plus the ``k`` neurons of each
+   layer with the largest raw activation; from theta 5 and k 0, each round that still memorizes
+   lowers theta by 0.25 and raises k by 1. The schedule gives up when theta reaches 1 (or k the
+   widest layer) and then refines against the SSIM it last reached instead of the threshold.
+3. Refinement: layers in reverse order, a layer's whole selection dropped if the SSIM stays
+   strictly below the threshold; then neuron by neuron, layers in reverse order and neurons in the
+   selection's own order (theta's in ascending index, then top-k's by activation).
+
+All prompts are processed together: each prompt carries its own mask as a per-sample scale, so a
+round of every prompt's trials is one batched pair of U-Net calls.
 """
 
 from __future__ import annotations
@@ -23,7 +37,8 @@ from torch import Tensor
 
 from dori.errors import DoriError
 from dori.interventions import mask_neurons
-from dori.measure.detection import consistency_scores
+from dori.measure.detection import NEMO_STEPS, flagged_seeds, noise_maps, seed_pairs
+from dori.measure.similarity import ms_ssim
 from dori.models.base import DiffusionModel
 
 Selection = dict[str, list[int]]  # site -> channels
@@ -87,72 +102,120 @@ def load_statistics(path: str | os.PathLike, model: DiffusionModel) -> ValueStat
 
 @dataclass(frozen=True)
 class NemoConfig:
+    """NeMo's search, with the reference code's defaults."""
+
     theta_start: float = 5.0
     theta_step: float = 0.25
     theta_min: float = 1.0
-    max_rounds: int | None = None  # None: until the check passes or every neuron of the sites is selected
+    k_start: int = 0
     seeds: int = 10
-    steps: int = 50
+    steps: int = NEMO_STEPS  # the schedule whose second timestep the check reads (961 on SD v1.4)
     batch_size: int = 100
+
+    def __post_init__(self) -> None:
+        if self.seeds < 2:
+            raise DoriError(f"NeMo compares pairs of seeds: seeds must be at least 2, got {self.seeds}")
+        if self.theta_step <= 0 or self.theta_start < self.theta_min:
+            raise DoriError("NeMo's theta schedule must fall from theta_start to theta_min by a positive step")
 
 
 @dataclass
 class NemoResult:
-    neurons: Selection  # the final selection
-    memorized_before: bool
-    mitigated: bool  # the SSIM check passes with the selection deactivated
+    neurons: Selection  # the final selection (each neuron once, in the search's order)
+    memorized_before: bool  # some seed's best pairwise SSIM exceeds the threshold
+    mitigated: bool  # memorized before, and the final selection's SSIM is at most the threshold
     initial_size: int  # neurons after the initial selection, before refinement
+    initial_ssim: float | None = None  # blocked-versus-unblocked SSIM of the initial selection
+    refined_ssim: float | None = None  # the same for the final selection
+    refinement_threshold: float | None = None  # the threshold, or the SSIM reached where the schedule gave up
+    rounds: int = 0  # rounds of the initial selection
+    memorized_seeds: list[int] | None = None  # the seeds whose best pair exceeds the threshold
 
 
 class _Checker:
-    """Runs NeMo's SSIM check for many (embedding, selection) pairs in one batched call."""
+    """The reference's blocked-versus-unblocked check, for many (prompt, selection) trials at once."""
 
-    def __init__(self, model: DiffusionModel, threshold: float, config: NemoConfig) -> None:
-        self.model, self.threshold, self.config = model, threshold, config
+    def __init__(self, model: DiffusionModel, emb: Tensor, config: NemoConfig) -> None:
+        self.model, self.emb, self.config = model, emb, config
         self.sites = [site.name for site in model.value_sites()]
         self.widths = {site.name: site.width for site in model.value_sites()}
-        self.seeds = list(range(config.seeds))
+        self.noise = model.initial_noise(list(range(config.seeds)))
+        self.vanilla: Tensor | None = None  # [P, seeds, C, H, W]
+        self.flagged: list[list[int]] = []
         self.calls = 0
 
-    def memorized(self, emb: Tensor, selections: list[Selection]) -> list[bool]:
-        out: list[bool] = []
-        per_call = max(1, self.config.batch_size // len(self.seeds))
-        for start in range(0, len(selections), per_call):
-            chunk = selections[start : start + per_call]
+    def maps(self, prompts: list[int], seeds: list[int], selections: list[Selection] | None) -> Tensor:
+        """Noise maps of ``prompts[i]`` at ``seeds[i]`` with ``selections[i]`` deactivated."""
+        out = []
+        for start in range(0, len(prompts), self.config.batch_size):
+            rows = range(start, min(start + self.config.batch_size, len(prompts)))
+            emb = self.emb[[prompts[r] for r in rows]]
+            noise = self.noise[[seeds[r] for r in rows]]
             scales = {}
-            for name in self.sites:
-                rows = torch.ones(len(chunk), self.widths[name], device=self.model.device, dtype=self.model.dtype)
-                for r, selection in enumerate(chunk):
-                    if selection.get(name):
-                        rows[r, selection[name]] = 0
-                scales[name] = rows.repeat_interleave(len(self.seeds), dim=0)
+            if selections is not None:
+                for name in self.sites:
+                    scale = torch.ones(len(rows), self.widths[name], device=self.model.device, dtype=self.model.dtype)
+                    for i, r in enumerate(rows):
+                        if selections[r].get(name):
+                            scale[i, selections[r][name]] = 0
+                    scales[name] = scale
             with mask_neurons(self.model, scales) as handle:
-                scores = consistency_scores(self.model, emb[start : start + len(chunk)], seeds=self.seeds,
-                                            steps=self.config.steps, batch_size=len(chunk) * len(self.seeds))  # fmt: skip
+                out.append(noise_maps(self.model, emb, noise, steps=self.config.steps))
             self.calls += handle.total
-            out.extend(score > self.threshold for score in scores)
-        return out
+        return torch.cat(out)
+
+    def baseline(self, threshold: float) -> list[bool]:
+        """The unblocked maps of every prompt and seed, and each prompt's memorized seeds."""
+        n, seeds = self.emb.shape[0], self.config.seeds
+        maps = self.maps([p for p in range(n) for _ in range(seeds)], list(range(seeds)) * n, None)
+        self.vanilla = maps.view(n, seeds, *maps.shape[1:])
+        pairs = seed_pairs(seeds)
+        self.flagged = []
+        for prompt_maps in self.vanilla:
+            scores = ms_ssim(prompt_maps[pairs[:, 0]], prompt_maps[pairs[:, 1]]).tolist()
+            self.flagged.append([s for s, hit in enumerate(flagged_seeds(scores, seeds, threshold)) if hit])
+        return [bool(f) for f in self.flagged]
+
+    def ssim(self, prompts: list[int], selections: list[Selection]) -> list[float]:
+        """Per trial, the maximum over the prompt's memorized seeds of the multi-scale SSIM between
+        the blocked and the unblocked map of the same seed."""
+        rows = [(i, s) for i, p in enumerate(prompts) for s in self.flagged[p]]
+        if not rows:
+            return []
+        blocked = self.maps([prompts[i] for i, _ in rows], [s for _, s in rows], [selections[i] for i, _ in rows])
+        vanilla = torch.stack([self.vanilla[prompts[i], s] for i, s in rows])
+        scores = ms_ssim(vanilla, blocked)
+        best = [float("-inf")] * len(prompts)
+        for (i, _), score in zip(rows, scores.tolist()):
+            best[i] = max(best[i], score)
+        return best
 
 
-def _select(z: list[Tensor], sites: list[str], theta: float, k: int) -> Selection:
+def _select(z: list[Tensor], acts: list[Tensor], sites: list[str], theta: float, k: int) -> Selection:
+    """The reference's initial selection: per layer, the neurons with z-score above ``theta`` in
+    ascending index, then the ``k`` largest raw activations in descending order (a neuron may
+    appear twice, as in the reference's lists)."""
     selection = {}
-    for name, scores in zip(sites, z):
-        chosen = scores > theta
-        if k > 0:
-            chosen[scores.topk(min(k, len(scores))).indices] = True
-        if chosen.any():
-            selection[name] = torch.nonzero(chosen).flatten().tolist()
+    for name, scores, act in zip(sites, z, acts):
+        chosen = torch.nonzero(scores > theta).flatten().tolist()
+        chosen += act.abs().topk(min(k, len(act))).indices.tolist()
+        if chosen:
+            selection[name] = chosen
     return selection
 
 
 def _size(selection: Selection) -> int:
-    return sum(len(channels) for channels in selection.values())
+    return sum(len(set(channels)) for channels in selection.values())
 
 
 def _without(selection: Selection, name: str, channel: int | None = None) -> Selection:
-    out = {k: list(v) for k, v in selection.items() if k != name or channel is not None}
-    if channel is not None:
-        out[name] = [c for c in out[name] if c != channel]
+    """A copy of ``selection`` without layer ``name``, or without the first occurrence of one of
+    its channels (the reference's ``list.remove``)."""
+    out = {k: list(v) for k, v in selection.items()}
+    if channel is None:
+        out.pop(name, None)
+    else:
+        out[name].remove(channel)
         if not out[name]:
             del out[name]
     return out
@@ -168,63 +231,74 @@ def nemo_localize(
     progress: Callable[[str], None] | None = None,
 ) -> list[NemoResult]:
     """NeMo's neuron selection for each embedding in ``emb`` ``[P, L, D]`` (all prompts batched)."""
-    check = _Checker(model, threshold, config)
+    check = _Checker(model, emb, config)
     sites = check.sites
     if len(sites) != len(stats.mean):
         raise DoriError("the statistics were computed for another set of value sites")
+    say = progress or (lambda message: None)
     acts = value_activations(model, emb)
     z = [((a - m.to(a.device)).abs() / s.to(a.device).clamp_min(1e-8)) for a, m, s in zip(acts, stats.mean, stats.std)]
     n = emb.shape[0]
     z_of = [[layer[p] for layer in z] for p in range(n)]
+    acts_of = [[layer[p] for layer in acts] for p in range(n)]
+    k_cap = max(check.widths.values())  # the reference's 1280: SD v1.4's widest value layer
 
-    before = check.memorized(emb, [{} for _ in range(n)])
+    before = check.baseline(threshold)
     selections: list[Selection] = [{} for _ in range(n)]
-    theta, k = [config.theta_start] * n, [0] * n
+    initial_ssim: list[float | None] = [None] * n
+    limit: list[float | None] = [None] * n  # the threshold refinement compares against
+    rounds = [0] * n
+    theta, k = [config.theta_start] * n, [config.k_start] * n
     active = [p for p in range(n) if before[p]]
-    every = sum(check.widths.values())
-    failed: list[int] = []  # still memorized with every neuron of the sites selected (or out of rounds)
-    rounds = 0
-    while active and (config.max_rounds is None or rounds < config.max_rounds):
-        rounds += 1
+    while active:
         for p in active:
-            selections[p] = _select(z_of[p], sites, theta[p], k[p])
-        still = check.memorized(emb[active], [selections[p] for p in active])
-        next_active = []
-        for p, memorized in zip(active, still):
-            if not memorized:
-                continue
-            if _size(selections[p]) == every:
-                failed.append(p)
+            selections[p] = _select(z_of[p], acts_of[p], sites, theta[p], k[p])
+        scores = check.ssim(active, [selections[p] for p in active])
+        still = []
+        for p, score in zip(active, scores):
+            rounds[p] += 1
+            initial_ssim[p] = score
+            if score > threshold:
+                if theta[p] > config.theta_min:
+                    theta[p] -= config.theta_step
+                k[p] += 1
+            if theta[p] <= config.theta_min or k[p] >= k_cap:
+                limit[p] = score  # the schedule gave up (or ended with this round): refine against its SSIM
+            elif score <= threshold:
+                limit[p] = threshold
             else:
-                theta[p], k[p] = max(config.theta_min, theta[p] - config.theta_step), k[p] + 1
-                next_active.append(p)
-        active = next_active
-        if progress is not None:
-            progress(f"initial selection: {len(active)} prompts still memorized")
-    failed += active
+                still.append(p)
+        active = still
+        say(f"initial selection: {len(active)} prompts still memorized")
     initial = [_size(s) for s in selections]
-    mitigated = [before[p] and p not in failed for p in range(n)]
 
-    # Refinement 1: layer by layer (reverse order) -- drop a layer's selection if the prompt stays unmemorized.
-    candidates = [p for p in range(n) if mitigated[p]]
+    # Refinement 1: layer by layer, in reverse order.
+    candidates = [p for p in range(n) if before[p]]
     for name in reversed(sites):
         trying = [p for p in candidates if name in selections[p]]
-        if trying:
-            trials = [_without(selections[p], name) for p in trying]
-            for p, trial, memorized in zip(trying, trials, check.memorized(emb[trying], trials)):
-                if not memorized:
-                    selections[p] = trial
-    # Refinement 2: neuron by neuron, greedily, all prompts advancing together.
-    order = {p: [(name, c) for name in sites for c in selections[p].get(name, [])] for p in candidates}
+        trials = [_without(selections[p], name) for p in trying]
+        for p, trial, score in zip(trying, trials, check.ssim(trying, trials)):
+            if score < limit[p]:
+                selections[p] = trial
+    # Refinement 2: neuron by neuron, layers in reverse order, each layer's neurons in list order.
+    order = {p: [(name, c) for name in reversed(sites) for c in selections[p].get(name, [])] for p in candidates}
     for position in range(max((len(v) for v in order.values()), default=0)):
         trying = [p for p in candidates if position < len(order[p])]
         trials = [_without(selections[p], *order[p][position]) for p in trying]
-        for p, trial, memorized in zip(trying, trials, check.memorized(emb[trying], trials)):
-            if not memorized:
+        for p, trial, score in zip(trying, trials, check.ssim(trying, trials)):
+            if score < limit[p]:
                 selections[p] = trial
-        if progress is not None:
-            progress(f"neuron-by-neuron refinement: position {position + 1}")
-    return [NemoResult(selections[p], before[p], mitigated[p], initial[p]) for p in range(n)]
+        say(f"neuron-by-neuron refinement: position {position + 1}")
+    final = check.ssim(candidates, [selections[p] for p in candidates])
+    refined: list[float | None] = [None] * n
+    for p, score in zip(candidates, final):
+        refined[p] = score
+    results = []
+    for p in range(n):
+        neurons = {name: list(dict.fromkeys(channels)) for name, channels in selections[p].items()}
+        results.append(NemoResult(neurons, before[p], before[p] and refined[p] <= threshold, initial[p],
+                                  initial_ssim[p], refined[p], limit[p], rounds[p], check.flagged[p]))  # fmt: skip
+    return results
 
 
 def union(selections: list[Selection]) -> Selection:

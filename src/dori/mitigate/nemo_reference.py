@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 
 from dori.errors import DoriError
 from dori.models.base import DiffusionModel
@@ -58,9 +57,11 @@ def check_nemo_inputs(model: DiffusionModel, *, reference_prompts: str | None, s
 
 def nemo_reference(model: DiffusionModel, *, reference_prompts: str | None, stats: str | None,
                    threshold: float | None, steps: int, say: Callable[[str], None]):  # fmt: skip
-    """NeMo's two inputs: the value statistics and the SSIM threshold (mean + 1 std of the
-    consistency scores over the reference prompts), from files or flags where given."""
-    from dori.measure.detection import consistency_scores
+    """NeMo's two inputs: the value statistics and the SSIM threshold (the reference's rule: mean +
+    1 std of every pairwise multi-scale SSIM over the reference prompts, at guidance 0 as in its
+    check; its calibration script samples at guidance 7 with the conditional and unconditional
+    halves swapped, which dori does not copy), from files or flags where given."""
+    from dori.measure.detection import nemo_threshold, pairwise_consistency
     from dori.mitigate.nemo import load_statistics
 
     reference = check_nemo_inputs(model, reference_prompts=reference_prompts, stats=stats, threshold=threshold)
@@ -68,6 +69,5 @@ def nemo_reference(model: DiffusionModel, *, reference_prompts: str | None, stat
     if threshold is None:
         say("nemo: calibrating the SSIM threshold")
         texts = load_prompts(reference, model).texts
-        scores = torch.tensor(consistency_scores(model, model.encode(texts), steps=steps))
-        threshold = float(scores.mean() + scores.std())
+        threshold = nemo_threshold(pairwise_consistency(model, model.encode(texts), steps=steps))
     return statistics, threshold

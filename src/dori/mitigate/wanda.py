@@ -1,14 +1,15 @@
 """Wanda-style weight pruning of memorization (Chavhan et al., "Memorized images in diffusion
-models share a subspace that can be located and deleted", 2024).
+models share a subspace that can be located and deleted", 2024), as the authors' ConceptPrune code
+does it (ruchikachavhan/concept-prune: ``wanda/wanda.py``, ``neuron_receivers/wanda_receiver.py``,
+``neuron_receivers/base_receiver.py``, ``wanda/save_union_over_time.py``; docs/NEMO_WANDA.md).
 
-For each site, the input activations ``X`` are recorded over the first ``timesteps`` denoising steps
-while sampling from the memorized prompts and, as the base, from the empty prompt. Token vectors
-are normalised to unit length and the column L2 norms accumulated per step. With
-``S = |W| * ||X_col||``, each output row keeps as candidates its top ``ratio`` input columns by the
-memorized score; those where ``S_mem > S_base`` are pruned; the union over the steps is the mask.
-
-Choices where the sources are silent (parameters): sampling for the recording runs conditional
-only (no classifier-free guidance), with the same seeds for memorized and empty prompts.
+For each site, the input activations ``X`` are recorded over the first ``timesteps`` U-Net calls
+while sampling from the memorized prompts and, as the base, from the empty prompt, through the
+default pipeline: classifier-free guidance 7.5 with both halves of the batch passing the hook, the
+guided trajectory, PNDM, one image per prompt at seed 0. Token vectors are normalised to unit
+length and the column L2 norms accumulated per call. With ``S = |W| * ||X_col||``, each output row
+keeps as candidates its top ``int(ratio * in_features)`` input columns by the memorized score;
+those where ``S_mem > S_base`` are pruned; the union over the calls is the mask.
 """
 
 from __future__ import annotations
@@ -31,11 +32,19 @@ DEFENDER_FIRST_SEED = 1000
 
 @dataclass(frozen=True)
 class WandaConfig:
-    ratio: float = 0.01
-    timesteps: int = 10
-    seeds: int = 4
+    """Wanda's recording, with ConceptPrune's defaults (the DoRI paper states no others)."""
+
+    ratio: float = 0.01  # skill_ratio
+    timesteps: int = 10  # the first U-Net calls whose union is the mask
+    seeds: int = 1  # one image per prompt, seeds 0..seeds-1
     steps: int = 50
     batch_size: int = 64
+    guidance: float = 7.5  # the diffusers pipeline's default; both halves pass the hook
+    scheduler: str = "pndm"  # the pipeline's default scheduler on SD ("ddim" for dori's own sampler)
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in ("pndm", "ddim"):
+            raise ValueError(f"Wanda records with the 'pndm' or 'ddim' scheduler, got {self.scheduler!r}")
 
 
 @torch.no_grad()
@@ -63,8 +72,8 @@ def column_norms(
         for start in range(0, len(all_emb), config.batch_size):
             rows = slice(start, min(start + config.batch_size, len(all_emb)))
             step[0] = 0
-            model.sample_latents(all_emb[rows], noise[rows], steps=config.steps, guidance=1.0,
-                                 callback=advance, stop_after=config.timesteps)  # fmt: skip
+            model.sample_latents(all_emb[rows], noise[rows], steps=config.steps, guidance=config.guidance,
+                                 callback=advance, stop_after=config.timesteps, scheduler=config.scheduler)  # fmt: skip
             if progress is not None:
                 progress(rows.stop - rows.start)
     return {name: total.sqrt() for name, total in sums.items()}
@@ -151,11 +160,13 @@ def _prune(model: DiffusionModel, sites: Sequence[str], memorized: dict[str, Ten
     mask = {}
     for site in model.sites(list(sites)):
         weight = site.module.weight.detach().abs().float()
-        keep_k = max(1, int(round(ratio * weight.shape[1])))
+        keep_k = int(ratio * weight.shape[1])  # ConceptPrune's count: none where ratio * in < 1
         pruned = torch.zeros_like(weight, dtype=torch.bool)
         for t in range(timesteps):
             score_mem = weight * memorized[site.name][t]
             score_base = weight * base[site.name][t]
+            if keep_k == 0:
+                continue
             top = score_mem.topk(keep_k, dim=1).indices
             chosen = torch.zeros_like(pruned).scatter_(1, top, True)
             pruned |= chosen & (score_mem > score_base)

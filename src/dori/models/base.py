@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 from torch import Tensor, nn
 
 from dori.errors import DoriError
@@ -293,6 +293,13 @@ class DiffusionModel:
         scheduler.set_timesteps(steps, device=self.device)
         return scheduler
 
+    def pndm_scheduler(self, steps: int) -> PNDMScheduler:
+        """PNDM as Stable Diffusion's pipeline configures it (``skip_prk_steps=True``) on this model's schedule."""
+        self.ddim_scheduler(steps)  # the same check of ``steps``
+        scheduler = PNDMScheduler.from_config(self.scheduler_config, skip_prk_steps=True)
+        scheduler.set_timesteps(steps, device=self.device)
+        return scheduler
+
     @torch.no_grad()
     def generate(
         self,
@@ -386,10 +393,13 @@ class DiffusionModel:
         rows: slice | None = None,
         callback: Callable[[StepInfo], None] | None = None,
         stop_after: int | None = None,
+        scheduler: str = "ddim",
     ) -> Tensor:
         """The DDIM loop on one batch of starting latents; ``stop_after`` ends it after that many
-        steps (the stages that record only the first denoising steps use it)."""
-        scheduler = self.ddim_scheduler(steps)
+        U-Net calls (the stages that record only the first denoising steps use it). ``scheduler="pndm"``
+        samples with PNDM as diffusers' Stable Diffusion pipeline does by default (PLMS, no Runge-Kutta
+        warm-up: ``steps + 1`` calls), for the Wanda recording that follows ConceptPrune's code."""
+        scheduler = self.ddim_scheduler(steps) if scheduler == "ddim" else self.pndm_scheduler(steps)
         guidance = self.default_guidance if guidance is None else guidance
         rows = slice(0, latents.shape[0]) if rows is None else rows
         for index, t in enumerate(scheduler.timesteps[:stop_after]):

@@ -9,7 +9,7 @@ from pathlib import Path
 from dori import run_files
 from dori.configs import DetectConfig
 from dori.interventions import intervene, load_mitigation
-from dori.measure.detection import consistency_scores, noise_difference_norms, summarize_detection
+from dori.measure.detection import noise_difference_norms, pairwise_consistency, summarize_detection
 from dori.models.base import DiffusionModel
 from dori.parallel import Shards
 from dori.plots import plot_roc
@@ -56,12 +56,13 @@ def _detect_batches(config, model, sets, out, progress, shards) -> None:
                 model, texts, seeds=noise_seeds, steps=config.steps, guidance=config.guidance,
                 first_step_only=not config.all_steps, batch_size=config.batch_size,
             )  # fmt: skip
-            ssim_max = consistency_scores(model, model.encode(texts), seeds=list(range(config.consistency_seeds)),
-                                          steps=config.steps, batch_size=config.batch_size)  # fmt: skip
+            ssim_pairs = pairwise_consistency(model, model.encode(texts), seeds=list(range(config.consistency_seeds)),
+                                              batch_size=config.batch_size)  # fmt: skip
             rows = []
             for k, (i, p) in enumerate(chunk):
                 row = {"key": f"{set_name}/{i}", "set": set_name, "id": i, **p.to_dict(),
-                       "noise_first_step": norms["first_step"][k], "ssim_max": ssim_max[k]}  # fmt: skip
+                       "noise_first_step": norms["first_step"][k], "ssim_max": max(ssim_pairs[k]),
+                       "ssim_pairs": ssim_pairs[k]}  # fmt: skip
                 if "all_steps" in norms:
                     row["noise_all_steps"] = norms["all_steps"][k]
                 rows.append(row)
