@@ -138,8 +138,9 @@ def test_the_same_quick_study_twice_gives_the_same_numbers(quick_study, tmp_path
 
     folder, first = quick_study
     shutil.copytree(folder / "stages" / "nemo", tmp_path / "again" / "stages" / "nemo")
+    shutil.copy(folder / "config.json", tmp_path / "again" / "config.json")  # a study's own folder, resumed
     again = [s for s in STUDY_DEFAULT_STAGES if s not in CHECKED_ELSEWHERE]
-    second = _quick_study(tmp_path / "again", "--stages", ",".join(again))
+    second = _quick_study(tmp_path / "again", "--stages", ",".join(again), "--resume")
 
     def numbers(summary: dict) -> dict:
         drop = {"timing", "seconds", "stages_run", "locality", "detection", "adv_ft", "adv_ft+dori"}
@@ -162,3 +163,21 @@ def test_a_study_resumes_with_other_stages_but_not_other_settings(bundled, tmp_p
         run_study(StudyConfig(stages="detect", quick=True, seeds=3), bundled, tmp_path / "study", resume=True)
     again = run_study(StudyConfig(stages="detect,replicate", quick=True), bundled, tmp_path / "study", resume=True)
     assert again["detection"] == first["detection"] and "memorized" in {row for row in again["table"]}
+
+
+def test_the_regime_checks_measure_and_judge_by_their_fixed_rules(bundled, kit):
+    """Issue 37's checks at reduced size on the shipped model: numbers, and verdicts that follow
+    from the numbers and the rules (not the other way round)."""
+    from dori.mitigate.nemo import NemoConfig
+    from dori.toy.regime import FLAG_BAR, FLOOR_MR, NEURON_SHARE, RegimeConfig, regime_checks, regime_lines
+
+    config = RegimeConfig(seeds=2, steps=4, nemo=NemoConfig(seeds=3, steps=4))
+    regime = regime_checks(bundled, kit, config)
+    a, b, c = regime["a_nemo_check"], regime["b_nemo_localises"], regime["c_site_floors"]
+    assert a["n_planted"] == 14 and a["n_ordinary"] == 36
+    assert a["passed"] == (a["planted_flagged"] == 14 and a["ordinary_flagged"] <= FLAG_BAR * 36)
+    assert b["value_neurons"] == sum(s.width for s in bundled.value_sites()) and len(b["neurons_per_title"]) == 10
+    assert b["passed"] == (all(b["mitigated"]) and max(b["neurons_per_title"]) <= NEURON_SHARE * b["value_neurons"])
+    assert c["passed"] == (c["ffn_zeroed"]["mr"] <= FLOOR_MR and c["value_zeroed"]["mr"] <= FLOOR_MR)
+    text = "\n".join(regime_lines(regime))
+    assert text.count("**pass**") + text.count("**FAIL**") == 3

@@ -1,6 +1,8 @@
-"""Copy a study's results table (``DIR/table.md``, written by ``dori study``) into README.md,
-between the ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers (``NAME`` is ``results``
-unless ``--block`` names another). Rows of stages the study did not run are left out.
+"""Copy a study's results table (``DIR/table.md``, written by ``dori study``) between the
+``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers (``NAME`` is ``results`` unless
+``--block`` names another) of every page that has them: docs/RESULTS.md gets the whole of
+``table.md`` (the table and the lines under it), README.md only the table. Rows of stages the study
+did not run are left out.
 
     python tools/readme_results.py runs/study
     python tools/readme_results.py runs/erasure --block erasure-results
@@ -13,6 +15,8 @@ import json
 from pathlib import Path
 
 NOT_RUN = "| not run |"
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = {ROOT / "README.md": "table", ROOT / "docs" / "RESULTS.md": "all"}
 
 
 def main() -> None:
@@ -22,21 +26,26 @@ def main() -> None:
     args = parser.parse_args()
     study = args.study
     start, end = f"<!-- {args.block}:start -->", f"<!-- {args.block}:end -->"
-    table = "".join(line for line in (study / "table.md").read_text().splitlines(keepends=True) if NOT_RUN not in line)
+    lines = [line for line in (study / "table.md").read_text().splitlines(keepends=True) if NOT_RUN not in line]
     summary = json.loads((study / "summary.json").read_text())
     if summary.get("quick"):
         raise SystemExit(f"{study} is a --quick study; the README shows the full one")
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    text = readme.read_text()
-    if start not in text or end not in text:
-        raise SystemExit(f"README.md lacks the {start} / {end} markers")
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
     config = json.loads((study / "config.json").read_text())
     note = (f"<!-- copied from {study.name}/table.md by tools/readme_results.py --block {args.block}; "
             f"dori {config['versions'].get('dori')} -->\n")  # fmt: skip
-    readme.write_text(f"{head}{start}\n{note}{table}{end}{tail}")
-    print(f"README.md: {args.block} table from {study}")
+    written = 0
+    for page, part in PAGES.items():
+        text = page.read_text()
+        if start not in text or end not in text:
+            continue
+        table = "".join(line for line in lines if part == "all" or line.startswith("|"))
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        page.write_text(f"{head}{start}\n{note}{table}{end}{tail}")
+        print(f"{page.relative_to(ROOT)}: {args.block} from {study}")
+        written += 1
+    if not written:
+        raise SystemExit(f"no page has the {start} / {end} markers")
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ def replicate(config: ReplicateConfig, *, out: Path, resume: bool, **load) -> No
 
 @config_command(app, DetectConfig)
 def detect(config: DetectConfig, *, out: Path, resume: bool, **load) -> None:
-    """Detect memorized prompts: noise-difference norm and NeMo's SSIM check, with ROC-AUC and TPR@1%FPR."""
+    """Detect memorized prompts: noise-difference norm and NeMo's multi-scale SSIM check, with ROC-AUC and TPR@1%FPR."""
     from dori.references import load_prompts
     from dori.stages.detect import run_detect
 
@@ -160,7 +160,7 @@ def detect(config: DetectConfig, *, out: Path, resume: bool, **load) -> None:
 
 @config_command(app, MitigateConfig, out_help="Run folder (mask, mitigated weights, summary).")
 def mitigate(config: MitigateConfig, *, out: Path, resume: bool, **load) -> None:
-    """Apply a pruning mitigation (NeMo neurons or Wanda weights); save the mask and mitigated weights."""
+    """Apply a mitigation the paper attacks: NeMo or Wanda (a mask), ESD, Concept Ablation or SISS (a fine-tuned model)."""
     from dori.stages.mitigate import run_mitigate
 
     diffusion = _load(config.model, **load)
@@ -259,6 +259,7 @@ def toy_train(
     device: DeviceOption = "cpu",
 ) -> None:
     """Train the bundled model by dori's recipe, calibrate its copy detector, write its model card.
+
     On a GPU (``--device cuda``) the same recipe trains in minutes; its weights are not bit-identical
     to a CPU run's."""
     from dori.parallel import device_for
@@ -291,8 +292,7 @@ def toy_card(
     eval_seeds: Annotated[int, typer.Option("--eval-seeds", help="Seeds per prompt for the model card.")] = 10,
     device: DeviceOption = "cpu",
 ) -> None:
-    """Re-measure a trained bundled model without retraining: calibrate and benchmark its copy
-    detector, choose its guidance by the card's rule, measure it, rewrite MODEL_CARD.md."""
+    """Re-measure a trained bundled model without retraining: detector, guidance, measurements, MODEL_CARD.md."""
     from dori.models.loading import is_bundled_kind
     from dori.parallel import device_for
     from dori.toy.train import finish_bundled_model

@@ -4,6 +4,7 @@ under its own mask where it has one) and the held-out utility, remembered per mo
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -13,6 +14,7 @@ from dori.measure.replication import replication, summarize
 from dori.models.base import DiffusionModel
 from dori.prompts import PromptSet
 from dori.references import References, load_prompts, toy_kit_for
+from dori.runs import ResultsFile, write_json_atomic
 
 
 Progress = Callable[[int], None]
@@ -162,3 +164,28 @@ def _real_utility(model: DiffusionModel, prompts: list[str], seeds: list[int], s
         result["fid"] = result["fd"] = frechet_from_statistics(*gaussian(torch.cat(feature_chunks)), mu, sigma)
         result.update(inception=str(inception), fid_reference=str(fid_reference), fid_reference_images=count)
     return result
+
+
+def before_and_after(before: dict, after: dict, utility_before: dict | None, utility_after: dict | None) -> dict:
+    """A mitigation's summary numbers: MR, similarity and utility of the model before and after."""
+    return {
+        "mr_before": before["mr"], "mr_after": after["mr"],
+        "sscd_mean_before": before["sscd_mean"], "sscd_mean_after": after["sscd_mean"],
+        "sscd_std_before": before["sscd_std"], "sscd_std_after": after["sscd_std"],
+        "mr_any_planted_before": before.get("mr_any_planted"), "mr_any_planted_after": after.get("mr_any_planted"),
+        "utility_before": None if utility_before is None else utility_before["alignment"],
+        "utility_after": None if utility_after is None else utility_after["alignment"],
+        "fd_before": None if utility_before is None else utility_before["fd"],
+        "fd_after": None if utility_after is None else utility_after["fd"],
+        "utility_detail_before": utility_before, "utility_detail_after": utility_after,
+    }  # fmt: skip
+
+
+def write_results(out: Path, summary: dict, rows_before: list[dict], rows_after: list[dict]) -> dict:
+    """Each prompt's row before and after into ``results.jsonl``, then ``summary.json``."""
+    ResultsFile(out / "results.jsonl").extend(
+        [{**b, "mr_after": a["mr"], "sscd_mean_after": a["sscd_mean"], "similarities_after": a["similarities"]}
+         for b, a in zip(rows_before, rows_after)]  # fmt: skip
+    )
+    write_json_atomic(out / "summary.json", summary)
+    return summary

@@ -7,6 +7,8 @@ Named sets: ``bundled:memorized`` (VM), ``bundled:template`` (TM), ``bundled:non
 
 from __future__ import annotations
 
+import codecs
+
 import csv
 import io
 import json
@@ -79,18 +81,44 @@ def load_prompt_set(spec: str, *, model_folder: str | Path | None = None) -> Pro
         text = (resources.files("dori.data") / "sd14" / SD14_SETS[name]).read_text(encoding="utf-8")
         return _checked(spec, _parse_csv(text, spec))
     path = Path(spec).expanduser()
+    if path.is_dir():
+        raise DoriError(f"{path} is a folder; pass a prompt file in it (.csv, .jsonl or .txt) or a named set such as "
+                        "bundled:memorized")  # fmt: skip
     if not path.is_file():
         raise DoriError(f"prompt file not found: {path}; pass a .csv, .jsonl or .txt file or a named set such as bundled:memorized")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise DoriError(f"{path} is not UTF-8 text (byte {error.start}); save it as UTF-8") from error
+    text = read_user_text(path)
     suffix = path.suffix.lower()
     if suffix == ".csv":
         return _checked(spec, _parse_csv(text, str(path)))
     if suffix in (".jsonl", ".json"):
         return _checked(spec, _parse_jsonl(text, str(path)))
     return _checked(spec, [Prompt(line.strip()) for line in text.splitlines() if line.strip()])
+
+
+# The byte-order marks editors write (Notepad's "UTF-8 with BOM" and "Unicode"), longest first.
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))  # fmt: skip
+
+
+def read_user_text(path: Path) -> str:
+    """A text file as people's editors save it: UTF-8, or UTF-8/16/32 with a byte-order mark (the
+    mark itself removed); anything else is a one-line error that names the byte and the fix."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise DoriError(f"cannot read {path} ({error.strerror}); check the path and its permissions") from error
+    for bom, encoding in _BOMS:
+        if raw.startswith(bom):
+            try:
+                return raw.decode(encoding)
+            except UnicodeDecodeError as error:
+                raise DoriError(f"{path} starts with a {encoding} byte-order mark but is not {encoding} text; "
+                                "save it as UTF-8") from error  # fmt: skip
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DoriError(f"{path} is not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {error.start}: a legacy "
+                        "encoding such as Windows-1252?); save it as UTF-8") from error  # fmt: skip
 
 
 def _checked(name: str, prompts: list[Prompt]) -> PromptSet:

@@ -39,6 +39,13 @@ def prepare_out_dir(path: str | os.PathLike) -> Path:
     return out
 
 
+def refuse_foreign_folder(out: Path, *, ours: bool = False) -> None:
+    """Refuse to write a run into a folder that holds anything but a run of the caller's own
+    (``ours``): its files would be mixed with someone else's (a model folder, a home directory)."""
+    if out.is_dir() and not ours and next(out.iterdir(), None) is not None:
+        raise DoriError(f"{out} is not empty and holds no dori run; choose an empty or new --out")
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to: renamed over ``path`` when the block ends
@@ -265,6 +272,8 @@ def open_run(path: str | os.PathLike, command: str, config: dict, *, resume: boo
     the extra processes of a data-parallel run join their main process's folder without it."""
     if str(path).strip() == "":
         raise DoriError("--out is empty; name an output folder")
+    if Path(path).expanduser().exists() and not Path(path).expanduser().is_dir():
+        raise DoriError(f"--out {path} is a file; name a folder for the run")
     created = not Path(path).expanduser().exists()
     out = prepare_out_dir(path)
     if lock:
@@ -277,11 +286,15 @@ def open_run(path: str | os.PathLike, command: str, config: dict, *, resume: boo
         if orphans:
             raise DoriError(f"{out} holds {', '.join(orphans)} but no config.json, so its parameters are unknown; "
                             "choose a new --out")  # fmt: skip
+        refuse_foreign_folder(out)
     if manifest.exists():
         try:
             old = json.loads(manifest.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise DoriError(f"{manifest} is unreadable; choose a new --out") from error
+        if not (isinstance(old, dict) and isinstance(old.get("command"), str) and isinstance(old.get("config"), dict)):
+            raise DoriError(f"{out} holds a config.json that is not a dori run's (a model folder?); choose an empty "
+                            "or new --out")  # fmt: skip
         if not resume:
             raise DoriError(
                 f"{out} already holds a '{old.get('command')}' run; pass --resume to continue it or choose a new --out"

@@ -15,7 +15,7 @@ import torch
 from dori import run_files
 from dori.configs import carried
 from dori.errors import DoriError
-from dori.evaluation import evaluate_replication, utility, utility_options
+from dori.evaluation import before_and_after, evaluate_replication, utility, utility_options, write_results
 from dori.interventions import load_mitigation
 from dori.unlearn.erasure import (
     ErasureConfig,
@@ -32,7 +32,6 @@ from dori.prompts import PromptSet
 from dori.references import References, attack_targets, is_bundled
 from dori.report_images import save_grid
 from dori.runs import read_checkpoint, read_tensors, save_tensors_atomic, save_torch_atomic, write_json_atomic
-from dori.stages.mitigate import before_and_after, write_results
 from dori.unlearn.surrogates import make_surrogates
 from dori.unlearn.training import TrainState, refuse_float16, train_unet
 

@@ -77,6 +77,8 @@ def run_locality(config: LocalityConfig, model: DiffusionModel, out: str | Path,
         triggers = shards.assemble(mine, found, len(inits)).to(inits.device)
         if shards.main:
             save_tensors_atomic({"inits": inits, "triggers": triggers}, trigger_file, metadata={"model": model.fingerprint()})
+            # From here on the triggers come from the file, as in a resumed run: the same tensors, bit for bit.
+            triggers = read_tensors(trigger_file, keys=("triggers",))["triggers"].to(model.device)
 
     say("locality: checking which triggers bring the image back")
     references = [refs.of(p) for p in targets.prompts for _ in range(k)]

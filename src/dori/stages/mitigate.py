@@ -14,11 +14,13 @@ from dori import run_files
 from dori.configs import FINETUNING_METHODS
 from dori.errors import DoriError
 from dori.evaluation import (
+    before_and_after,
     check_utility_options,
     evaluate_replication,
     evaluate_under,
     utility,
     utility_options,
+    write_results,
 )
 from dori.interventions import Mitigation, baked, each_mask, intervene, load_mask, save_mask
 from dori.measure.replication import summarize
@@ -92,31 +94,6 @@ def run_mitigate(config, model: DiffusionModel, out: str | Path, *, resume: bool
     return write_results(out, summary, rows_before, rows_after)
 
 
-def before_and_after(before: dict, after: dict, utility_before: dict | None, utility_after: dict | None) -> dict:
-    """A mitigation's summary numbers: MR, similarity and utility of the model before and after."""
-    return {
-        "mr_before": before["mr"], "mr_after": after["mr"],
-        "sscd_mean_before": before["sscd_mean"], "sscd_mean_after": after["sscd_mean"],
-        "sscd_std_before": before["sscd_std"], "sscd_std_after": after["sscd_std"],
-        "mr_any_planted_before": before.get("mr_any_planted"), "mr_any_planted_after": after.get("mr_any_planted"),
-        "utility_before": None if utility_before is None else utility_before["alignment"],
-        "utility_after": None if utility_after is None else utility_after["alignment"],
-        "fd_before": None if utility_before is None else utility_before["fd"],
-        "fd_after": None if utility_after is None else utility_after["fd"],
-        "utility_detail_before": utility_before, "utility_detail_after": utility_after,
-    }  # fmt: skip
-
-
-def write_results(out: Path, summary: dict, rows_before: list[dict], rows_after: list[dict]) -> dict:
-    """Each prompt's row before and after into ``results.jsonl``, then ``summary.json``."""
-    ResultsFile(out / "results.jsonl").extend(
-        [{**b, "mr_after": a["mr"], "sscd_mean_after": a["sscd_mean"], "similarities_after": a["similarities"]}
-         for b, a in zip(rows_before, rows_after)]  # fmt: skip
-    )
-    write_json_atomic(out / "summary.json", summary)
-    return summary
-
-
 def _utility_under_own_masks(model: DiffusionModel, mitigation, texts: list[str], util: dict) -> float | None:
     """Held-out prompt alignment under each prompt's own mask (NeMo, scope "prompt"), averaged
     over the prompts: the utility that goes with MR measured the same way. ``None`` where every
@@ -186,9 +163,9 @@ def _baseline(config, model: DiffusionModel, prompts: PromptSet, refs: Reference
 def select_nemo(config, model, texts, emb, out, say):
     """NeMo's neurons for each of ``texts`` (``emb``), kept per prompt, and the numbers that describe
     the search (dori unlearn runs it too, for its surrogates, when no mitigation is given)."""
-    nemo_config = NemoConfig(steps=config.steps, batch_size=max(config.batch_size, 10))
+    nemo_config = NemoConfig(batch_size=max(config.batch_size, 10))  # NeMo's own 50-step schedule
     stats, threshold = nemo_reference(model, reference_prompts=config.reference_prompts, stats=config.stats,
-                                      threshold=config.threshold, steps=config.steps, say=say)  # fmt: skip
+                                      threshold=config.threshold, steps=nemo_config.steps, say=say)  # fmt: skip
     say("nemo: localising neurons")
     results = nemo_localize(model, emb, stats, threshold, nemo_config, progress=say)
     per_prompt = {str(i): r.neurons for i, r in enumerate(results)}
@@ -201,6 +178,11 @@ def select_nemo(config, model, texts, emb, out, say):
         "neurons_per_prompt": [sum(len(v) for v in r.neurons.values()) for r in results],
         "memorized_before_check": [r.memorized_before for r in results],
         "mitigated_by_check": [r.mitigated for r in results],
+        "initial_ssim": [r.initial_ssim for r in results],
+        "refined_ssim": [r.refined_ssim for r in results],
+        "refinement_threshold": [r.refinement_threshold for r in results],
+        "initial_rounds": [r.rounds for r in results],
+        "memorized_seeds": [r.memorized_seeds for r in results],
         "union_neurons": mitigation.size(),
     }
     return mitigation, extra
