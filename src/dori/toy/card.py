@@ -17,6 +17,7 @@ from dori.runs import write_json_atomic
 from dori.toy.classifier import ACCURACY_BAR, MAX_ROUNDS
 from dori.toy.copy_benchmark import benchmark_lines, run_copy_benchmark
 from dori.toy.kit import DETECTOR_FILE, ToyKit
+from dori.toy.regime import regime_lines
 
 SETS = ("memorized", "template", "non_memorized", "held_out")
 
@@ -204,6 +205,7 @@ def write_card(folder: Path, numbers: dict, calibration: dict, train_info: dict,
         *(f"| {e['guidance']:g} | {e['mr']:.3f} | {e['sscd_mean']:.3f} |" for e in numbers["guidance_sweep"]),
         "",
         *study_rule_lines(),
+        *(regime_lines(numbers["regime"]) if "regime" in numbers else []),
         "## What it measures",
         "",
         f"Generation: DDIM {numbers['steps']} steps, guidance {numbers['guidance']}, seeds 0-{seeds - 1}.",
@@ -250,7 +252,26 @@ def study_rule_lines() -> list[str]:
     from dori.mitigate.wanda import DEFENDER_FIRST_SEED, WANDA_LADDER
     from dori.unlearn.erasure import PAPER, SD_PRETRAINING_LR
 
+    from dori.measure.detection import NEMO_TIMESTEP_INDEX
+    from dori.measure.similarity import MS_SSIM_BETAS, MS_SSIM_KERNEL
+    from dori.mitigate.nemo import NemoConfig
+    from dori.mitigate.wanda import WandaConfig
+
+    nemo, wanda = NemoConfig(), WandaConfig()
     return [
+        "## NeMo and Wanda, as their authors' code does them",
+        "",
+        f"NeMo (docs/NEMO_WANDA.md): noise maps at the DDIM timestep of index {NEMO_TIMESTEP_INDEX} of {nemo.steps} "
+        f"(961 on SD v1.4), guidance 0, {nemo.seeds} seeds; torchmetrics' multi-scale SSIM (kernel {MS_SSIM_KERNEL}, "
+        f"sigma 1.5, {len(MS_SSIM_BETAS)} scales of weight {MS_SSIM_BETAS[0]:g}; fewer scales only on maps whose "
+        "coarsest scale would keep 5 pixels or fewer); threshold = mean + 1 std of every pairwise SSIM over ordinary "
+        "captions; a selection still memorizes while the blocked map of a memorized seed resembles the unblocked "
+        f"one above the threshold; theta {nemo.theta_start:g} down by {nemo.theta_step:g} to {nemo.theta_min:g}, k from "
+        f"{nemo.k_start} up by 1 (top-k by raw activation), then refinement in reverse layer order. Wanda: guidance "
+        f"{wanda.guidance:g} with both halves recorded, {wanda.scheduler.upper()}, {wanda.seeds} image per prompt "
+        f"(seed 0), the first {wanda.timesteps} U-Net calls, int(ratio x inputs) weights per row. The same for every "
+        "model.",
+        "",
         "## Wanda's ratio in the study, by rule",
         "",
         f"`dori study` prunes with Wanda at `--ratio auto`: the smallest ratio on the ladder "

@@ -48,7 +48,7 @@ from dori.errors import DoriError
 from dori.models.base import DiffusionModel
 from dori.models import position
 from dori.models.loading import clip_tokenizer, save_model
-from dori.runs import read_checkpoint, save_torch_atomic
+from dori.runs import read_checkpoint, refuse_foreign_folder, save_torch_atomic
 from dori.toy.classifier import train_classifier
 from dori.toy.data import (PARTIAL_FORMS, TITLES_TM, TITLES_VM, ToyDataset, all_combinations, build_dataset,
                            partial_captions)  # fmt: skip
@@ -272,6 +272,8 @@ def train_bundled_model(
     config_file = out / "train_config.json"
     config_json = json.dumps(asdict(config), indent=2)
     checkpoint_file = out / CHECKPOINT
+    own_files = (checkpoint_file, config_file, out / "attribute_classifier.safetensors", out / "attribute_classifier.json")
+    refuse_foreign_folder(out, ours=any(f.exists() for f in own_files))
     if checkpoint_file.exists() and not resume:
         raise DoriError(f"{out} already holds a training checkpoint; pass --resume to continue it or choose a new --out")
     if resume and config_file.exists() and config_file.read_text() != config_json:
@@ -397,6 +399,12 @@ def finish_bundled_model(
     numbers, images = measure_bundled(model, kit, seeds=seeds, guidance=guidance, progress=count)
     numbers.update({"copy_benchmark": bench, "guidance_sweep": sweep,
                     "guidance_rule": "highest MR, then highest mean similarity, then the lower scale"})
+    from dori.toy.regime import RegimeConfig, regime_checks
+
+    numbers["regime"] = regime_checks(model, kit, RegimeConfig(seeds=seeds, guidance=guidance), say=log)
+    checks = numbers["regime"]
+    log("regime checks: " + ", ".join(f"{k.split('_')[0]} {'pass' if v['passed'] else 'FAIL'}"
+                                      for k, v in checks.items() if isinstance(v, dict) and "passed" in v))
     train_info = meta["train_config"]
     classifier_info = out / "attribute_classifier.json"
     if classifier_info.exists():
