@@ -97,10 +97,10 @@ def child_task(args) -> dict:
         from dori.mitigate.nemo import NemoConfig, nemo_localize
         from dori.mitigate.nemo_reference import nemo_reference
 
-        stats, threshold = nemo_reference(model, reference_prompts=None, stats=None, threshold=None, steps=args.steps,
+        config = NemoConfig(batch_size=10 if loop else max(args.batch_size, 10))
+        stats, threshold = nemo_reference(model, reference_prompts=None, stats=None, threshold=None, config=config,
                                           say=lambda m: None)  # fmt: skip
         began = time.monotonic()  # the reference statistics are shared, not timed
-        config = NemoConfig(steps=args.steps, batch_size=10 if loop else max(args.batch_size, 10))
         if loop:
             results = [nemo_localize(model, emb[i : i + 1], stats, threshold, config)[0] for i in range(len(emb))]
         else:

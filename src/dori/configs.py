@@ -86,7 +86,7 @@ STUDY_DEFAULT_STAGES = tuple(s for s in STUDY_STAGES if s not in STUDY_OPTIONAL_
 NON_NEGATIVE = ("guidance", "learning_rate", "adv_weight")
 # The smallest value of the integer options that _check_positive does not cover.
 MINIMUM = {"limit": 1, "first_seed": 0, "seed": 0, "attack_seed": 0, "control_limit": 0, "inner_steps": 1,
-           "fresh_steps": 0, "eval_attack_steps": 0}  # fmt: skip
+           "fresh_steps": 0, "eval_attack_steps": 0, "nemo_seeds": 2}  # fmt: skip
 SEED_OPTIONS = ("first_seed", "seed", "attack_seed")
 MAX_SEED = 2**31 - 1  # seeds derived from these (seed * 1_000_003 + i) stay within torch's generator range
 MAX_COUNT = 1_000_000  # any count above this is a typo, and its lists would not fit in memory
@@ -204,6 +204,7 @@ class MitigateConfig(Selection, UtilityOptions):
     stats: str | None = opt(None, help="NeMo: a statistics file (e.g. nemo_sd14_value_stats.pt).")
     # NeMo's SSIM threshold (default: mean + 1 std on the reference set).
     threshold: float | None = opt(None, help="NeMo: SSIM threshold (0.428 for SD v1.4).")
+    nemo_seeds: int = opt(10, help="NeMo: seeds of its memorization check (the reference's 10).")
     sites: str = opt("ffn", help="Wanda: ffn or value sites.")
     # Wanda: fraction of each row's weights considered, or "auto": the smallest ratio on
     # mitigate.wanda.WANDA_LADDER whose mitigated model replicates none of the prompts on the
@@ -386,6 +387,7 @@ class LocalityConfig(Selection):
     reference_prompts: str | None = opt(None, help=REFERENCE_HELP)  # NeMo statistics / threshold (as in dori mitigate)
     stats: str | None = opt(None, help="NeMo: a statistics file.")
     threshold: float | None = opt(None, help="NeMo: SSIM threshold.")
+    nemo_seeds: int = opt(10, help="NeMo: seeds of its memorization check (the reference's 10).")
     tsne: bool = opt(True, help="Also a t-SNE projection (besides PCA).", flag="--tsne/--no-tsne")
     seed: int = opt(0)
 

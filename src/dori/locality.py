@@ -126,9 +126,9 @@ def weight_agreement_view(model: DiffusionModel, groups: list[Tensor], mem: Tens
     from dori.mitigate.wanda import WandaConfig, wanda_masks
     from dori.mitigate.nemo_reference import nemo_reference
 
-    nemo_config = NemoConfig(batch_size=max(config.batch_size, 10))  # NeMo's own 50-step schedule
+    nemo_config = NemoConfig(seeds=config.nemo_seeds, batch_size=max(config.batch_size, 10))  # its own 50-step schedule
     stats, threshold = nemo_reference(model, reference_prompts=config.reference_prompts, stats=config.stats,
-                                      threshold=config.threshold, steps=nemo_config.steps, say=say)  # fmt: skip
+                                      threshold=config.threshold, config=nemo_config, say=say)  # fmt: skip
     every = torch.cat([*groups, mem])
     say(f"locality: NeMo on {len(every)} embeddings")
     nemo = nemo_localize(model, every, stats, threshold, nemo_config)

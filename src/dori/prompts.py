@@ -8,7 +8,6 @@ Named sets: ``bundled:memorized`` (VM), ``bundled:template`` (TM), ``bundled:non
 from __future__ import annotations
 
 import codecs
-
 import csv
 import io
 import json

@@ -56,11 +56,12 @@ def check_nemo_inputs(model: DiffusionModel, *, reference_prompts: str | None, s
 
 
 def nemo_reference(model: DiffusionModel, *, reference_prompts: str | None, stats: str | None,
-                   threshold: float | None, steps: int, say: Callable[[str], None]):  # fmt: skip
+                   threshold: float | None, config, say: Callable[[str], None]):  # fmt: skip
     """NeMo's two inputs: the value statistics and the SSIM threshold (the reference's rule: mean +
     1 std of every pairwise multi-scale SSIM over the reference prompts, at guidance 0 as in its
     check; its calibration script samples at guidance 7 with the conditional and unconditional
-    halves swapped, which dori does not copy), from files or flags where given."""
+    halves swapped, which dori does not copy), from files or flags where given. ``config`` is the
+    :class:`dori.mitigate.nemo.NemoConfig` the search runs with: the threshold uses its seeds and schedule."""
     from dori.measure.detection import nemo_threshold, pairwise_consistency
     from dori.mitigate.nemo import load_statistics
 
@@ -69,5 +70,6 @@ def nemo_reference(model: DiffusionModel, *, reference_prompts: str | None, stat
     if threshold is None:
         say("nemo: calibrating the SSIM threshold")
         texts = load_prompts(reference, model).texts
-        threshold = nemo_threshold(pairwise_consistency(model, model.encode(texts), steps=steps))
+        threshold = nemo_threshold(pairwise_consistency(model, model.encode(texts), seeds=list(range(config.seeds)),
+                                                        steps=config.steps, batch_size=config.batch_size))  # fmt: skip
     return statistics, threshold

@@ -163,9 +163,9 @@ def _baseline(config, model: DiffusionModel, prompts: PromptSet, refs: Reference
 def select_nemo(config, model, texts, emb, out, say):
     """NeMo's neurons for each of ``texts`` (``emb``), kept per prompt, and the numbers that describe
     the search (dori unlearn runs it too, for its surrogates, when no mitigation is given)."""
-    nemo_config = NemoConfig(batch_size=max(config.batch_size, 10))  # NeMo's own 50-step schedule
+    nemo_config = NemoConfig(seeds=config.nemo_seeds, batch_size=max(config.batch_size, 10))  # its own 50-step schedule
     stats, threshold = nemo_reference(model, reference_prompts=config.reference_prompts, stats=config.stats,
-                                      threshold=config.threshold, steps=nemo_config.steps, say=say)  # fmt: skip
+                                      threshold=config.threshold, config=nemo_config, say=say)  # fmt: skip
     say("nemo: localising neurons")
     results = nemo_localize(model, emb, stats, threshold, nemo_config, progress=say)
     per_prompt = {str(i): r.neurons for i, r in enumerate(results)}

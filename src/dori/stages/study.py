@@ -50,7 +50,7 @@ def stage_configs(config: StudyConfig, root: Path) -> dict:
     mem = dict(prompts=config.memorized, type=config.type, limit=limit, **common)
     # A real model's NeMo takes what the user gave (statistics, threshold) and the rest from the
     # non-memorized prompts; fine-tuning keeps their training pairs (the bundled kind has its own).
-    nemo = dict(stats=config.stats, threshold=config.threshold,
+    nemo = dict(stats=config.stats, threshold=config.threshold, nemo_seeds=4 if q else 10,
                 reference_prompts=None if bundled else config.non_memorized)  # fmt: skip
     util = utility_options(config)  # the stages that measure utility
     gen = dict(steps=config.sampling_steps or (20 if q or bundled else 50))

@@ -44,6 +44,10 @@ class RegimeConfig:
     guidance: float | None = None  # the model's own (the card's rule)
     nemo: NemoConfig = NemoConfig()
     batch_size: int = 100
+    limit: int | None = None  # reduced size: the first prompts of each checked set (the calibration keeps all)
+
+    def prompts(self, kit: ToyKit, *names: str) -> list[str]:
+        return [row["prompt"] for name in names for row in kit.prompt_set(name)[: self.limit]]
 
 
 def nemo_flags(model: DiffusionModel, kit: ToyKit, config: RegimeConfig) -> dict:
@@ -53,8 +57,8 @@ def nemo_flags(model: DiffusionModel, kit: ToyKit, config: RegimeConfig) -> dict
                                     steps=config.nemo.steps, batch_size=config.batch_size)  # fmt: skip
 
     threshold = nemo_threshold(pairs([r["prompt"] for r in kit.prompt_set("ordinary")]))
-    planted = [r["prompt"] for r in kit.prompt_set("memorized") + kit.prompt_set("template")]
-    ordinary = [r["prompt"] for r in kit.prompt_set("non_memorized") + kit.prompt_set("held_out")]
+    planted = config.prompts(kit, "memorized", "template")
+    ordinary = config.prompts(kit, "non_memorized", "held_out")
     planted_max = [max(p) for p in pairs(planted)]
     ordinary_max = [max(p) for p in pairs(ordinary)]
     flagged_planted = sum(s > threshold for s in planted_max)
@@ -69,7 +73,7 @@ def nemo_localises(model: DiffusionModel, kit: ToyKit, threshold: float, config:
                    progress: Callable[[str], None] | None = None) -> dict:  # fmt: skip
     """(b): the faithful NeMo on each memorized title, with statistics over every ordinary caption."""
     stats = value_statistics(model, [r["prompt"] for r in kit.prompt_set("ordinary")])
-    titles = [r["prompt"] for r in kit.prompt_set("memorized")]
+    titles = config.prompts(kit, "memorized")
     results = nemo_localize(model, model.encode(titles), stats, threshold, config.nemo, progress=progress)
     total = sum(site.width for site in model.value_sites())
     sizes = [sum(len(v) for v in r.neurons.values()) for r in results]
@@ -83,7 +87,7 @@ def site_floors(model: DiffusionModel, kit: ToyKit, config: RegimeConfig,
                 progress: Callable[[int], None] | None = None) -> dict:  # fmt: skip
     """(c): the memorized titles' MR with every weight of Wanda's sites zeroed, and with every
     value neuron zeroed."""
-    titles = [r["prompt"] for r in kit.prompt_set("memorized")]
+    titles = config.prompts(kit, "memorized")
     refs = [kit.references(p) for p in titles]
 
     def mr() -> dict:
