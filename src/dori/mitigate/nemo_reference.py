@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-
+from typing import TYPE_CHECKING
 
 from dori.errors import DoriError
 from dori.models.base import DiffusionModel
 from dori.references import is_bundled, load_prompts
 from dori.runs import atomic_path
+
+if TYPE_CHECKING:
+    from dori.mitigate.nemo import NemoConfig
 
 
 def cached_value_statistics(model: DiffusionModel, reference: str, say: Callable[[str], None]):
@@ -56,7 +59,7 @@ def check_nemo_inputs(model: DiffusionModel, *, reference_prompts: str | None, s
 
 
 def nemo_reference(model: DiffusionModel, *, reference_prompts: str | None, stats: str | None,
-                   threshold: float | None, config, say: Callable[[str], None]):  # fmt: skip
+                   threshold: float | None, config: NemoConfig, say: Callable[[str], None]):  # fmt: skip
     """NeMo's two inputs: the value statistics and the SSIM threshold (the reference's rule: mean +
     1 std of every pairwise multi-scale SSIM over the reference prompts, at guidance 0 as in its
     check; its calibration script samples at guidance 7 with the conditional and unconditional
