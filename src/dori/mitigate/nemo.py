@@ -142,7 +142,6 @@ class _Checker:
         self.noise = model.initial_noise(list(range(config.seeds)))
         self.vanilla: Tensor | None = None  # [P, seeds, C, H, W]
         self.flagged: list[list[int]] = []
-        self.calls = 0
 
     def maps(self, prompts: list[int], seeds: list[int], selections: list[Selection] | None) -> Tensor:
         """Noise maps of ``prompts[i]`` at ``seeds[i]`` with ``selections[i]`` deactivated."""
@@ -159,9 +158,8 @@ class _Checker:
                         if selections[r].get(name):
                             scale[i, selections[r][name]] = 0
                     scales[name] = scale
-            with mask_neurons(self.model, scales) as handle:
+            with mask_neurons(self.model, scales):
                 out.append(noise_maps(self.model, emb, noise, steps=self.config.steps))
-            self.calls += handle.total
         return torch.cat(out)
 
     def baseline(self, threshold: float) -> list[bool]:
