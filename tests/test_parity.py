@@ -243,26 +243,15 @@ def test_wanda_records_both_guided_halves_on_pndms_first_calls_at_seed_0(tiny_sd
     assert len(sd_pndm.timesteps) == 51 and [int(t) for t in sd_pndm.timesteps[:3]] == [981, 961, 961]
 
     seen, rows = [], []
-    hook = tiny_sd.unet.register_forward_pre_hook(lambda module, args, kwargs: seen.append(args[1].tolist()),
-                                                  with_kwargs=True)  # fmt: skip
-    site = tiny_sd.ffn_sites()[0].name
-    from dori import interventions
-
-    real_capture = interventions.capture
-
-    def counting_capture(model, sites, **kwargs):
-        reduce = kwargs.pop("reduce")
-        return real_capture(model, sites, reduce=lambda name, x: (rows.append(x.shape[0]) if name == site else None,
-                                                                   reduce(name, x)), **kwargs)  # fmt: skip
-
-    import dori.mitigate.wanda as wanda
-
-    wanda.capture, restore = counting_capture, wanda.capture
+    site = tiny_sd.ffn_sites()[0]
+    hooks = [tiny_sd.unet.register_forward_pre_hook(lambda module, args, kwargs: seen.append(args[1].tolist()),
+                                                    with_kwargs=True),
+             site.module.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))]  # fmt: skip
     try:
-        column_norms(tiny_sd, tiny_sd.encode(["a red barn", "a blue boat"]), [site], config)
+        column_norms(tiny_sd, tiny_sd.encode(["a red barn", "a blue boat"]), [site.name], config)
     finally:
-        wanda.capture = restore
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     expected = [int(t) for t in tiny_sd.pndm_scheduler(50).timesteps[:3]]
     assert [calls[0] for calls in seen] == expected and all(len(calls) == 4 for calls in seen)
     assert rows == [4, 4, 4]  # 2 prompts x 1 seed x (unconditional + conditional) per call

@@ -95,6 +95,13 @@ def seed_pairs(n: int) -> torch.Tensor:
     return torch.combinations(torch.arange(n), r=2)
 
 
+def pair_scores(maps: torch.Tensor) -> list[float]:
+    """The multi-scale SSIM of every pair of one prompt's seed maps ``[seeds, C, H, W]``, in
+    :func:`seed_pairs` order."""
+    pairs = seed_pairs(maps.shape[0])
+    return ms_ssim(maps[pairs[:, 0]], maps[pairs[:, 1]]).tolist()
+
+
 @torch.no_grad()
 def pairwise_consistency(
     model: DiffusionModel, emb: torch.Tensor, *, seeds: Sequence[int] = tuple(range(10)), steps: int = NEMO_STEPS,
@@ -104,14 +111,12 @@ def pairwise_consistency(
     noise maps (:func:`noise_maps`), in :func:`seed_pairs` order."""
     noise = model.initial_noise(seeds)
     n = len(seeds)
-    pairs = seed_pairs(n)
     out: list[list[float]] = []
     per_batch = max(1, batch_size // n)
     for start in range(0, emb.shape[0], per_batch):
         chunk = emb[start : start + per_batch]
         maps = noise_maps(model, chunk.repeat_interleave(n, dim=0), noise.repeat(chunk.shape[0], 1, 1, 1), steps=steps)
-        for prompt_maps in maps.view(chunk.shape[0], n, *maps.shape[1:]):
-            out.append(ms_ssim(prompt_maps[pairs[:, 0]], prompt_maps[pairs[:, 1]]).tolist())
+        out.extend(pair_scores(prompt_maps) for prompt_maps in maps.view(chunk.shape[0], n, *maps.shape[1:]))
     return out
 
 

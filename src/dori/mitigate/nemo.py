@@ -37,7 +37,7 @@ from torch import Tensor
 
 from dori.errors import DoriError
 from dori.interventions import mask_neurons
-from dori.measure.detection import NEMO_STEPS, flagged_seeds, noise_maps, seed_pairs
+from dori.measure.detection import NEMO_STEPS, flagged_seeds, noise_maps, pair_scores
 from dori.measure.similarity import ms_ssim
 from dori.models.base import DiffusionModel
 
@@ -167,11 +167,8 @@ class _Checker:
         n, seeds = self.emb.shape[0], self.config.seeds
         maps = self.maps([p for p in range(n) for _ in range(seeds)], list(range(seeds)) * n, None)
         self.vanilla = maps.view(n, seeds, *maps.shape[1:])
-        pairs = seed_pairs(seeds)
-        self.flagged = []
-        for prompt_maps in self.vanilla:
-            scores = ms_ssim(prompt_maps[pairs[:, 0]], prompt_maps[pairs[:, 1]]).tolist()
-            self.flagged.append([s for s, hit in enumerate(flagged_seeds(scores, seeds, threshold)) if hit])
+        self.flagged = [[s for s, hit in enumerate(flagged_seeds(pair_scores(prompt_maps), seeds, threshold)) if hit]
+                        for prompt_maps in self.vanilla]  # fmt: skip
         return [bool(f) for f in self.flagged]
 
     def ssim(self, prompts: list[int], selections: list[Selection]) -> list[float]:

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 import torch
 
 from dori.interventions import mask_neurons, mask_weights
-from dori.measure.detection import nemo_threshold, pairwise_consistency
+from dori.measure.detection import pairwise_consistency
 from dori.measure.replication import replication, summarize
-from dori.mitigate.nemo import NemoConfig, nemo_localize, value_statistics
+from dori.mitigate.nemo import NemoConfig, ValueStatistics, nemo_localize
+from dori.mitigate.nemo_reference import nemo_reference
 from dori.models.base import DiffusionModel
 from dori.toy.kit import ToyKit
 
@@ -50,13 +51,12 @@ class RegimeConfig:
         return [row["prompt"] for name in names for row in kit.prompt_set(name)[: self.limit]]
 
 
-def nemo_flags(model: DiffusionModel, kit: ToyKit, config: RegimeConfig) -> dict:
-    """(a): the reference threshold from every ordinary training caption, and who it flags."""
+def nemo_flags(model: DiffusionModel, kit: ToyKit, threshold: float, config: RegimeConfig) -> dict:
+    """(a): whom NeMo's check flags at the threshold calibrated on every ordinary training caption."""
     def pairs(texts: list[str]) -> list[list[float]]:
         return pairwise_consistency(model, model.encode(texts), seeds=list(range(config.nemo.seeds)),
                                     steps=config.nemo.steps, batch_size=config.batch_size)  # fmt: skip
 
-    threshold = nemo_threshold(pairs([r["prompt"] for r in kit.prompt_set("ordinary")]))
     planted = config.prompts(kit, "memorized", "template")
     ordinary = config.prompts(kit, "non_memorized", "held_out")
     planted_max = [max(p) for p in pairs(planted)]
@@ -69,10 +69,9 @@ def nemo_flags(model: DiffusionModel, kit: ToyKit, config: RegimeConfig) -> dict
             "passed": flagged_planted == len(planted) and flagged_ordinary <= FLAG_BAR * len(ordinary)}  # fmt: skip
 
 
-def nemo_localises(model: DiffusionModel, kit: ToyKit, threshold: float, config: RegimeConfig,
-                   progress: Callable[[str], None] | None = None) -> dict:  # fmt: skip
+def nemo_localises(model: DiffusionModel, kit: ToyKit, stats: ValueStatistics, threshold: float,
+                   config: RegimeConfig, progress: Callable[[str], None] | None = None) -> dict:  # fmt: skip
     """(b): the faithful NeMo on each memorized title, with statistics over every ordinary caption."""
-    stats = value_statistics(model, [r["prompt"] for r in kit.prompt_set("ordinary")])
     titles = config.prompts(kit, "memorized")
     results = nemo_localize(model, model.encode(titles), stats, threshold, config.nemo, progress=progress)
     total = sum(site.width for site in model.value_sites())
@@ -110,10 +109,13 @@ def regime_checks(model: DiffusionModel, kit: ToyKit, config: RegimeConfig = Reg
                   say: Callable[[str], None] | None = None) -> dict:  # fmt: skip
     """(a), (b) and (c) with their numbers and pass or fail."""
     say = say or (lambda message: None)
+    # NeMo's two inputs from every ordinary training caption, as `dori mitigate` computes them.
+    stats, threshold = nemo_reference(model, reference_prompts="bundled:ordinary", stats=None, threshold=None,
+                                      config=config.nemo, say=say)  # fmt: skip
     say("regime (a): NeMo's check on planted titles and ordinary captions")
-    flags = nemo_flags(model, kit, config)
+    flags = nemo_flags(model, kit, threshold, config)
     say("regime (b): NeMo on each memorized title")
-    local = nemo_localises(model, kit, flags["threshold"], config, progress=say)
+    local = nemo_localises(model, kit, stats, threshold, config, progress=say)
     say("regime (c): MR with whole site families zeroed")
     floors = site_floors(model, kit, config)
     return {"a_nemo_check": flags, "b_nemo_localises": local, "c_site_floors": floors,
