@@ -143,3 +143,91 @@ def test_the_attribute_classifier_trains_on_until_it_reaches_its_bar():
     same = [torch.equal(a, b) for a, b in zip(met.state_dict().values(), one_round.state_dict().values())]
     assert all(same)
     assert not all(torch.equal(a, b) for a, b in zip(met.state_dict().values(), missed.state_dict().values()))
+
+
+def test_the_sd_layout_has_cross_attention_at_every_resolution_on_packed_pixels(tmp_path):
+    """Issue 37's layout: cross-attention down, mid and up at every resolution, GEGLU at 4x, on pixels
+    packed 2x2 (a lossless stand-in for SD's VAE) that load back through load_model like SD."""
+    from diffusers.models.activations import GEGLU
+
+    from dori.models import load_model
+    from dori.toy.train import build_unet, train_bundled_model
+
+    config = ToyTrainConfig(n_ordinary=60, n_verbatim=3, n_template=2, copies=5, steps=1, batch_size=4,
+                            channels=(8, 16, 16), text_width=16, unet_layout="sd", space_to_depth=2, attention_heads=2)
+    unet = build_unet(config)
+    assert [type(b).__name__ for b in unet.down_blocks] == ["CrossAttnDownBlock2D"] * 3
+    assert [type(b).__name__ for b in unet.up_blocks] == ["CrossAttnUpBlock2D"] * 3
+    assert type(unet.mid_block).__name__ == "UNetMidBlock2DCrossAttn"
+    assert (unet.config.sample_size, unet.config.in_channels, unet.config.out_channels) == (16, 12, 12)
+    blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    assert len(blocks) == 3 + 1 + 3 * 2  # down (1 layer each), mid, up (layers + 1 each)
+    for block in blocks:
+        assert isinstance(block.ff.net[0], GEGLU)
+        assert block.ff.net[2].in_features == 4 * block.ff.net[2].out_features
+    fifth = build_unet(ToyTrainConfig(channels=(8, 16, 16), text_width=16))
+    assert type(fifth.down_blocks[0]).__name__ == "DownBlock2D" and fifth.config.in_channels == 3
+
+    (tmp_path / "attribute_classifier.safetensors").write_bytes(b"")  # skip the classifier
+    train_bundled_model(config, tmp_path, log=lambda _: None)
+    model = load_model(tmp_path)
+    assert model.space_to_depth == 2 and model.latent_shape == (12, 16, 16) and model.image_size == (32, 32)
+    assert len(model.value_sites()) == 4 and sum(s.width for s in model.value_sites()) == 8 + 16 + 16 + 16
+    assert any(s.name.startswith("up_blocks.") for s in model.ffn_sites())
+    images = torch.rand(2, 3, 32, 32)
+    latents = model.to_latents(images)
+    assert latents.shape == (2, 12, 16, 16)
+    assert torch.allclose(model.from_latents(latents), images, atol=1e-6)
+    # a pixel of the image sits in one latent position's channels, as the packing says
+    assert torch.equal(latents[:, :, 0, 0].reshape(2, 3, 2, 2), images[:, :, :2, :2] * 2 - 1)
+    generated = model.generate(model.encode(["a red circle, top left"]), [0], steps=2, guidance=2.0)
+    assert generated.shape == (1, 3, 32, 32)
+
+
+def test_a_packed_unet_without_its_packing_is_a_clear_error_at_load(tmp_path):
+    import json
+
+    from dori.errors import DoriError
+    from dori.models import load_model
+    from dori.toy.train import train_bundled_model
+
+    config = ToyTrainConfig(n_ordinary=60, n_verbatim=3, n_template=2, copies=5, steps=1, batch_size=4,
+                            channels=(8, 16, 16), text_width=16, space_to_depth=2)
+    (tmp_path / "attribute_classifier.safetensors").write_bytes(b"")
+    train_bundled_model(config, tmp_path, log=lambda _: None)
+    meta_file = tmp_path / "dori_model.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({k: v for k, v in meta.items() if k != "space_to_depth"}))
+    with pytest.raises(DoriError, match="takes 12 channels.*pixel space \\(3 channels\\)"):
+        load_model(tmp_path)
+    meta_file.write_text(json.dumps({**meta, "space_to_depth": 4}))
+    with pytest.raises(DoriError, match="packed 4x4 into channels \\(48 channels"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("bad", [{"unet_layout": "sdxl"}, {"space_to_depth": 3}, {"layers_per_block": 0}])
+def test_a_recipe_with_an_impossible_layout_is_refused(bad):
+    from dori.errors import DoriError
+
+    with pytest.raises(DoriError):
+        ToyTrainConfig(**bad)
+
+
+def test_the_card_s_own_checks_judge_by_their_bars():
+    from dori.toy.card import ALIGNMENT_BAR, CONTROL_BAR, MEMORIZED_BAR, REGIME_MARGIN, card_checks
+
+    def numbers(**change):
+        base = {"detector": {"tau": 0.66}, "copy_benchmark": {"passed": True},
+                "memorized": {"mr": MEMORIZED_BAR}, "non_memorized": {"mr": CONTROL_BAR, "sscd_mean": 0.65 - REGIME_MARGIN},
+                "held_out": {"mr": 0.0, "alignment": ALIGNMENT_BAR}}  # fmt: skip
+        for key, value in change.items():
+            part, _, field = key.partition("__")
+            base[part] = {**base[part], field: value}
+        return base
+
+    assert card_checks(numbers())["passed"]  # every MR and the alignment exactly at its bar passes
+    for change, failed in [({"memorized__mr": 0.89}, "memorized"), ({"held_out__mr": 0.06}, "control"),
+                           ({"non_memorized__mr": 0.06}, "control"), ({"held_out__alignment": 0.94}, "alignment"),
+                           ({"non_memorized__sscd_mean": 0.37}, "margin"), ({"copy_benchmark__passed": False}, "copy_benchmark")]:  # fmt: skip
+        result = card_checks(numbers(**change))
+        assert not result["passed"] and [k for k, ok in result["checks"].items() if not ok] == [failed]

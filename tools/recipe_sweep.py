@@ -18,6 +18,16 @@ so that their full model card can be made on another machine (``dori toy card --
 These are screening numbers (GPU-trained, fewer seeds and steps than the card); a recipe is only
 adopted on CPU-trained models and their full cards.
 
+With ``--regime`` (issue 37) each run, once trained, measures the regime checks (a) to (d) of
+``dori.toy.regime`` and ``dori.toy.card.card_checks`` stage by stage into ``OUT/RUN/regime.jsonl``
+(with its memorized and held-out grids), and ``OUT/regime.md`` holds one row per run.
+``--train-seconds S`` fits each run's step count into S seconds (timed on a few steps at its start),
+so that a screen finishes inside the minutes a GPU is lent; the row says how many steps it trained.
+
+    python tools/recipe_sweep.py --out DIR --device cuda --seeds 0,1,2 --eval-at 99999 --regime \
+        --variant A:unet_layout=sd,channels=64/128/128,space_to_depth=2,attention_heads=8,batch_size=64,steps=2500 \
+        --classifiers DIR --train-seconds 200 --deadline 480
+
     python tools/recipe_sweep.py --out DIR --device cuda --variant base: \\
         --variant frozen:text_lr_scale=0 --seeds 1,2,3 --eval-at 2500,5000 [--classifiers DIR]
 """
@@ -36,16 +46,103 @@ VALUE_TYPES = {"True": True, "False": False}
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    """``name:key=value,key=value`` -> (name, overrides of ToyTrainConfig)."""
+    """``name:key=value,key=value`` -> (name, overrides of ToyTrainConfig); ``a/b/c`` is a tuple of
+    integers (``channels=64/128/128``), a word that is no number stays a string (``unet_layout=sd``)."""
     name, _, rest = text.partition(":")
-    overrides = {}
+    overrides: dict = {}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
         if value in VALUE_TYPES:
             overrides[key] = VALUE_TYPES[value]
+        elif "/" in value:
+            overrides[key] = tuple(int(v) for v in value.split("/"))
         else:
-            overrides[key] = float(value) if any(c in value for c in ".e") else int(value)
+            try:
+                overrides[key] = float(value) if any(c in value for c in ".e") else int(value)
+            except ValueError:
+                overrides[key] = value
     return name, overrides
+
+
+def fit_steps(config, device: str, seconds: float, *, probe: int = 8) -> int:
+    """The most steps (a multiple of the checkpoint interval, at least one interval, at most the
+    recipe's) that this process can train in ``seconds``, timed on ``probe`` steps of the recipe's own
+    U-Net at its batch size while the other runs start beside it."""
+    import time
+
+    import torch
+
+    from dori.toy.train import build_unet
+
+    unet = build_unet(config).to(device)
+    f = config.space_to_depth
+    x = torch.randn(config.batch_size, 3 * f * f, 32 // f, 32 // f, device=device)
+    emb = torch.randn(config.batch_size, 77, config.text_width, device=device)
+    t = torch.randint(1000, (config.batch_size,), device=device)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-6)
+    times = []
+    for _ in range(probe + 2):
+        began = time.monotonic()
+        loss = unet(x, t, emb).sample.pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if device != "cpu":
+            torch.cuda.synchronize()
+        times.append(time.monotonic() - began)
+    per_step = sorted(times[2:])[len(times[2:]) // 2]
+    every = config.checkpoint_every
+    return max(every, min(config.steps, int(seconds / per_step) // every * every))
+
+
+def screen_regime(folder: Path, device: str, say, nemo_seeds: int) -> None:
+    """The regime checks of issue 37 and the card's own checks (d), stage by stage, each stage's row
+    appended to ``folder/regime.jsonl`` as soon as it is measured (a run stopped at its limit keeps
+    what it measured). (a) and (b) need no copy detector, so they come first."""
+    import time
+
+    from dori.mitigate.nemo import NemoConfig
+    from dori.mitigate.nemo_reference import nemo_reference
+    from dori.models.loading import load_model
+    from dori.report_images import save_grid
+    from dori.toy.card import benchmark, calibrate, card_checks, choose_guidance, guidance_sweep, measure_bundled
+    from dori.toy.kit import ToyKit
+    from dori.toy.regime import RegimeConfig, nemo_flags, nemo_localises, site_floors
+
+    def row(stage: str, began: float, **numbers) -> None:
+        with (folder / "regime.jsonl").open("a") as f:
+            f.write(json.dumps({"stage": stage, "seconds": time.monotonic() - began, **numbers}) + "\n")
+
+    model = load_model(folder, device=device)
+    kit = ToyKit.from_folder(folder)
+    config = RegimeConfig(nemo=NemoConfig(seeds=nemo_seeds))
+    began = time.monotonic()
+    stats, threshold = nemo_reference(model, reference_prompts="bundled:ordinary", stats=None, threshold=None,
+                                      config=config.nemo, say=say)  # fmt: skip
+    row("a", began, **nemo_flags(model, kit, threshold, config))
+    began = time.monotonic()
+    row("b", began, **nemo_localises(model, kit, stats, threshold, config))
+    began = time.monotonic()
+    prepared = folder / "copy_benchmark.json"  # the detector depends on the seed's data only: made beforehand
+    if prepared.is_file() and (folder / "copy_detector.json").is_file():
+        bench = json.loads(prepared.read_text())
+    else:
+        calibrate(kit)
+        bench = benchmark(kit)
+    sweep = guidance_sweep(model, kit)
+    guidance = choose_guidance(sweep)
+    row("guidance", began, sweep=sweep, guidance=guidance, tau=kit.detector.tau, copy_benchmark=bench)
+    began = time.monotonic()
+    row("c", began, **site_floors(model, kit, RegimeConfig(guidance=guidance, nemo=config.nemo)))
+    began = time.monotonic()
+    numbers, images = measure_bundled(model, kit, guidance=guidance)
+    numbers["copy_benchmark"] = bench
+    for name in ("memorized", "held_out"):
+        save_grid(images[name], folder / f"card_{name}.png", columns=numbers["seeds"])
+    keep = ("mr", "sscd_mean", "alignment", "fd")
+    row("d", began, **{name: {k: numbers[name][k] for k in keep if k in numbers[name]}
+                       for name in ("memorized", "template", "non_memorized", "held_out")},
+        auc=numbers["noise_norm"]["auc"], **card_checks(numbers))  # fmt: skip
 
 
 def evaluate(model, kit, step: int, guidances: list[float]) -> dict:
@@ -76,7 +173,10 @@ def evaluate(model, kit, step: int, guidances: list[float]) -> dict:
 
 
 def work(name: str, overrides: dict, seed: int, out: str, device: str, eval_at: list[int], guidances: list[float],
-         classifiers: str | None, card: bool) -> None:  # fmt: skip
+         classifiers: str | None, card: bool, regime: bool = False, train_seconds: float = 0,
+         nemo_seeds: int = 10) -> None:  # fmt: skip
+    import dataclasses
+
     import torch
 
     torch.set_num_threads(1)
@@ -86,9 +186,12 @@ def work(name: str, overrides: dict, seed: int, out: str, device: str, eval_at: 
     config = ToyTrainConfig(seed=seed, **overrides)
     folder = Path(out) / f"{name}-s{seed}"
     folder.mkdir(parents=True, exist_ok=True)
-    if classifiers:  # the classifier depends on the seed only: train it once per seed, elsewhere
-        for file in Path(classifiers, f"seed{seed}").glob("attribute_classifier.*"):
-            shutil.copyfile(file, folder / file.name)
+    if train_seconds:
+        config = dataclasses.replace(config, steps=fit_steps(config, device, train_seconds))
+    if classifiers:  # the classifier (and copy detector) depend on the seed only: made once per seed, elsewhere
+        for pattern in ("attribute_classifier.*", "copy_detector.json", "copy_benchmark.json"):
+            for file in Path(classifiers, f"seed{seed}").glob(pattern):
+                shutil.copyfile(file, folder / file.name)
     kit = ToyKit(folder, config.data_kwargs())
     log_file = (folder / "train.log").open("a")
     began = time.monotonic()
@@ -107,6 +210,11 @@ def work(name: str, overrides: dict, seed: int, out: str, device: str, eval_at: 
         began = time.monotonic()
         finish_bundled_model(folder, device=device, log=lambda line: print(line, file=log_file, flush=True))
         print(f"card: {time.monotonic() - began:.0f} s", file=log_file, flush=True)
+    if regime:
+        with (folder / "regime.jsonl").open("a") as f:
+            f.write(json.dumps({"stage": "train", "variant": name, "seed": seed, "overrides": overrides,
+                                "steps": config.steps, "seconds": time.monotonic() - began}) + "\n")  # fmt: skip
+        screen_regime(folder, device, lambda line: print(line, file=log_file, flush=True), nemo_seeds)
 
 
 def table(rows: list[dict], guidances: list[float]) -> str:
@@ -123,6 +231,28 @@ def table(rows: list[dict], guidances: list[float]) -> str:
     return "\n".join(lines)
 
 
+def regime_table(out: Path) -> str:
+    """One row per run of ``--regime``: each check's numbers and pass or fail, as far as measured."""
+    head = ["run", "steps", "train min", "(a) planted / ordinary flagged", "(b) neurons per title (bar)",
+            "(b) passed check", "(c) ffn-zeroed / value-zeroed MR", "(d) mem. / non-mem. / held-out MR",
+            "(d) held-out alignment", "a b c d"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for file in sorted(out.glob("*/regime.jsonl")):
+        got = {r["stage"]: r for r in map(json.loads, file.read_text().splitlines())}
+        a, b, c, d, t = (got.get(k) for k in ("a", "b", "c", "d", "train"))
+        verdict = " ".join("-" if x is None else ("pass" if x["passed"] else "FAIL") for x in (a, b, c, d))
+        lines.append("| " + " | ".join([
+            file.parent.name, str(t["steps"]) if t else "-", f"{t['seconds'] / 60:.1f}" if t else "-",
+            f"{a['planted_flagged']}/{a['n_planted']}, {a['ordinary_flagged']}/{a['n_ordinary']}" if a else "-",
+            f"{min(b['neurons_per_title'])}-{max(b['neurons_per_title'])} ({b['bar']:.0f} of {b['value_neurons']})"
+            if b else "-",
+            f"{sum(b['mitigated'])}/{len(b['mitigated'])}" if b else "-",
+            f"{c['ffn_zeroed']['mr']:.2f} / {c['value_zeroed']['mr']:.2f}" if c else "-",
+            f"{d['memorized']['mr']:.2f} / {d['non_memorized']['mr']:.2f} / {d['held_out']['mr']:.2f}" if d else "-",
+            f"{d['held_out']['alignment']:.3f}" if d else "-", verdict]) + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
@@ -132,11 +262,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="training steps of every variant that does not set its own")
     parser.add_argument("--eval-at", default="2500,5000")
     parser.add_argument("--guidance", default="1.5,3")
-    parser.add_argument("--classifiers", help="folder of seedN/attribute_classifier.* trained beforehand")
+    parser.add_argument("--classifiers", help="folder of seedN/attribute_classifier.* trained beforehand (and "
+                        "copy_detector.json with copy_benchmark.json, used by --regime)")
     parser.add_argument("--deadline", type=float, default=0, help="seconds; stop the runs then and report (0: none)")
     parser.add_argument("--pack", type=int, default=0, help="tar the best variant's model folders (at most N)")
     parser.add_argument("--card", action="store_true", help="write each finished model's full card")
     parser.add_argument("--only", default="", help="variant=seed,seed;... : other seeds for some variants")
+    parser.add_argument("--regime", action="store_true",
+                        help="after training, the regime checks and the card's checks, stage by stage (regime.jsonl)")
+    parser.add_argument("--train-seconds", type=float, default=0,
+                        help="fit each run's steps into this many seconds, timed at its start (0: the recipe's)")
+    parser.add_argument("--nemo-seeds", type=int, default=10, help="NeMo's seeds in the regime checks")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -149,7 +285,7 @@ def main() -> None:
             for seed in only.get(name, seeds)]  # fmt: skip
     context = mp.get_context("spawn")
     processes = [context.Process(target=work, args=(n, o, s, str(out), args.device, eval_at, guidances, args.classifiers,
-                                                     args.card))
+                                                     args.card, args.regime, args.train_seconds, args.nemo_seeds))
                  for n, o, s in jobs]  # fmt: skip
     began = time.monotonic()
     for p in processes:
@@ -168,6 +304,10 @@ def main() -> None:
     (out / "sweep.md").write_text(text + "\n")
     (out / "sweep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(text)
+    if args.regime:
+        text = regime_table(out)
+        (out / "regime.md").write_text(text + "\n")
+        print(text)
     print(f"wall {time.monotonic() - began:.0f} s")
     if args.pack and rows:
         last = max(r["step"] for r in rows)  # the latest step measured, where a deadline stopped the runs early

@@ -5,6 +5,11 @@ frozen text encoder with its tokenizer, the training noise schedule, and a VAE f
 (``None`` for pixel-space models such as the bundled one). Stable Diffusion v1.x / v2.x and the
 bundled model are both instances of this class, so the same algorithm code runs on either.
 
+A pixel-space model may work on its pixels packed ``f x f`` into channels (``dori_model.json``:
+``"space_to_depth": f``; the sixth bundled recipe packs 32x32x3 into 16x16x12): a lossless stand-in
+for SD's VAE, so that the U-Net's top resolution, where SD's has its first cross-attention
+blocks, is small enough for a CPU.
+
 Conventions: images are ``float32`` in ``[0, 1]``, shape ``[N, 3, H, W]``, returned on the CPU;
 embeddings (the conditioning ``encoder_hidden_states``) are ``[B, L, D]``; timesteps are integer
 training timesteps in ``[0, num_train_timesteps)``.
@@ -127,9 +132,14 @@ class DiffusionModel:
         return int(self.tokenizer.model_max_length)
 
     @property
+    def space_to_depth(self) -> int:
+        """How many pixels a side each latent position packs (1: none; always 1 with a VAE)."""
+        return int(self.meta.get("space_to_depth", 1)) if self.vae is None else 1
+
+    @property
     def vae_scale_factor(self) -> int:
         if self.vae is None:
-            return 1
+            return self.space_to_depth
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
@@ -264,10 +274,11 @@ class DiffusionModel:
 
     # ----------------------------------------------------------------- image <-> latent
     def to_latents(self, images: Tensor) -> Tensor:
-        """Images in ``[0, 1]`` to the U-Net's space (VAE mean times scaling factor, or ``2x - 1``)."""
+        """Images in ``[0, 1]`` to the U-Net's space (VAE mean times scaling factor, or ``2x - 1``,
+        packed by :attr:`space_to_depth`)."""
         x = images.to(self.device, self.dtype) * 2 - 1
         if self.vae is None:
-            return x
+            return x if self.space_to_depth == 1 else torch.nn.functional.pixel_unshuffle(x, self.space_to_depth)
         with torch.no_grad():
             return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
 
@@ -276,6 +287,8 @@ class DiffusionModel:
         if self.vae is not None:
             with torch.no_grad():
                 latents = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        elif self.space_to_depth > 1:
+            latents = torch.nn.functional.pixel_shuffle(latents, self.space_to_depth)
         return ((latents.float() + 1) / 2).clamp(0, 1).cpu()
 
     # ----------------------------------------------------------------- sampling

@@ -117,7 +117,7 @@ def _model_meta(path: Path) -> dict:
         return {}
     meta = _read_model_json(file, "dori's model description", dict)
     expected = {"name": str, "pixel_space": bool, "tokenizer": str, "token_map": str, "toy_data": dict,
-                "default_guidance": (int, float), "position_encoding": str}  # fmt: skip
+                "default_guidance": (int, float), "position_encoding": str, "space_to_depth": int}  # fmt: skip
     for key, kind in expected.items():
         if key in meta and not isinstance(meta[key], kind):
             raise DoriError(f"{file}: '{key}' has the wrong type ({type(meta[key]).__name__}); restore the file "
@@ -168,17 +168,24 @@ def _load_component(loader, folder: Path, what: str, **kwargs):
         raise DoriError(f"could not load the {what} from {folder}: {first}") from error
 
 
-def _check_fit(unet, text_encoder, vae, tokenizer, token_map, path: Path) -> None:
-    """Components that do not fit each other fail here, at load, not in the middle of a run."""
+def _check_fit(unet, text_encoder, vae, tokenizer, token_map, path: Path, pack: int = 1) -> None:
+    """Components that do not fit each other fail here, at load, not in the middle of a run. ``pack``
+    is a pixel-space model's ``space_to_depth``."""
     width, cross = text_encoder.config.hidden_size, unet.config.cross_attention_dim
     if width != cross:
         raise DoriError(f"{path}: the text encoder's width ({width}) is not the U-Net's cross-attention width "
                         f"({cross}); text_encoder/ and unet/ come from different models")  # fmt: skip
-    channels = 3 if vae is None else vae.config.latent_channels
-    where = "pixel space (3 channels)" if vae is None else f"the VAE's latents ({channels} channels)"
+    channels = 3 * pack * pack if vae is None else vae.config.latent_channels
+    if vae is not None:
+        where = f"the VAE's latents ({channels} channels)"
+    elif pack > 1:
+        where = f"pixel space packed {pack}x{pack} into channels ({channels} channels, dori_model.json's space_to_depth)"
+    else:
+        where = "pixel space (3 channels)"
     if unet.config.in_channels != channels or unet.config.out_channels != channels:
+        pair = "unet/ and vae/" if vae is not None else "unet/ and dori_model.json"
         raise DoriError(f"{path}: the U-Net takes {unet.config.in_channels} channels and returns "
-                        f"{unet.config.out_channels}, but the model works in {where}; unet/ and vae/ come from "
+                        f"{unet.config.out_channels}, but the model works in {where}; {pair} come from "
                         "different models")  # fmt: skip
     rows = text_encoder.config.vocab_size
     ids = len(tokenizer) if token_map is None else int(token_map.max()) + 1
@@ -243,7 +250,11 @@ def load_model(
     token_map = None
     if "token_map" in meta:
         token_map = _token_map(path / meta["token_map"], len(tokenizer))
-    _check_fit(unet, text_encoder, vae, tokenizer, token_map, path)
+    pack = int(meta.get("space_to_depth", 1))
+    if pack < 1:
+        raise DoriError(f"{path / MODEL_FILE}: 'space_to_depth' must be at least 1, got {pack}; restore the file "
+                        "from the model's source")  # fmt: skip
+    _check_fit(unet, text_encoder, vae, tokenizer, token_map, path, pack)
 
     model = DiffusionModel(
         name=str(meta.get("name", path.name)),

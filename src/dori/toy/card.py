@@ -28,6 +28,25 @@ GUIDANCE_GRID = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
 SWEEP_SEEDS = tuple(range(100, 105))
 # The bundled model should sit in SD's regime: non-memorized generations far below the threshold.
 REGIME_MARGIN = 0.3
+# The card's own checks, regime check (d) of issue 37, with the bars of its acceptance: the planted
+# (VM) titles replicate, ordinary captions do not (training and held-out alike), and the model follows
+# held-out captions.
+MEMORIZED_BAR = 0.9  # memorized MR at least
+CONTROL_BAR = 0.05  # non-memorized and held-out MR at most
+ALIGNMENT_BAR = 0.95  # held-out prompt alignment at least
+
+
+def card_checks(numbers: dict) -> dict:
+    """Regime check (d): everything the card checked before issue 37, each with pass or fail."""
+    margin = numbers["detector"]["tau"] - numbers["non_memorized"]["sscd_mean"]
+    checks = {
+        "copy_benchmark": numbers["copy_benchmark"]["passed"],
+        "margin": margin >= REGIME_MARGIN,
+        "memorized": numbers["memorized"]["mr"] >= MEMORIZED_BAR,
+        "control": max(numbers["non_memorized"]["mr"], numbers["held_out"]["mr"]) <= CONTROL_BAR,
+        "alignment": numbers["held_out"]["alignment"] >= ALIGNMENT_BAR,
+    }
+    return {"checks": checks, "margin": margin, "passed": all(checks.values())}
 
 
 def text_encoder_words(train_info: dict) -> str:
@@ -40,6 +59,25 @@ def text_encoder_words(train_info: dict) -> str:
     if scale == 1:
         return "trained jointly and frozen afterwards"
     return f"trained jointly at {scale:g} times the U-Net's learning rate and frozen afterwards"
+
+
+def unet_words(train_info: dict, sites: dict) -> str:
+    """The card's sentence on the U-Net's shape (the fifth recipe's, or SD's layout of issue 37)."""
+    channels = tuple(train_info["channels"])
+    counts = f"({sites['value']} value sites, {sites['ffn']} feed-forward sites)"
+    if train_info.get("unet_layout", "fifth") != "sd":
+        return (f"diffusers `UNet2DConditionModel` in pixel space, channels {channels}, cross-attention at 16x16 and "
+                f"8x8 on the way down and in the mid block, none on the way up {counts}: every route from the text to "
+                "the image passes the sites NeMo searches.")  # fmt: skip
+    f = train_info.get("space_to_depth", 1)
+    side = 32 // f
+    space = (f"on the pixels packed {f}x{f} into channels ({side}x{side}x{3 * f * f}, a lossless stand-in for SD's "
+             "VAE)" if f > 1 else "in pixel space")  # fmt: skip
+    sides = ", ".join(f"{side >> i}x{side >> i}" for i in range(len(channels)))
+    return (f"diffusers `UNet2DConditionModel` {space}, laid out as SD's: channels {channels}, "
+            f"{train_info.get('layers_per_block', 1)} layer(s) per block, cross-attention transformer blocks "
+            f"(GEGLU feed-forward, 4x inner width, {train_info.get('attention_heads', 8)} heads) at every resolution "
+            f"({sides}) on the way down, in the mid block and on the way up {counts}.")
 
 
 def calibrate(kit: ToyKit) -> dict:
@@ -152,10 +190,7 @@ def write_card(folder: Path, numbers: dict, calibration: dict, train_info: dict,
         f"{train_info['batch_size']}, lr {train_info['learning_rate']} with warm-up and cosine decay, "
         f"{train_info['empty_caption_prob']:.0%} empty captions); {train_info.get('seconds', float('nan')) / 60:.1f} "
         "minutes on 2 CPU cores.",
-        "- Model: diffusers `UNet2DConditionModel` in pixel space, channels "
-        f"{tuple(train_info['channels'])}, cross-attention at 16x16 and 8x8 on the way down and in the mid block, "
-        f"none on the way up ({sites['value']} value sites, {sites['ffn']} feed-forward sites): every route from the "
-        "text to the image passes the sites NeMo searches."
+        f"- Model: {unet_words(train_info, sites)}"
         + (" A fixed 2-D sinusoidal position encoding is added after the first convolution"
            + (" and to the input of every cross-attention block" if train_info.get("position_at_attention") else "")
            + ", so that this cross-attention knows where each pixel lies (without it the model placed shapes at "

@@ -142,5 +142,13 @@ def regime_lines(regime: dict) -> list[str]:
         f"{sum(b['mitigated'])} of {len(b['mitigated'])}. **{verdict[b['passed']]}**",
         f"- (c) With every weight of Wanda's sites zeroed, MR {c['ffn_zeroed']['mr']:.2f}; with every value neuron "
         f"zeroed, MR {c['value_zeroed']['mr']:.2f} (bar: at most {FLOOR_MR:g} each). **{verdict[c['passed']]}**",
+        *([_card_line(regime["d_card"], verdict)] if "d_card" in regime else []),
         "",
     ]
+
+
+def _card_line(d: dict, verdict: dict) -> str:
+    failed = [name.replace("_", " ") for name, ok in d["checks"].items() if not ok]
+    return ("- (d) The card's own checks below (copy-detection benchmark, non-memorized margin, memorized MR, "
+            "non-memorized and held-out MR, held-out alignment): "
+            + (f"failed: {', '.join(failed)}. " if failed else "all pass. ") + f"**{verdict[d['passed']]}**")

@@ -54,6 +54,7 @@ from dori.toy.data import (PARTIAL_FORMS, TITLES_TM, TITLES_VM, ToyDataset, all_
                            partial_captions)  # fmt: skip
 
 CHECKPOINT = "checkpoint.pt"
+UNET_LAYOUTS = ("fifth", "sd")
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,16 @@ class ToyTrainConfig:
     n_template: int = len(TITLES_TM)
     copies: int = 1000
     channels: tuple[int, int, int] = (32, 64, 64)
+    # "fifth": a plain block at the top resolution, cross-attention at the two lower ones and in the mid
+    # block, plain blocks on the way up. "sd" (issue 37): cross-attention blocks at every resolution, down,
+    # mid and up, as in SD's CrossAttnDownBlock2D / CrossAttnUpBlock2D (GEGLU feed-forward, 4x inner width).
+    unet_layout: str = "fifth"
+    layers_per_block: int = 1
+    attention_heads: int = 4
+    # Pixels packed f x f into channels before the U-Net (dori.models.base: "space_to_depth"): 2 makes the
+    # 32x32x3 image a 16x16x12 latent, a lossless stand-in for SD's VAE that keeps attention at the top
+    # resolution affordable on a CPU.
+    space_to_depth: int = 1
     text_width: int = 128
     text_layers: int = 2
     position_encoding: bool = True  # fixed sinusoidal map added after conv_in (dori.models.position)
@@ -91,9 +102,14 @@ class ToyTrainConfig:
     checkpoint_every: int = 250
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "copies", "checkpoint_every", "text_width", "text_layers"):
+        for name in ("steps", "batch_size", "copies", "checkpoint_every", "text_width", "text_layers", "layers_per_block",
+                     "attention_heads", "space_to_depth"):
             if getattr(self, name) < 1:
                 raise DoriError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.unet_layout not in UNET_LAYOUTS:
+            raise DoriError(f"unet_layout must be one of {', '.join(UNET_LAYOUTS)}, got {self.unet_layout!r}")
+        if 32 % self.space_to_depth:
+            raise DoriError(f"space_to_depth must divide the image side (32), got {self.space_to_depth}")
         if self.text_lr_scale < 0:
             raise DoriError(f"text_lr_scale must be at least 0, got {self.text_lr_scale}")
         for name in ("empty_caption_prob", "partial_caption_prob"):
@@ -124,16 +140,22 @@ def scheduler_config() -> dict:
 
 
 def build_unet(config: ToyTrainConfig) -> UNet2DConditionModel:
+    levels = len(config.channels)
+    if config.unet_layout == "sd":
+        down, up = ("CrossAttnDownBlock2D",) * levels, ("CrossAttnUpBlock2D",) * levels
+    else:
+        down, up = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1), ("UpBlock2D",) * levels
+    f = config.space_to_depth
     return UNet2DConditionModel(
-        sample_size=32,
-        in_channels=3,
-        out_channels=3,
+        sample_size=32 // f,
+        in_channels=3 * f * f,
+        out_channels=3 * f * f,
         block_out_channels=config.channels,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
+        down_block_types=down,
+        up_block_types=up,
+        layers_per_block=config.layers_per_block,
         cross_attention_dim=config.text_width,
-        attention_head_dim=4,
+        attention_head_dim=config.attention_heads,  # diffusers: this sets the number of heads
         norm_num_groups=8,
     )
 
@@ -178,10 +200,19 @@ def build_model(config: ToyTrainConfig, data: ToyDataset, device: str | torch.de
         tokenizer=clip_tokenizer(),
         scheduler_config=scheduler_config(),
         token_map=token_map,
-        meta={"position_encoding": position.KIND_ATTENTION if config.position_at_attention else position.KIND}
-        if config.position_encoding else {},
+        meta=model_meta(config),
         device=device,
     )
+
+
+def model_meta(config: ToyTrainConfig) -> dict:
+    """What ``dori_model.json`` must say for the U-Net to be run as trained."""
+    meta = {}
+    if config.position_encoding:
+        meta["position_encoding"] = position.KIND_ATTENTION if config.position_at_attention else position.KIND
+    if config.space_to_depth > 1:
+        meta["space_to_depth"] = config.space_to_depth
+    return meta
 
 
 @dataclass(frozen=True)
@@ -378,7 +409,7 @@ def finish_bundled_model(
     generated images; ``device`` is where the model generates them."""
     from dori.models.loading import MODEL_FILE, load_model
     from dori.runs import write_json_atomic
-    from dori.toy.card import (benchmark, calibrate, choose_guidance, guidance_sweep, images_to_measure,
+    from dori.toy.card import (benchmark, calibrate, card_checks, choose_guidance, guidance_sweep, images_to_measure,
                                measure_bundled, write_card)  # fmt: skip
     from dori.toy.kit import ToyKit
 
@@ -402,6 +433,7 @@ def finish_bundled_model(
     from dori.toy.regime import RegimeConfig, regime_checks
 
     numbers["regime"] = regime_checks(model, kit, RegimeConfig(seeds=seeds, guidance=guidance), say=log)
+    numbers["regime"]["d_card"] = card_checks(numbers)
     checks = numbers["regime"]
     log("regime checks: " + ", ".join(f"{k.split('_')[0]} {'pass' if v['passed'] else 'FAIL'}"
                                       for k, v in checks.items() if isinstance(v, dict) and "passed" in v))

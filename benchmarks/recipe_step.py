@@ -1,0 +1,79 @@
+"""The bundled recipe's training step, timed: the fifth recipe and the sixth-recipe candidates of
+issue 37 (docs/BUNDLED_MODEL.md), each as ``dori toy train`` runs its step (channels-last U-Net,
+AdamW, gradient clipping, the frozen text encoder's forward), on random data at the recipe's batch.
+
+    python benchmarks/recipe_step.py [--steps 4] [--device cpu]
+
+Prints one row per recipe: parameters, value neurons in NeMo's sites, seconds per step (median of
+``--steps`` after one warm-up) and the minutes that the recipe's step count would take. Run on an
+otherwise idle machine: a second torch process on 2 cores slows both several times over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+RECIPES = {
+    "fifth (shipped defaults)": {},
+    "A: SD layout, 2x2 packed, (64, 128, 128)": dict(unet_layout="sd", channels=(64, 128, 128), space_to_depth=2,
+                                                      attention_heads=8, batch_size=64, steps=2500),
+    "B: SD layout, 4x4 packed, (128, 256, 256)": dict(unet_layout="sd", channels=(128, 256, 256), space_to_depth=4,
+                                                       attention_heads=8, batch_size=64, steps=2500),
+    "SD layout, pixels, (32, 64, 128), batch 32": dict(unet_layout="sd", channels=(32, 64, 128), attention_heads=8),
+}
+
+
+def time_recipe(overrides: dict, steps: int, device: str) -> dict:
+    import torch
+
+    from dori.toy.train import ToyTrainConfig, build_text_encoder, build_unet
+
+    config = ToyTrainConfig(**overrides)
+    torch.manual_seed(0)
+    unet = build_unet(config).to(device, memory_format=torch.channels_last)
+    text = build_text_encoder(config, torch.arange(300)).to(device).requires_grad_(False)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    f = config.space_to_depth
+    n = config.batch_size
+    x = torch.randn(n, 3 * f * f, 32 // f, 32 // f, device=device).contiguous(memory_format=torch.channels_last)
+    tokens = torch.randint(300, (n, 77), device=device)
+    t = torch.randint(1000, (n,), device=device)
+    times = []
+    for _ in range(steps + 1):
+        began = time.perf_counter()
+        emb = text(tokens)[0]
+        loss = unet(x, t, emb).sample.pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - began)
+    per_step = statistics.median(times[1:])
+    value = sum(m.out_features for name, m in unet.named_modules()
+                if name.endswith("attn2.to_v") and name.startswith(("down_blocks.", "mid_block.")))  # fmt: skip
+    return {"params": sum(p.numel() for p in unet.parameters()), "value": value, "batch": n,
+            "per_step": per_step, "minutes": per_step * config.steps / 60, "steps": config.steps}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    import torch
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    print("| recipe | U-Net parameters | value neurons | batch | s / step | steps | minutes |")
+    print("|---|---|---|---|---|---|---|")
+    for name, overrides in RECIPES.items():
+        r = time_recipe(overrides, args.steps, args.device)
+        print(f"| {name} | {r['params'] / 1e6:.2f} M | {r['value']} | {r['batch']} | {r['per_step']:.2f} | "
+              f"{r['steps']} | {r['minutes']:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
