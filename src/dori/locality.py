@@ -122,13 +122,11 @@ def weight_agreement_view(model: DiffusionModel, groups: list[Tensor], mem: Tens
                           say: Say) -> dict:  # fmt: skip
     """NeMo and Wanda run on each trigger (each group: one target's triggers) and on each memorized
     prompt; per site, the mean pairwise IoU within each target's triggers and among the prompts."""
-    from dori.mitigate.nemo import NemoConfig, nemo_localize
+    from dori.mitigate.nemo import nemo_localize
+    from dori.mitigate.nemo_reference import nemo_for_run
     from dori.mitigate.wanda import WandaConfig, wanda_masks
-    from dori.mitigate.nemo_reference import nemo_reference
 
-    nemo_config = NemoConfig(seeds=config.nemo_seeds, batch_size=max(config.batch_size, 10))  # its own 50-step schedule
-    stats, threshold = nemo_reference(model, reference_prompts=config.reference_prompts, stats=config.stats,
-                                      threshold=config.threshold, config=nemo_config, say=say)  # fmt: skip
+    nemo_config, stats, threshold = nemo_for_run(model, config, say)
     every = torch.cat([*groups, mem])
     say(f"locality: NeMo on {len(every)} embeddings")
     nemo = nemo_localize(model, every, stats, threshold, nemo_config)

@@ -76,3 +76,15 @@ def nemo_reference(model: DiffusionModel, *, reference_prompts: str | None, stat
         threshold = nemo_threshold(pairwise_consistency(model, model.encode(texts), seeds=list(range(config.seeds)),
                                                         steps=config.steps, batch_size=config.batch_size))  # fmt: skip
     return statistics, threshold
+
+
+def nemo_for_run(model: DiffusionModel, config, say: Callable[[str], None]):
+    """NeMo's search config and its two inputs for a command's ``config`` (any object with
+    ``nemo_seeds``, ``batch_size``, ``reference_prompts``, ``stats`` and ``threshold``, as ``dori
+    mitigate``'s and ``dori locality``'s have): (NemoConfig, statistics, threshold)."""
+    from dori.mitigate.nemo import NemoConfig
+
+    nemo_config = NemoConfig(seeds=config.nemo_seeds, batch_size=max(config.batch_size, 10))  # its own 50-step schedule
+    stats, threshold = nemo_reference(model, reference_prompts=config.reference_prompts, stats=config.stats,
+                                      threshold=config.threshold, config=nemo_config, say=say)  # fmt: skip
+    return nemo_config, stats, threshold

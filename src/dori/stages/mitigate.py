@@ -24,8 +24,8 @@ from dori.evaluation import (
 )
 from dori.interventions import Mitigation, baked, each_mask, intervene, load_mask, save_mask
 from dori.measure.replication import summarize
-from dori.mitigate.nemo import NemoConfig, nemo_localize, union
-from dori.mitigate.nemo_reference import nemo_reference
+from dori.mitigate.nemo import nemo_localize, union
+from dori.mitigate.nemo_reference import nemo_for_run
 from dori.mitigate.wanda import (
     DEFENDER_FIRST_SEED,
     WANDA_LADDER,
@@ -163,9 +163,7 @@ def _baseline(config, model: DiffusionModel, prompts: PromptSet, refs: Reference
 def select_nemo(config, model, texts, emb, out, say):
     """NeMo's neurons for each of ``texts`` (``emb``), kept per prompt, and the numbers that describe
     the search (dori unlearn runs it too, for its surrogates, when no mitigation is given)."""
-    nemo_config = NemoConfig(seeds=config.nemo_seeds, batch_size=max(config.batch_size, 10))  # its own 50-step schedule
-    stats, threshold = nemo_reference(model, reference_prompts=config.reference_prompts, stats=config.stats,
-                                      threshold=config.threshold, config=nemo_config, say=say)  # fmt: skip
+    nemo_config, stats, threshold = nemo_for_run(model, config, say)
     say("nemo: localising neurons")
     results = nemo_localize(model, emb, stats, threshold, nemo_config, progress=say)
     per_prompt = {str(i): r.neurons for i, r in enumerate(results)}
