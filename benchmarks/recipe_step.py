@@ -29,36 +29,13 @@ RECIPES = {
 
 
 def time_recipe(overrides: dict, steps: int, device: str) -> dict:
-    import torch
-
-    from dori.toy.train import ToyTrainConfig, build_text_encoder, build_unet
+    from dori.toy.train import ToyTrainConfig, step_seconds
 
     config = ToyTrainConfig(**overrides)
-    torch.manual_seed(0)
-    unet = build_unet(config).to(device, memory_format=torch.channels_last)
-    text = build_text_encoder(config, torch.arange(49408) % 300).to(device).requires_grad_(False)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
-    f = config.space_to_depth
-    n = config.batch_size
-    x = torch.randn(n, 3 * f * f, 32 // f, 32 // f, device=device).contiguous(memory_format=torch.channels_last)
-    tokens = torch.randint(300, (n, 77), device=device)
-    t = torch.randint(1000, (n,), device=device)
-    times = []
-    for _ in range(steps + 1):
-        began = time.perf_counter()
-        emb = text(tokens)[0]
-        loss = unet(x, t, emb).sample.pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - began)
-    per_step = statistics.median(times[1:])
-    value = sum(m.out_features for name, m in unet.named_modules()
-                if name.endswith("attn2.to_v") and name.startswith(("down_blocks.", "mid_block.")))  # fmt: skip
-    return {"params": sum(p.numel() for p in unet.parameters()), "value": value, "batch": n,
+    model, times = step_seconds(config, steps, device)
+    per_step = statistics.median(times)
+    return {"params": sum(p.numel() for p in model.unet.parameters()),
+            "value": sum(site.width for site in model.value_sites()), "batch": config.batch_size,
             "per_step": per_step, "minutes": per_step * config.steps / 60, "steps": config.steps}  # fmt: skip
 
 

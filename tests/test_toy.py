@@ -231,3 +231,55 @@ def test_the_card_s_own_checks_judge_by_their_bars():
                            ({"non_memorized__sscd_mean": 0.37}, "margin"), ({"copy_benchmark__passed": False}, "copy_benchmark")]:  # fmt: skip
         result = card_checks(numbers(**change))
         assert not result["passed"] and [k for k, ok in result["checks"].items() if not ok] == [failed]
+
+
+def test_a_remeasured_card_keeps_the_recipe_seeds_section_and_nothing_else_of_the_old_card():
+    from dori.toy.card import RECIPE_SEEDS_END, RECIPE_SEEDS_HEADING, RECIPE_SEEDS_START, recipe_seeds_section
+
+    table = "| seed | MR |\n|---|---|\n| 0 | 1.00 |\n"
+    old = f"# card\n\nold numbers: MR 0.50\n\n{RECIPE_SEEDS_HEADING}\n\n{RECIPE_SEEDS_START}\n{table}{RECIPE_SEEDS_END}\n"
+    kept = recipe_seeds_section(old)
+    assert kept == f"\n{RECIPE_SEEDS_HEADING}\n\n{RECIPE_SEEDS_START}\n{table}{RECIPE_SEEDS_END}\n"
+    assert "old numbers" not in kept
+    assert recipe_seeds_section("# new card\n\nnew numbers" + kept) == kept  # measured again and again: unchanged
+    assert recipe_seeds_section("# a card without the section\n") == ""
+    assert recipe_seeds_section(f"# only one marker\n{RECIPE_SEEDS_START}\n") == ""
+
+
+def test_a_timed_training_step_is_the_recipe_s_own_step_on_its_packed_shape():
+    """The step benchmarks/recipe_step.py times and a GPU screen fits its steps to: the recipe's
+    model at its batch and packing, trained (the U-Net moves, the frozen text encoder does not)."""
+    from dori.toy.train import build_model, step_seconds
+
+    config = ToyTrainConfig(n_ordinary=60, n_verbatim=3, n_template=2, copies=5, batch_size=3, channels=(8, 16, 16),
+                            text_width=16, unet_layout="sd", space_to_depth=2, attention_heads=2)  # fmt: skip
+    model, times = step_seconds(config, 2)
+    assert len(times) == 2 and all(t > 0 for t in times)
+    assert model.space_to_depth == 2 and model.unet.config.in_channels == 12
+    initial = build_model(config, _small())  # the same seed gives the same initial weights
+    moved = [not torch.equal(a, b) for a, b in zip(initial.unet.state_dict().values(), model.unet.state_dict().values())]
+    assert all(moved[:4]) and any(moved)
+    assert not any(p.requires_grad for p in model.text_encoder.parameters())
+
+
+def test_a_checkpoint_recorded_before_a_recipe_option_existed_resumes_and_another_recipe_is_refused(tmp_path):
+    import json
+
+    from dori.errors import DoriError
+    from dori.toy.train import train_bundled_model
+
+    config = ToyTrainConfig(n_ordinary=60, n_verbatim=3, n_template=2, copies=5, steps=1, batch_size=2,
+                            channels=(8, 16, 16), text_width=16, checkpoint_every=1)  # fmt: skip
+    (tmp_path / "attribute_classifier.safetensors").write_bytes(b"")  # skip the classifier
+    train_bundled_model(config, tmp_path, log=lambda _: None)
+    record = tmp_path / "train_config.json"
+    older = {k: v for k, v in json.loads(record.read_text()).items() if k not in ("unet_layout", "space_to_depth")}
+    record.write_text(json.dumps(older))  # as a run from before issue 37 recorded it
+    lines = []
+    train_bundled_model(config, tmp_path, resume=True, log=lines.append)
+    assert "resumed at step 1" in lines
+    for recorded, named in [({**older, "batch_size": 3}, "batch_size"), ({**older, "space_to_depth": 2}, "space_to_depth"),
+                            ({**older, "no_such_option": 1}, "no_such_option")]:  # fmt: skip
+        record.write_text(json.dumps(recorded))
+        with pytest.raises(DoriError, match=rf"other parameters \({named}; see "):
+            train_bundled_model(config, tmp_path, resume=True, log=lambda _: None)

@@ -14,9 +14,12 @@ import argparse
 import json
 from pathlib import Path
 
+from dori.toy.card import RECIPE_SEEDS_END as END  # dori toy card keeps the section these mark
+from dori.toy.card import RECIPE_SEEDS_HEADING
+from dori.toy.card import RECIPE_SEEDS_START as START
+
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "src/dori/models/assets/bundled"
-START, END = "<!-- recipe-seeds:start -->", "<!-- recipe-seeds:end -->"
 ALIGNMENT_BAR = 0.95  # issue 27: held-out prompt alignment on every seed
 
 
@@ -90,8 +93,8 @@ def main() -> None:
     if not args.write:
         print(text, end="")
         return
-    # 'dori toy train' writes the card without the section; the first --write appends it.
-    for file, heading in ((ROOT / "docs/BUNDLED_MODEL.md", None), (SHIPPED / "MODEL_CARD.md", "## The recipe on other seeds")):
+    # A new card ('dori toy train') has no section; the first --write appends it, and 'dori toy card' keeps it.
+    for file, heading in ((ROOT / "docs/BUNDLED_MODEL.md", None), (SHIPPED / "MODEL_CARD.md", RECIPE_SEEDS_HEADING)):
         write_between(file, text, heading=heading)
         print(f"{file.relative_to(ROOT)}: recipe table of {len(args.folders) + args.shipped} models")
 

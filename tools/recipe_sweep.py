@@ -66,31 +66,13 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 def fit_steps(config, device: str, seconds: float, *, probe: int = 8) -> int:
     """The most steps (a multiple of the checkpoint interval, at least one interval, at most the
-    recipe's) that this process can train in ``seconds``, timed on ``probe`` steps of the recipe's own
-    U-Net at its batch size while the other runs start beside it."""
-    import time
+    recipe's) that this process can train in ``seconds``, timed on ``probe`` training steps of the
+    recipe (``dori.toy.train.step_seconds``) while the other runs start beside it."""
+    import statistics
 
-    import torch
+    from dori.toy.train import step_seconds
 
-    from dori.toy.train import build_unet
-
-    unet = build_unet(config).to(device)
-    f = config.space_to_depth
-    x = torch.randn(config.batch_size, 3 * f * f, 32 // f, 32 // f, device=device)
-    emb = torch.randn(config.batch_size, 77, config.text_width, device=device)
-    t = torch.randint(1000, (config.batch_size,), device=device)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-6)
-    times = []
-    for _ in range(probe + 2):
-        began = time.monotonic()
-        loss = unet(x, t, emb).sample.pow(2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if device != "cpu":
-            torch.cuda.synchronize()
-        times.append(time.monotonic() - began)
-    per_step = sorted(times[2:])[len(times[2:]) // 2]
+    per_step = statistics.median(step_seconds(config, probe, device)[1])
     every = config.checkpoint_every
     return max(every, min(config.steps, int(seconds / per_step) // every * every))
 

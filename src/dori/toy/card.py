@@ -279,7 +279,24 @@ def write_card(folder: Path, numbers: dict, calibration: dict, train_info: dict,
             lines.append(f"- {name}: \"{row['prompt']}\": MR {row['mr']:.2f}, mean {row['sscd_mean']:.3f}")
     lines += ["", "Generations: `card_memorized.png`, `card_template.png`, `card_non_memorized.png`, "
               "`card_held_out.png` (one row per prompt, one column per seed).", ""]  # fmt: skip
-    (folder / "MODEL_CARD.md").write_text("\n".join(lines))
+    card_file = folder / "MODEL_CARD.md"
+    kept = recipe_seeds_section(card_file.read_text(encoding="utf-8")) if card_file.is_file() else ""
+    card_file.write_text("\n".join(lines) + kept, encoding="utf-8")
+
+
+RECIPE_SEEDS_HEADING = "## The recipe on other seeds"
+RECIPE_SEEDS_START, RECIPE_SEEDS_END = "<!-- recipe-seeds:start -->", "<!-- recipe-seeds:end -->"
+
+
+def recipe_seeds_section(card: str) -> str:
+    """The section ``tools/recipe_seeds.py --write`` added to a card (its heading to its end marker),
+    kept when the card is measured again; "" when the card has none."""
+    if RECIPE_SEEDS_START not in card or RECIPE_SEEDS_END not in card:
+        return ""
+    head, rest = card.split(RECIPE_SEEDS_START, 1)
+    block = RECIPE_SEEDS_START + rest.split(RECIPE_SEEDS_END, 1)[0] + RECIPE_SEEDS_END
+    heading = RECIPE_SEEDS_HEADING if RECIPE_SEEDS_HEADING in head else ""
+    return f"\n{heading}\n\n{block}\n" if heading else f"\n{block}\n"
 
 
 def study_rule_lines() -> list[str]:

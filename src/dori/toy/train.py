@@ -280,6 +280,73 @@ def _counter(progress: Callable[[str, int, int], None], phase: str, total: int) 
     return advance
 
 
+def prepare_training(model: DiffusionModel, config: ToyTrainConfig) -> tuple[torch.optim.Optimizer, list]:
+    """Put the model in training mode and build its optimizer; returns it and the clipped parameters
+    (the U-Net's, and the text encoder's unless the recipe freezes it)."""
+    unet, text_encoder = model.unet, model.text_encoder
+    # Channels-last convolutions train about 5% faster on CPU; the saved weights are contiguous again.
+    unet.to(memory_format=torch.channels_last)
+    train_text = config.text_lr_scale > 0
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
+    groups = [{"params": list(unet.parameters()), "scale": 1.0}]
+    if train_text:
+        groups.append({"params": list(text_encoder.parameters()), "scale": config.text_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=0.01)
+    unet.train().requires_grad_(True)
+    text_encoder.train(train_text).requires_grad_(train_text)
+    return optimizer, params
+
+
+def train_step(model: DiffusionModel, optimizer: torch.optim.Optimizer, params: list, config: ToyTrainConfig,
+               x0: torch.Tensor, tokens: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """One optimisation step of the diffusion loss on a batch of latents and caption token rows."""
+    emb = model.text_encoder(tokens.to(model.device))[0]
+    loss = model.diffusion_loss(x0, emb, noise.to(model.device), t.to(model.device)).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+    optimizer.step()
+    return loss
+
+
+def step_seconds(config: ToyTrainConfig, steps: int, device: str | torch.device = "cpu") -> tuple[DiffusionModel, list[float]]:
+    """The recipe's model (random weights) and the seconds of each of ``steps`` timed training steps
+    at its batch size on random batches, after one untimed step: the cost of a step, without the data
+    set (what benchmarks/recipe_step.py prints and what a GPU screen fits its steps to)."""
+    torch.manual_seed(config.seed)
+    vocab = torch.arange(49408) % 512  # the embedding table's size barely matters to the time
+    model = DiffusionModel(name="timing", unet=build_unet(config), text_encoder=build_text_encoder(config, vocab),
+                           tokenizer=clip_tokenizer(), scheduler_config=scheduler_config(), token_map=vocab,
+                           meta=model_meta(config), device=device)  # fmt: skip
+    optimizer, params = prepare_training(model, config)
+    n, f = config.batch_size, config.space_to_depth
+    shape = (n, 3 * f * f, 32 // f, 32 // f)
+    x0 = torch.randn(shape, device=model.device).contiguous(memory_format=torch.channels_last)
+    tokens, noise, t = torch.randint(512, (n, 77)), torch.randn(shape), torch.randint(model.num_train_timesteps, (n,))
+    times = []
+    for _ in range(steps + 1):
+        began = time.perf_counter()
+        train_step(model, optimizer, params, config, x0, tokens, noise, t)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - began)
+    return model, times[1:]
+
+
+def recipe_changes(config_file: Path, config: ToyTrainConfig) -> list[str]:
+    """The parameters in which ``config`` differs from the recipe recorded in ``config_file``. A
+    parameter that a later recipe added is absent from an older record and counts at its default
+    (which reproduces the older code), so that such a run can still be resumed."""
+    try:
+        recorded = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DoriError(f"{config_file} is not a readable training record ({error}); choose a new --out") from error
+    current = json.loads(json.dumps(asdict(config)))  # tuples as the record's lists
+    defaults = json.loads(json.dumps(asdict(ToyTrainConfig())))
+    unknown = sorted(set(recorded) - set(current))
+    return unknown + [k for k in current if recorded.get(k, defaults[k]) != current[k]]
+
+
 def train_bundled_model(
     config: ToyTrainConfig,
     out_dir: str | os.PathLike,
@@ -307,8 +374,9 @@ def train_bundled_model(
     refuse_foreign_folder(out, ours=any(f.exists() for f in own_files))
     if checkpoint_file.exists() and not resume:
         raise DoriError(f"{out} already holds a training checkpoint; pass --resume to continue it or choose a new --out")
-    if resume and config_file.exists() and config_file.read_text() != config_json:
-        raise DoriError(f"{out} was trained with other parameters ({config_file}); resume with the same ones")
+    if resume and config_file.exists() and (changed := recipe_changes(config_file, config)):
+        raise DoriError(f"{out} was trained with other parameters ({', '.join(changed)}; see {config_file}); "
+                        "resume with the same ones")  # fmt: skip
     config_file.write_text(config_json)
 
     data = build_dataset(**config.data_kwargs())
@@ -331,14 +399,7 @@ def train_bundled_model(
         log(f"attribute classifier: accuracy {info['accuracy_on_fresh_renders']:.4f} on fresh renders (all three "
             f"attributes) after {info['steps']} steps")  # fmt: skip
 
-    # Channels-last convolutions train about 5% faster on CPU; the saved weights are contiguous again.
-    unet.to(memory_format=torch.channels_last)
-    train_text = config.text_lr_scale > 0
-    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
-    groups = [{"params": list(unet.parameters()), "scale": 1.0}]
-    if train_text:
-        groups.append({"params": list(text_encoder.parameters()), "scale": config.text_lr_scale})
-    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=0.01)
+    optimizer, params = prepare_training(model, config)
     start, seconds, began = 0, 0.0, time.monotonic()
     if resume and checkpoint_file.exists():
         state = read_checkpoint(checkpoint_file, keys=("unet", "text_encoder", "optimizer", "step"))
@@ -351,20 +412,12 @@ def train_bundled_model(
                             "to train from step 0, or choose a new --out") from error  # fmt: skip
         start, seconds = int(state["step"]), float(state.get("seconds", 0.0))
         log(f"resumed at step {start}")
-    unet.train().requires_grad_(True)
-    text_encoder.train(train_text).requires_grad_(train_text)
-
     for step in range(start, config.steps):
         idx, tokens, noise, t = captions.draw(config, step, x0_all.shape[1:], model.num_train_timesteps)
         x0 = x0_all[idx.to(x0_all.device)].contiguous(memory_format=torch.channels_last)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step) * group.get("scale", 1.0)  # checkpoints before issue 27: 1
-        emb = text_encoder(tokens.to(model.device))[0]
-        loss = model.diffusion_loss(x0, emb, noise.to(model.device), t.to(model.device)).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        optimizer.step()
+        loss = train_step(model, optimizer, params, config, x0, tokens, noise, t)
         if not torch.isfinite(loss):
             raise DoriError(f"training diverged at step {step} (loss {loss.item()}); the last good checkpoint is kept")
         done = step + 1
