@@ -82,25 +82,27 @@ def nemo_localises(model: DiffusionModel, kit: ToyKit, stats: ValueStatistics, t
             "passed": all(r.mitigated for r in results) and max(sizes) <= NEURON_SHARE * total}  # fmt: skip
 
 
+def titles_mr(model: DiffusionModel, kit: ToyKit, config: RegimeConfig,
+              progress: Callable[[int], None] | None = None) -> dict:  # fmt: skip
+    """The memorized titles' MR and mean similarity, as the model generates them now (hooks included)."""
+    titles = config.prompts(kit, "memorized")
+    rows, _ = replication(model, titles, [kit.references(p) for p in titles], kit.detector,
+                          seeds=list(range(config.seeds)), steps=config.steps, guidance=config.guidance,
+                          batch_size=config.batch_size, progress=progress)  # fmt: skip
+    summary = summarize([r.row() for r in rows], kit.detector.tau)
+    return {"mr": summary["mr"], "sscd_mean": summary["sscd_mean"]}
+
+
 def site_floors(model: DiffusionModel, kit: ToyKit, config: RegimeConfig,
                 progress: Callable[[int], None] | None = None) -> dict:  # fmt: skip
     """(c): the memorized titles' MR with every weight of Wanda's sites zeroed, and with every
     value neuron zeroed."""
-    titles = config.prompts(kit, "memorized")
-    refs = [kit.references(p) for p in titles]
-
-    def mr() -> dict:
-        rows, _ = replication(model, titles, refs, kit.detector, seeds=list(range(config.seeds)), steps=config.steps,
-                              guidance=config.guidance, batch_size=config.batch_size, progress=progress)  # fmt: skip
-        summary = summarize([r.row() for r in rows], kit.detector.tau)
-        return {"mr": summary["mr"], "sscd_mean": summary["sscd_mean"]}
-
     out = {}
     every_weight = {s.name: torch.ones_like(s.module.weight, dtype=torch.bool) for s in model.ffn_sites()}
     with mask_weights(model, every_weight):
-        out["ffn_zeroed"] = mr()
+        out["ffn_zeroed"] = titles_mr(model, kit, config, progress)
     with mask_neurons(model, {s.name: torch.zeros(s.width) for s in model.value_sites()}):
-        out["value_zeroed"] = mr()
+        out["value_zeroed"] = titles_mr(model, kit, config, progress)
     out["passed"] = out["ffn_zeroed"]["mr"] <= FLOOR_MR and out["value_zeroed"]["mr"] <= FLOOR_MR
     return out
 
