@@ -173,6 +173,9 @@ def test_the_sd_layout_has_cross_attention_at_every_resolution_on_packed_pixels(
     model = load_model(tmp_path)
     assert model.space_to_depth == 2 and model.latent_shape == (12, 16, 16) and model.image_size == (32, 32)
     assert len(model.value_sites()) == 4 and sum(s.width for s in model.value_sites()) == 8 + 16 + 16 + 16
+    up = model.value_sites(("up_blocks.",))  # outside NeMo's sites: tools/value_routes.py zeroes them apart
+    assert len(up) == 3 * 2 and all(s.name.startswith("up_blocks.") for s in up)
+    assert sum(s.width for s in up) == 2 * (16 + 16 + 8)
     assert any(s.name.startswith("up_blocks.") for s in model.ffn_sites())
     images = torch.rand(2, 3, 32, 32)
     latents = model.to_latents(images)

@@ -31,7 +31,7 @@ def main() -> None:
     model = load_model(args.folder)
     kit = ToyKit.from_folder(args.folder)
     nemo = [s.name for s in model.value_sites()]
-    up = [n for n, m in model.unet.named_modules() if n.startswith("up_blocks.") and n.endswith("attn2.to_v")]
+    up = [s.name for s in model.value_sites(("up_blocks.",))]
     config = RegimeConfig(seeds=args.seeds)
     rows = []
     for name, sites in [("none", []), ("NeMo's sites (down, mid)", nemo), ("up blocks", up), ("all", nemo + up)]:

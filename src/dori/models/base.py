@@ -439,9 +439,10 @@ class DiffusionModel:
         ]
         return sorted(found, key=lambda site: _unet_position(site.name))
 
-    def value_sites(self) -> list[Site]:
-        """Cross-attention value projections (``attn2.to_v``) of the down and mid blocks (NeMo's sites)."""
-        return self._sites("attn2.to_v", ("down_blocks.", "mid_block."))
+    def value_sites(self, blocks: tuple[str, ...] = ("down_blocks.", "mid_block.")) -> list[Site]:
+        """Cross-attention value projections (``attn2.to_v``) of ``blocks``: by default the down and mid
+        blocks (NeMo's sites)."""
+        return self._sites("attn2.to_v", blocks)
 
     def ffn_sites(self) -> list[Site]:
         """The second feed-forward linear (``ff.net.2``) of every transformer block (Wanda's sites)."""
