@@ -1,0 +1,56 @@
+"""Why NeMo's check (regime check (a)) flags ordinary captions: the reference's threshold is the
+mean + 1 std of *every* seed pair's SSIM over the ordinary training captions, while a caption is
+flagged when its *best* pair (of 45, at 10 seeds) passes it. This prints, for the captions check (a)
+tests, how their own pairs sit against that threshold, and what the flagged share would be if every
+caption's pairs were drawn from the pooled distribution (the pairs shuffled across captions, seeded).
+
+    python tools/nemo_pairs.py DIR [--seeds 10] [--shuffle-seed 0]
+
+DIR is a bundled-kind folder; the first U-Net step only, as NeMo's check (no image is generated).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--shuffle-seed", type=int, default=0)
+    args = parser.parse_args()
+    import torch
+
+    from dori.measure.detection import nemo_threshold, pairwise_consistency
+    from dori.models.loading import load_model
+    from dori.references import load_prompts
+    from dori.toy.kit import ToyKit
+
+    model = load_model(args.folder)
+    kit = ToyKit.from_folder(args.folder)
+    seeds = list(range(args.seeds))
+
+    def pairs(texts: list[str]) -> torch.Tensor:
+        return torch.tensor(pairwise_consistency(model, model.encode(texts), seeds=seeds), dtype=torch.float64)
+
+    reference = pairs(load_prompts("bundled:ordinary", model).texts)
+    threshold = nemo_threshold(reference.tolist())
+    tested = pairs([r["prompt"] for name in ("non_memorized", "held_out") for r in kit.prompt_set(name)])
+    planted = pairs([r["prompt"] for name in ("memorized", "template") for r in kit.prompt_set(name)])
+    flagged = tested.max(1).values > threshold
+    generator = torch.Generator().manual_seed(args.shuffle_seed)
+    shuffled = tested.flatten()[torch.randperm(tested.numel(), generator=generator)].view_as(tested)
+    print(f"{args.folder}: {args.seeds} seeds, {tested.shape[1]} pairs per caption")
+    print(f"threshold {threshold:.3f} (ordinary training captions: {reference.shape[0]}, pair SSIM mean "
+          f"{reference.mean():.3f}, std {reference.std():.3f}); pairs above it: {(reference > threshold).double().mean():.1%}")
+    print(f"check (a)'s ordinary captions: {int(flagged.sum())} of {len(flagged)} flagged; "
+          f"with their pairs shuffled across captions: {int((shuffled.max(1).values > threshold).sum())}")
+    print(f"per-caption pair mean: flagged {tested[flagged].mean(1).mean():.3f}, not flagged "
+          f"{tested[~flagged].mean(1).mean():.3f}; planted titles {planted.mean(1).mean():.3f}")
+    print(f"planted: {int((planted.max(1).values > threshold).sum())} of {len(planted)} flagged")
+
+
+if __name__ == "__main__":
+    main()
