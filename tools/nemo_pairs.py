@@ -24,21 +24,25 @@ def main() -> None:
     import torch
 
     from dori.measure.detection import nemo_threshold, pairwise_consistency
+    from dori.mitigate.nemo import NemoConfig
     from dori.models.loading import load_model
     from dori.references import load_prompts
     from dori.toy.kit import ToyKit
+    from dori.toy.regime import RegimeConfig
 
     model = load_model(args.folder)
     kit = ToyKit.from_folder(args.folder)
-    seeds = list(range(args.seeds))
-
-    def pairs(texts: list[str]) -> torch.Tensor:
-        return torch.tensor(pairwise_consistency(model, model.encode(texts), seeds=seeds), dtype=torch.float64)
-
-    reference = pairs(load_prompts("bundled:ordinary", model).texts)
+    config = RegimeConfig(nemo=NemoConfig(seeds=args.seeds))  # check (a)'s prompt sets, schedule and batches
+    groups = {"reference": load_prompts("bundled:ordinary", model).texts,
+              "tested": config.prompts(kit, "non_memorized", "held_out"),
+              "planted": config.prompts(kit, "memorized", "template")}  # fmt: skip
+    texts = list(dict.fromkeys(t for group in groups.values() for t in group))  # each caption's pairs once
+    scores = pairwise_consistency(model, model.encode(texts), seeds=list(range(config.nemo.seeds)),
+                                  steps=config.nemo.steps, batch_size=config.batch_size)  # fmt: skip
+    by_text = dict(zip(texts, scores))
+    reference, tested, planted = (torch.tensor([by_text[t] for t in group], dtype=torch.float64)
+                                  for group in groups.values())  # fmt: skip
     threshold = nemo_threshold(reference.tolist())
-    tested = pairs([r["prompt"] for name in ("non_memorized", "held_out") for r in kit.prompt_set(name)])
-    planted = pairs([r["prompt"] for name in ("memorized", "template") for r in kit.prompt_set(name)])
     flagged = tested.max(1).values > threshold
     generator = torch.Generator().manual_seed(args.shuffle_seed)
     shuffled = tested.flatten()[torch.randperm(tested.numel(), generator=generator)].view_as(tested)
