@@ -2,7 +2,8 @@
 mean + 1 std of *every* seed pair's SSIM over the ordinary training captions, while a caption is
 flagged when its *best* pair (of 45, at 10 seeds) passes it. This prints, for the captions check (a)
 tests, how their own pairs sit against that threshold, and what the flagged share would be if every
-caption's pairs were drawn from the pooled distribution (the pairs shuffled across captions, seeded).
+caption's pairs were drawn from the pooled distribution (the pairs shuffled across captions, seeded),
+and the counts at METHOD.md's reading of the threshold (the same rule over each caption's best pair).
 
     python tools/nemo_pairs.py DIR [--seeds 10] [--shuffle-seed 0]
 
@@ -54,6 +55,11 @@ def main() -> None:
     print(f"per-caption pair mean: flagged {tested[flagged].mean(1).mean():.3f}, not flagged "
           f"{tested[~flagged].mean(1).mean():.3f}; planted titles {planted.mean(1).mean():.3f}")
     print(f"planted: {int((planted.max(1).values > threshold).sum())} of {len(planted)} flagged")
+    best = nemo_threshold(reference.max(1, keepdim=True).values.tolist())  # the statistic itself, pooled
+    print(f"METHOD.md's wording (mean + 1 std of each ordinary training caption's best pair, which dori "
+          f"used before issue 36; the reference pools every pair): threshold {best:.3f}, ordinary "
+          f"{int((tested.max(1).values > best).sum())} of {len(tested)}, planted "
+          f"{int((planted.max(1).values > best).sum())} of {len(planted)} flagged")
 
 
 if __name__ == "__main__":
