@@ -38,9 +38,9 @@ def _one_line(error: DoriError) -> None:
 # The contract, stated here independently of the code: the smallest value of each option.
 MINIMUM = {"seeds": 1, "steps": 1, "batch_size": 1, "generations": 1, "consistency_seeds": 2, "utility_seeds": 1,
            "eval_steps": 1, "attack_batch": 1, "attack_steps": 1, "retain_batch": 1, "triggers_per_target": 1,
-           "inner_steps": 1, "checkpoint_every": 1, "targets": 1, "inits": 2, "agreement_triggers": 1, "limit": 1,
+           "inner_steps": 0, "refresh_every": 0, "warmup_steps": 0, "surrogate_tries": 1, "empty_caption_prob": 0, "checkpoint_every": 1, "targets": 1, "inits": 2, "agreement_triggers": 1, "limit": 1,
            "first_seed": 0, "seed": 0, "attack_seed": 0, "control_limit": 0, "fresh_steps": 0,
-           "eval_attack_steps": 0, "guidance": 0, "learning_rate": 0, "adv_weight": 0}  # fmt: skip
+           "eval_attack_steps": 0, "guidance": 0, "learning_rate": 0, "adv_weight": 0, "preserve_weight": 0}  # fmt: skip
 ATTACK_STEPS_MAY_BE_ZERO = (configs.AttackRunConfig, configs.LocalityConfig)  # step 0: the prompt's own embedding
 REQUIRED = {"method": "wanda", "prompts": "p", "memorized": "m", "non_memorized": "n"}
 CONFIGS = (configs.ReplicateConfig, configs.DetectConfig, configs.MitigateConfig, configs.AttackRunConfig,

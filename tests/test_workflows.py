@@ -127,29 +127,6 @@ def test_unlearn_fine_tunes_saves_a_loadable_model_and_resumes(tiny_sd_dir, prom
         run_unlearn(config, load_model(tiny_sd_dir), run, resume=True)
 
 
-def test_surrogates_are_the_least_similar_generation_or_the_empty_prompts(tiny_sd, prompt_files, sscd_file):
-    """The least similar of the mitigated model's generations from the prompt; where even that one
-    replicates, the least similar empty-prompt generation."""
-    from dori.references import References, attack_targets, load_prompts
-    from dori.unlearn.surrogates import make_surrogates
-
-    prompts = load_prompts(str(prompt_files / "mem.csv"), tiny_sd, limit=2)
-    refs = References(tiny_sd, images=str(prompt_files / "images"), sscd=str(sscd_file))
-    targets = attack_targets(tiny_sd, prompts, refs)
-    seeds = [0, 1, 2]
-    own = tiny_sd.generate(tiny_sd.encode(prompts.texts), seeds, steps=2)
-    empty = tiny_sd.generate(tiny_sd.encode([""]), seeds, steps=2)
-    for tau, source, pool in ((2.0, "prompt", None), (-2.0, "empty prompt", empty)):
-        refs.detector.tau = tau  # 2: every generation counts as harmless; -2: every one replicates
-        made, info = make_surrogates(tiny_sd, prompts, targets, refs, None, steps=2, guidance=None, tries=len(seeds))
-        for i, (target, row) in enumerate(zip(targets, info)):
-            candidates = own[i * len(seeds) : (i + 1) * len(seeds)] if pool is None else pool
-            sims = refs.detector.similarity(refs.detector.embed(candidates), refs.detector.embed(target))[:, 0]
-            assert row["source"] == source and row["seed"] == int(sims.argmin())
-            assert row["similarity"] == pytest.approx(float(sims.min()), abs=1e-5)
-            assert torch.allclose(made[i], candidates[row["seed"]], atol=1e-5)
-
-
 def test_unlearn_without_a_mitigation_runs_nemo_itself_on_the_bundled_model(tmp_path):
     """The documented default ("NeMo, run here"): it called NeMo with one argument missing."""
     from dori.configs import UnlearnRunConfig

@@ -127,6 +127,7 @@ def utility(model: DiffusionModel, *, seeds: int, steps: int, guidance: float, b
         images = model.generate(model.encode(prompts), list(range(seeds)), **sampling)
         captions = [p for p in prompts for _ in range(seeds)]
         result = {"alignment": kit.alignment(images, captions), "fd": kit.frechet_distance(images, captions),
+                  "misses": kit.misses(images, captions),
                   "measure": "held-out prompt alignment; FD in the classifier's features",
                   "prompts": "bundled:held_out", "seeds": seeds}  # fmt: skip
     else:

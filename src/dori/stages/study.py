@@ -94,7 +94,8 @@ def stage_configs(config: StudyConfig, root: Path) -> dict:
                                     steps=3 if q else 60 if bundled else UnlearnRunConfig.steps,
                                     triggers_per_target=2 if q or bundled else UnlearnRunConfig.triggers_per_target,
                                     inner_steps=3 if bundled else UnlearnRunConfig.inner_steps,
-                                    eval_attack_steps=5 if q else 50, seeds=seeds, utility_seeds=1 if q else 4,
+                                    # 10 generations per held-out caption: 64 images cannot resolve a 0.05 change
+                                    eval_attack_steps=5 if q else 50, seeds=seeds, utility_seeds=1 if q else 10,
                                     eval_steps=gen["steps"], retain_prompts=None if bundled else config.non_memorized,
                                     **mem, **util),  # fmt: skip
     }
@@ -295,6 +296,17 @@ def _mitigations(results: dict) -> list[str]:
             how = f"ratio {w.get('ratio', 0.01):g} (fixed)"
         lines.append(f"Wanda: {how}; {w['pruned_weights']} weights pruned ({100 * w['sparsity']:.2f}% of its "
                      f"{w['sites']} sites).")  # fmt: skip
+    if "unlearn" in results:
+        u = results["unlearn"]
+        detail = u.get("utility_detail_after") or {}
+        if u.get("utility_before") is not None and u.get("utility_after") is not None:
+            missing = u.get("prompts_without_surrogate") or []
+            lines.append(f"Adversarial fine-tuning: held-out prompt alignment {u['utility_before']:.2f} -> "
+                         f"{u['utility_after']:.2f} ({u['utility_after'] / max(u['utility_before'], 1e-9):.0%} of the "
+                         f"original's, {detail.get('seeds', '?')} seeds per caption), FD {u['fd_before']:.0f} -> "
+                         f"{u['fd_after']:.0f}; DoRI MR {u['mr_attack_after_prompt_init']:.2f} from the prompt, "
+                         f"{u['mr_attack_after_random_init']:.2f} from a random start"
+                         + (f"; no surrogate for {', '.join(missing)}" if missing else "") + ".")  # fmt: skip
     return lines
 
 

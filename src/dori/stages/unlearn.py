@@ -75,22 +75,30 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
             say("surrogates: running NeMo")
             nemo_cfg = MitigateConfig(method="nemo", seeds=config.seeds, steps=config.eval_steps, **common)
             mitigation, _ = select_nemo(nemo_cfg, model, prompts.texts, model.encode(prompts.texts), out, say)
-        made, surrogate_info = make_surrogates(model, prompts, targets, refs, mitigation,
-                                               steps=config.eval_steps, guidance=config.guidance)  # fmt: skip
+        made, surrogate_info = make_surrogates(model, prompts, targets, refs, mitigation, steps=config.eval_steps,
+                                               guidance=config.guidance, tries=config.surrogate_tries,
+                                               rule=config.surrogate_rule)  # fmt: skip
         save_tensors_atomic({"images": made}, surrogate_file)
         write_json_atomic(out / "surrogates.json", {"tau": refs.detector.tau, "surrogates": surrogate_info})  # fmt: skip
         save_grid(torch.cat([torch.cat(targets), made]), out / "surrogates.png", columns=len(prompts))
     shards.wait()
     surrogates = read_tensors(surrogate_file, keys=("images",))["images"]
     surrogate_info = read_json(out / "surrogates.json")["surrogates"]
+    # A prompt whose mitigated generations all copy some memorized image has no surrogate: it is
+    # reported and left out of L_adv (the evaluation still attacks it).
+    trained = [i for i, s in enumerate(surrogate_info) if s["source"] != "none"]
+    if not trained:
+        raise DoriError(f"no prompt has a surrogate: every generation of the mitigated model copies a memorized image "
+                        f"(see {out / 'surrogates.png'}); pass a stronger --mitigation or raise --surrogate-tries")  # fmt: skip
 
     retain_images, retain_captions = retained_pairs(model, config, refs)
     unique = sorted(set(retain_captions))
     retain_emb = torch.cat([model.encode(unique[i : i + 256]) for i in range(0, len(unique), 256)])
     retain_index = torch.tensor([unique.index(c) for c in retain_captions])
     checkpoint = out / "checkpoint.pt"
-    latents = dict(targets=model.to_latents(torch.cat(targets)), surrogates=model.to_latents(surrogates),
-                   prompt_emb=model.encode(prompts.texts), retain_latents=model.to_latents(retain_images))  # fmt: skip
+    latents = dict(targets=model.to_latents(torch.cat([targets[i] for i in trained])),
+                   surrogates=model.to_latents(surrogates[trained]), prompt_emb=model.encode(prompts.pick(trained).texts),
+                   retain_latents=model.to_latents(retain_images))  # fmt: skip
     ft_config = carried(UnlearnConfig, config)  # steps, rates, triggers, warm start, weight, seed
     ft_began = time.monotonic()
 
@@ -105,8 +113,10 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
 
     # A half-precision model trains (and is saved) with float32 weights: see DiffusionModel.fp32_weights.
     with model.fp32_weights():
-        state, optimizer_state = None, None
+        state, optimizer_state, original = None, None, None
         if checkpoint.exists():
+            if ft_config.preserve_weight > 0:  # the preservation term holds the model to the original, not the checkpoint
+                original = {k: v.detach().clone() for k, v in model.unet.state_dict().items()}
             saved = read_checkpoint(checkpoint, keys=("unet", "optimizer", "step", "triggers", "history"))
             try:
                 model.unet.load_state_dict(saved["unet"])
@@ -119,7 +129,7 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
             say(f"resumed fine-tuning at step {state.step}")
         state = adversarial_finetune(model, **latents, retain_emb=retain_emb, retain_index=retain_index,
                                      config=ft_config, state=state, optimizer_state=optimizer_state, on_step=on_step,
-                                     shards=shards)  # fmt: skip
+                                     shards=shards, reference_weights=original)  # fmt: skip
         if shards.main:
             save_model(model, out / "model", meta={"unlearned_from": model.source})
     ft_seconds = time.monotonic() - ft_began
@@ -157,6 +167,8 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
         "utility_detail_before": ub, "utility_detail_after": ua,
         "surrogate_sources": {source: sum(s["source"] == source for s in surrogate_info)
                               for source in sorted({s["source"] for s in surrogate_info})},
+        "surrogate_rule": config.surrogate_rule,
+        "prompts_without_surrogate": [prompts.texts[i] for i, s in enumerate(surrogate_info) if s["source"] == "none"],
         "fine_tuning_seconds": ft_seconds,
         "seconds": time.monotonic() - began,
         "history": state.history,

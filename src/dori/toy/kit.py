@@ -133,6 +133,12 @@ class ToyKit:
         truth = torch.tensor([self.labels(p) for p in prompts])
         return float((self.classifier.predict(images) == truth).all(1).float().mean())
 
+    def misses(self, images: Tensor, prompts: list[str]) -> dict[str, float]:
+        """Per attribute, the fraction of images whose predicted shape, colour or position differs
+        from the caption's (an image can miss several)."""
+        wrong = self.classifier.predict(images) != torch.tensor([self.labels(p) for p in prompts])
+        return {name: float(wrong[:, i].float().mean()) for i, name in enumerate(("shape", "colour", "position"))}
+
     def frechet_distance(self, images: Tensor, prompts: list[str], *, seed: int = 1234) -> float:
         """FD between generations and fresh real renders of the same captions."""
         rng = np.random.default_rng(seed)
