@@ -74,7 +74,7 @@ def main() -> None:
     kit = refs.kit
     targets = attack_targets(model, prompts, refs)
     mitigation = load_mitigation(model, args.mitigation)
-    rule = {} if args.surrogates == "study" else {"rule": args.surrogates}  # noqa: F841
+    rule = {} if args.surrogates == "study" else {"rule": args.surrogates}
     made, info = make_surrogates(model, prompts, targets, refs, mitigation, steps=run.eval_steps,
                                  guidance=run.guidance, **rule)  # fmt: skip
     save_grid(torch.cat([torch.cat(targets), made]), out / "surrogates.png", columns=len(prompts))
@@ -102,8 +102,9 @@ def main() -> None:
     keep = [i for i, r in enumerate(info) if r["source"] != "none"]  # a title with no surrogate is not trained
     state = adversarial_finetune(model, targets=model.to_latents(torch.cat([targets[i] for i in keep])),
                                  surrogates=model.to_latents(made[keep]),
-                                 prompt_emb=model.encode([prompts.texts[i] for i in keep]), retain_latents=model.to_latents(retain_images),
-                                 retain_emb=retain_emb, retain_index=retain_index, config=ft, on_step=on_step)  # fmt: skip
+                                 prompt_emb=model.encode([prompts.texts[i] for i in keep]),
+                                 retain_latents=model.to_latents(retain_images), retain_emb=retain_emb,
+                                 retain_index=retain_index, config=ft, on_step=on_step)  # fmt: skip
 
     train_prompts = load_prompts("bundled:non_memorized", model).texts
     rows = []

@@ -41,6 +41,7 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
     say = progress or (lambda message: None)
     began = time.monotonic()
     check_utility_options(model, utility_options(config))  # a wrong option fails before any work
+    ft_config = carried(UnlearnConfig, config)  # steps, rates, triggers, warm start, weights, seed; checked here
     prompts = load_prompts(config.prompts, model, kind=config.type, limit=config.limit)
     refs = References(model, images=config.images, sscd=config.sscd)
     prompts = refs.with_images(prompts, config.missing_images)  # every prompt's training image, checked first
@@ -99,7 +100,6 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
     latents = dict(targets=model.to_latents(torch.cat([targets[i] for i in trained])),
                    surrogates=model.to_latents(surrogates[trained]), prompt_emb=model.encode(prompts.pick(trained).texts),
                    retain_latents=model.to_latents(retain_images))  # fmt: skip
-    ft_config = carried(UnlearnConfig, config)  # steps, rates, triggers, warm start, weight, seed
     ft_began = time.monotonic()
 
     def on_step(current: UnlearnState, optimizer) -> None:

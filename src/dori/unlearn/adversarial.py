@@ -97,7 +97,9 @@ class UnlearnConfig:
 
     def rate(self, step: int) -> float:
         """Step ``step``'s learning rate."""
-        return self.learning_rate * min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else self.learning_rate
+        if not self.warmup_steps:
+            return self.learning_rate
+        return self.learning_rate * min(1.0, (step + 1) / self.warmup_steps)
 
     def search(self, step: int) -> tuple[bool, int]:
         """Step ``step``'s trigger search: (start afresh?, attack steps)."""
