@@ -48,7 +48,7 @@ def main() -> None:
     from dori.evaluation import evaluate_replication
     from dori.interventions import load_mitigation
     from dori.models.loading import load_model
-    from dori.references import References, attack_targets, load_prompts, retained_pairs
+    from dori.references import References, attack_targets, encode_unique, load_prompts, retained_pairs
     from dori.report_images import save_grid
     from dori.stages.attack import attack_and_measure
     from dori.stages.study import stage_configs
@@ -86,10 +86,7 @@ def main() -> None:
         row.update(prompt=prompts.texts[i], max_any_planted=float(sims[i, best]), nearest_planted=titles[best])
 
     retain_images, retain_captions = retained_pairs(model, run, refs)
-    unique = sorted(set(retain_captions))
-    retain_emb = torch.cat([model.encode(unique[i : i + 256]) for i in range(0, len(unique), 256)])
-    index = {c: i for i, c in enumerate(unique)}
-    retain_index = torch.tensor([index[c] for c in retain_captions])
+    retain_emb, retain_index = encode_unique(model, retain_captions)
     ft = carried(UnlearnConfig, run)
     snapshots = {0: copy.deepcopy(model.unet.state_dict())} if args.original else {}
 

@@ -125,6 +125,15 @@ def control_sets(model: DiffusionModel) -> list[str]:
     return ["bundled:non_memorized", "bundled:held_out"] if is_bundled(model) else []
 
 
+def encode_unique(model: DiffusionModel, captions: list[str], chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each distinct caption encoded once: ``(embeddings [U, L, D], index [len(captions)])`` with
+    ``embeddings[index[i]]`` the embedding of ``captions[i]``."""
+    unique = sorted(set(captions))
+    position = {c: i for i, c in enumerate(unique)}
+    emb = torch.cat([model.encode(unique[i : i + chunk]) for i in range(0, len(unique), chunk)])
+    return emb, torch.tensor([position[c] for c in captions])
+
+
 def retained_pairs(model: DiffusionModel, config, refs: References) -> tuple[torch.Tensor, list[str]]:
     """Non-memorized training pairs for L_DM: the bundled model's ordinary pairs, or
     ``--retain-prompts`` with their images for a real model."""

@@ -268,9 +268,21 @@ class DiffusionModel:
 
     def diffusion_loss(self, x0: Tensor, emb: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """The model's own training loss per sample, ``[B]`` (mean squared error over the latent)."""
+        return self.diffusion_loss_and_drift(x0, emb, noise, t)[0]
+
+    def diffusion_loss_and_drift(self, x0: Tensor, emb: Tensor, noise: Tensor, t: Tensor,
+                                 reference: torch.nn.Module | None = None) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+        """:meth:`diffusion_loss` and, from the same forward pass, the squared distance per sample
+        between this U-Net's output and ``reference``'s (a frozen U-Net, no gradient) on the same
+        noised input: the preservation term of adversarial fine-tuning. ``None`` without one."""
         x_t = self.add_noise(x0, noise, t)
-        error = self.model_output(x_t, t, emb) - self.training_target(x0, noise, t)
-        return error.float().pow(2).flatten(1).mean(1)
+        output = self.model_output(x_t, t, emb)
+        loss = _squared_error(output, self.training_target(x0, noise, t))
+        if reference is None:
+            return loss, None
+        with torch.no_grad():
+            held = reference(x_t, t.to(self.device).expand(x_t.shape[0]), encoder_hidden_states=emb).sample
+        return loss, _squared_error(output, held)
 
     # ----------------------------------------------------------------- image <-> latent
     def to_latents(self, images: Tensor) -> Tensor:
@@ -457,3 +469,8 @@ class DiffusionModel:
                 raise DoriError(f"module {name!r} is a {type(module).__name__}, not a linear layer; pick a linear site")
             out.append(Site(name, module, int(module.out_features)))
         return out
+
+
+def _squared_error(a: Tensor, b: Tensor) -> Tensor:
+    """Mean squared error per sample over the latent, ``[B]``, in float32."""
+    return (a - b).float().pow(2).flatten(1).mean(1)

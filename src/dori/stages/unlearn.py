@@ -18,7 +18,7 @@ from dori.interventions import load_mitigation
 from dori.models.base import DiffusionModel
 from dori.models.loading import save_model
 from dori.parallel import Shards
-from dori.references import References, attack_targets, load_prompts, retained_pairs
+from dori.references import References, attack_targets, encode_unique, load_prompts, retained_pairs
 from dori.report_images import save_grid
 from dori.runs import (
     read_checkpoint,
@@ -93,9 +93,7 @@ def run_unlearn(config, model: DiffusionModel, out: str | Path, *, resume: bool 
                         f"(see {out / 'surrogates.png'}); pass a stronger --mitigation or raise --surrogate-tries")  # fmt: skip
 
     retain_images, retain_captions = retained_pairs(model, config, refs)
-    unique = sorted(set(retain_captions))
-    retain_emb = torch.cat([model.encode(unique[i : i + 256]) for i in range(0, len(unique), 256)])
-    retain_index = torch.tensor([unique.index(c) for c in retain_captions])
+    retain_emb, retain_index = encode_unique(model, retain_captions)
     checkpoint = out / "checkpoint.pt"
     latents = dict(targets=model.to_latents(torch.cat([targets[i] for i in trained])),
                    surrogates=model.to_latents(surrogates[trained]), prompt_emb=model.encode(prompts.pick(trained).texts),

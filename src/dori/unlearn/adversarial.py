@@ -216,16 +216,10 @@ def _finetune(model, targets, surrogates, prompt_emb, retain_latents, retain_emb
             emb = retain_emb[retain_index[pick[part]]].to(model.device, model.dtype)
             if empty is not None:
                 emb = torch.where(drop[part].to(model.device).view(-1, 1, 1), empty.to(model.dtype), emb)
-            noise_dm, t_dm = noise[part].to(model.device, model.dtype), t[part].to(model.device)
-            x_t = model.add_noise(x0, noise_dm, t_dm)
-            output = model.model_output(x_t, t_dm, emb)
-            loss_dm = (output - model.training_target(x0, noise_dm, t_dm)).float().pow(2).flatten(1).mean(1).sum()
-            loss_dm = loss_dm / config.retain_batch
-            loss_keep = torch.zeros((), device=model.device)
-            if reference is not None:
-                with torch.no_grad():
-                    held = reference(x_t, t_dm, encoder_hidden_states=emb).sample
-                loss_keep = (output - held).float().pow(2).flatten(1).mean(1).sum() / config.retain_batch
+            loss_dm, drift = model.diffusion_loss_and_drift(x0, emb, noise[part].to(model.device, model.dtype),
+                                                            t[part].to(model.device), reference)  # fmt: skip
+            loss_dm = loss_dm.sum() / config.retain_batch
+            loss_keep = torch.zeros((), device=model.device) if drift is None else drift.sum() / config.retain_batch
             adv_mine = torch.tensor(mine, dtype=torch.long).repeat_interleave(config.adv_pairs) * config.adv_pairs
             adv_mine = adv_mine + torch.arange(config.adv_pairs).repeat(len(mine))
             adv_emb = found.to(model.dtype).repeat_interleave(config.adv_pairs, dim=0)

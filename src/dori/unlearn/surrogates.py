@@ -71,14 +71,19 @@ def make_surrogates(model, prompts: PromptSet, targets, refs: References, mitiga
                          "seed": seeds[pick]})  # fmt: skip
         return torch.stack(chosen), info
 
-    union = None if mitigation is None else mitigation.union()
+    found = [scores(images[i * tries : (i + 1) * tries], i) for i in range(len(prompts))]
+    # Every prompt with no qualifying generation, searched again in one batch under the union mask.
+    retry = [i for i, (_, worst) in enumerate(found) if float(worst.min()) >= detector.tau]
+    union_images = {}
+    if retry and mitigation is not None:
+        with intervene(model, mitigation.union()):
+            made = model.generate(model.encode(prompts.pick(retry).texts), seeds, steps=steps, guidance=guidance)
+        union_images = {i: made[k * tries : (k + 1) * tries] for k, i in enumerate(retry)}
     for i in range(len(prompts)):
         candidates, source = images[i * tries : (i + 1) * tries], "prompt"
-        own, worst = scores(candidates, i)
-        if float(worst.min()) >= detector.tau and union is not None:
-            with intervene(model, union):
-                candidates = model.generate(model.encode([prompts.texts[i]]), seeds, steps=steps, guidance=guidance)
-            source = "prompt, union mask"
+        own, worst = found[i]
+        if i in union_images:
+            candidates, source = union_images[i], "prompt, union mask"
             own, worst = scores(candidates, i)
         pick = int(worst.argmin())
         if float(worst[pick]) >= detector.tau:
