@@ -1,14 +1,19 @@
 """dori's benchmarks: time and peak memory, printed as tables.
 
-    python benchmarks/bench.py                  # both tables, on the bundled model
+    python benchmarks/bench.py                  # every table, on the bundled model
     python benchmarks/bench.py --only compare   # batched vs one-prompt-one-seed loops
+    python benchmarks/bench.py --only rows      # U-Net calls whole vs in chunks
     python benchmarks/bench.py --only stages --quick
     python benchmarks/bench.py --model /models/sd-v1-4 --device cuda --only compare
 
 1. **Stages**: each stage of ``dori study`` run in its own fresh process (so its peak memory is its
    own), in order, on one study folder: seconds and peak memory (resident set on CPU, CUDA
    allocator peak on GPU).
-2. **Batched vs loop**: generation, detection (noise-difference norm), NeMo localisation and the
+2. **Rows per U-Net call** (``--only rows``): U-Net calls of N rows run whole and in the chunks of
+   at most ``max_rows`` rows that dori uses on a CPU (``DiffusionModel.model_output``), forward
+   without gradient (sampling) and forward + backward to the embedding (the attack); the time of
+   each and whether both give the same numbers, bit for bit.
+3. **Batched vs loop**: generation, detection (noise-difference norm), NeMo localisation and the
    DoRI attack, each run by dori's batched implementation and by a one-prompt, one-seed loop (the
    way the NeMo and Wen et al. reference code run), on the same inputs; the speed ratio and
    whether both give the same numbers.
@@ -29,6 +34,7 @@ from pathlib import Path
 
 from dori.configs import STUDY_DEFAULT_STAGES as STAGES  # light: no torch import
 TASKS = ("generate", "detect", "nemo", "attack")
+ROW_COUNTS = (64, 80, 128, 256)  # a sampling batch of 40 and of 64 images with guidance, and more
 
 
 # --------------------------------------------------------------------- child side
@@ -125,6 +131,49 @@ def child_task(args) -> dict:
     return {"seconds": time.monotonic() - began, "peak_mib": _peak_memory(args.device), "result": result}
 
 
+def child_rows(args) -> dict:
+    """Whole vs chunked U-Net calls: seconds (best of 3) and bit-identity, for each row count."""
+    import torch
+
+    from dori.models.loading import load_model
+
+    model = load_model(args.model, device=args.device)
+    generator = torch.Generator().manual_seed(0)
+    out = []
+    for rows in ROW_COUNTS:
+        x = torch.randn(rows, *model.latent_shape, generator=generator).to(model.device, model.dtype)
+        emb = torch.randn(rows, *model.embedding_shape, generator=generator).to(model.device, model.dtype)
+        t = torch.randint(model.num_train_timesteps, (rows,), generator=generator).to(model.device)
+
+        def forward():
+            with torch.no_grad():
+                return model.model_output(x, t, emb)
+
+        def backward():
+            e = emb.clone().requires_grad_(True)
+            return torch.autograd.grad(model.model_output(x, t, e).float().pow(2).sum(), e)[0]
+
+        measured = {}
+        for name, run in (("forward", forward), ("backward", backward)):
+            for mode in ("whole", "chunks"):
+                best, result = float("inf"), None
+                for _ in range(3):
+                    began = time.monotonic()
+                    with model.whole_batches() if mode == "whole" else _nothing():
+                        result = run()
+                    best = min(best, time.monotonic() - began)
+                measured[name, mode] = (best, result)
+            same = torch.equal(measured[name, "whole"][1], measured[name, "chunks"][1])
+            out.append([rows, name, measured[name, "whole"][0], measured[name, "chunks"][0], same])
+    return {"rows": out, "max_rows": model.max_rows}
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 # --------------------------------------------------------------------- parent side
 
 
@@ -170,11 +219,19 @@ def bench_compare(args, common: list[str]) -> str:
     return note + "\n" + _table(["task", "batched s", "loop s", "speed-up", "batched MiB", "loop MiB", "same result"], rows)
 
 
+def bench_rows(common: list[str]) -> str:
+    got = _run_child(["--rows"], common)
+    rows = [[n, kind, f"{whole * 1000:.0f}", f"{chunks * 1000:.0f}", f"{chunks / whole:.2f}", "yes" if same else "no"]
+            for n, kind, whole, chunks, same in got["rows"]]  # fmt: skip
+    note = f"at most {got['max_rows']} rows per call" if got["max_rows"] else "this device runs every call whole"
+    return note + "\n" + _table(["rows", "pass", "whole ms", "chunked ms", "ratio", "same numbers"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="bundled")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--only", choices=("stages", "compare"))
+    parser.add_argument("--only", choices=("stages", "compare", "rows"))
     parser.add_argument("--quick", action="store_true", help="stages: the study's reduced settings")
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=4)
@@ -187,12 +244,16 @@ def main() -> None:
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--task", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--rows", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        result = child_stage(args) if args.stage else child_task(args)
+        result = child_rows(args) if args.rows else child_stage(args) if args.stage else child_task(args)
         print(json.dumps(result))
         return
     common = ["--model", args.model, "--device", args.device]
+    if args.only in (None, "rows"):
+        print("## Rows per U-Net call: whole vs in chunks\n")
+        print(bench_rows(common) + "\n", flush=True)
     if args.only in (None, "compare"):
         print("## Batched implementation vs one-prompt, one-seed loop\n")
         print(bench_compare(args, common) + "\n", flush=True)

@@ -186,3 +186,76 @@ def test_a_folder_with_the_position_encoding_warns_a_plain_diffusers_load(tiny_s
         assert any("position encoding" in m and "dori.models.load_model" in m for m in seen), seen
     finally:
         logger.removeHandler(handler)
+
+
+def _call_sizes(model):
+    """A list that fills with the batch size of every U-Net call, and the hook's handle."""
+    sizes = []
+    handle = model.unet.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    return sizes, handle
+
+
+def test_a_large_cpu_call_runs_in_near_equal_chunks_with_the_same_numbers(tiny_sd, monkeypatch):
+    monkeypatch.setattr(tiny_sd, "max_rows", 8)
+    g = torch.Generator().manual_seed(0)
+    x, emb = torch.randn(20, 4, 8, 8, generator=g), torch.randn(20, 77, 32, generator=g)
+    t = torch.randint(1000, (20,), generator=g)
+    sizes, handle = _call_sizes(tiny_sd)
+    try:
+        with torch.no_grad():
+            chunked = tiny_sd.model_output(x, t, emb)
+            assert sizes == [7, 6, 7]
+            with tiny_sd.whole_batches():
+                whole = tiny_sd.model_output(x, t, emb)
+            assert sizes[3:] == [20]
+            tiny_sd.model_output(x[:8], t[:8], emb[:8])  # at the limit: one call
+            assert sizes[4:] == [8]
+    finally:
+        handle.remove()
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+
+
+def test_chunks_carry_the_gradient_to_the_embedding_but_never_split_weight_training(tiny_sd, monkeypatch):
+    monkeypatch.setattr(tiny_sd, "max_rows", 8)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(16, 4, 8, 8, generator=g), torch.randint(1000, (16,), generator=g)
+
+    def gradient():
+        emb = torch.randn(16, 77, 32, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+        return torch.autograd.grad(tiny_sd.model_output(x, t, emb).pow(2).sum(), emb)[0]
+
+    sizes, handle = _call_sizes(tiny_sd)
+    try:
+        chunked = gradient()
+        assert sizes == [8, 8]
+        with tiny_sd.whole_batches():
+            whole = gradient()
+        torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+        weight = next(tiny_sd.unet.parameters())
+        weight.requires_grad_(True)  # a fine-tuning call: the weight gradient sums over every row at once
+        try:
+            tiny_sd.model_output(x, t, torch.randn(16, 77, 32))
+        finally:
+            weight.requires_grad_(False)
+        assert sizes[-1] == 16
+    finally:
+        handle.remove()
+
+
+def test_hooks_that_see_the_batch_keep_each_call_whole(tiny_sd, monkeypatch):
+    from dori.interventions import capture, mask_neurons
+
+    monkeypatch.setattr(tiny_sd, "max_rows", 8)
+    x, t, emb = torch.randn(16, 4, 8, 8), torch.full((16,), 500), torch.randn(16, 77, 32)
+    site = tiny_sd.value_sites()[0]
+    with torch.no_grad():
+        with capture(tiny_sd, [site.name]) as (handle, records):
+            tiny_sd.model_output(x, t, emb)
+        assert handle.calls[site.name] == 1 and records[site.name][0].shape[0] == 16
+        per_sample = {site.name: torch.ones(16, site.width)}  # one mask row per sample of the call
+        with mask_neurons(tiny_sd, per_sample) as handle:
+            tiny_sd.model_output(x, t, emb)
+        assert handle.calls[site.name] == 1
+        with mask_neurons(tiny_sd, {site.name: torch.zeros(site.width)}) as handle:  # one mask for all: chunks
+            tiny_sd.model_output(x, t, emb)
+        assert handle.calls[site.name] == 2

@@ -268,3 +268,27 @@ def test_wanda_keeps_int_ratio_times_inputs_per_row(tiny_sd):
         mask = _prune(tiny_sd, [site.name], memorized, base, ratio, 1)[site.name]
         assert (mask.sum(1) == int(ratio * width)).all()
     assert int(_prune(tiny_sd, [site.name], memorized, base, 0.9 / width, 1)[site.name].sum()) == 0
+
+
+def test_the_threshold_is_calibrated_once_per_model_and_settings(tiny_sd, tmp_path, monkeypatch):
+    """A study's NeMo and locality stages calibrate the same threshold: the second asks the memo,
+    unless the model is hooked or a setting differs."""
+    import dori.measure.detection as detection
+    from dori.mitigate.nemo_reference import nemo_reference
+
+    monkeypatch.setenv("DORI_CACHE", str(tmp_path))
+    reference = tmp_path / "ref.txt"
+    reference.write_text("a cat\na dog\na bird\n")
+    calls = []
+    real = detection.pairwise_consistency
+    monkeypatch.setattr(detection, "pairwise_consistency", lambda *a, **k: calls.append(1) or real(*a, **k))
+    config = NemoConfig(seeds=3, steps=5, batch_size=10)
+    ask = lambda c: nemo_reference(tiny_sd, reference_prompts=str(reference), stats=None, threshold=None, config=c,
+                                   say=lambda m: None)[1]  # noqa: E731
+    first = ask(config)
+    assert ask(config) == first and len(calls) == 1
+    with mask_neurons(tiny_sd, {tiny_sd.value_sites()[0].name: torch.zeros(tiny_sd.value_sites()[0].width)}):
+        ask(config)  # a hooked model is another model
+    assert len(calls) == 2
+    ask(NemoConfig(seeds=4, steps=5, batch_size=10))
+    assert len(calls) == 3

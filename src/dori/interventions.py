@@ -18,6 +18,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,7 +92,8 @@ def neuron_scales(model: DiffusionModel, channels: dict[str, list[int]], scale: 
 def mask_neurons(model: DiffusionModel, mask: NeuronMask) -> Iterator[HookHandle]:
     """Multiply the output channels of each named site by ``mask[site]`` while inside."""
     handle = HookHandle()
-    with _hooks(model) as register:
+    per_sample = any(scale.dim() > 1 for scale in mask.values())  # its rows follow the call's batch
+    with _hooks(model) as register, model.whole_batches() if per_sample else contextlib.nullcontext():
         for site in model.sites(list(mask)):
             scale = mask[site.name].to(model.device, model.dtype)
 
@@ -143,7 +145,7 @@ def capture(
         raise ValueError("what must be 'input' or 'output'")
     handle = HookHandle()
     records: dict[str, list[Tensor]] = {name: [] for name in sites}
-    with _hooks(model) as register:
+    with _hooks(model) as register, model.whole_batches():  # one record per call, as the caller asked for it
         for site in model.sites(sites):
 
             def hook(module, inputs, output, name=site.name):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dori.errors import DoriError
+from dori.interventions import active_interventions
 from dori.models.base import DiffusionModel
 from dori.references import is_bundled, load_prompts
 from dori.runs import atomic_path
@@ -71,11 +72,22 @@ def nemo_reference(model: DiffusionModel, *, reference_prompts: str | None, stat
     reference = check_nemo_inputs(model, reference_prompts=reference_prompts, stats=stats, threshold=threshold)
     statistics = load_statistics(stats, model) if stats is not None else cached_value_statistics(model, reference, say)
     if threshold is None:
-        say("nemo: calibrating the SSIM threshold")
         texts = load_prompts(reference, model).texts
+        key = (model.fingerprint(), tuple(texts), config.seeds, config.steps, config.batch_size)
+        memo = active_interventions(model) == 0  # a hooked model is not the model the fingerprint names
+        if memo and key in _THRESHOLDS:
+            return statistics, _THRESHOLDS[key]
+        say("nemo: calibrating the SSIM threshold")
         threshold = nemo_threshold(pairwise_consistency(model, model.encode(texts), seeds=list(range(config.seeds)),
                                                         steps=config.steps, batch_size=config.batch_size))  # fmt: skip
+        if memo:
+            _THRESHOLDS[key] = threshold
     return statistics, threshold
+
+
+# Calibrated thresholds, remembered for the process: a study's NeMo and locality stages calibrate
+# the same one (same weights, reference prompts, seeds, schedule and batch), so it is computed once.
+_THRESHOLDS: dict[tuple, float] = {}
 
 
 def nemo_for_run(model: DiffusionModel, config, say: Callable[[str], None]):

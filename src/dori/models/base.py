@@ -56,6 +56,13 @@ class StepInfo:
     noise_uncond: Tensor | None
 
 
+# The most rows one U-Net call takes on a CPU; larger calls run in chunks (DiffusionModel.model_output).
+# 64, measured with ``benchmarks/bench.py --only rows`` on the bundled model (2 cores): as chunks of
+# 64, 128 rows take 0.91x the time forward and 0.77x forward and backward, 256 rows 0.62x and 0.42x;
+# at 64 rows and below whole and chunked calls take the same time.
+CPU_MAX_ROWS = 64
+
+
 def _unet_position(name: str) -> int:
     """Order sites as the signal flows through the U-Net: down blocks, mid block, up blocks."""
     for rank, prefix in enumerate(("down_blocks.", "mid_block.", "up_blocks.")):
@@ -111,6 +118,9 @@ class DiffusionModel:
         self.noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device, torch.float32)
         self._empty: Tensor | None = None
+        # Rows per U-Net call on a CPU (see model_output); None: every call whole (GPUs).
+        self.max_rows: int | None = CPU_MAX_ROWS if self.device.type == "cpu" else None
+        self._whole = 0  # > 0 while a hook must see each call's whole batch (whole_batches)
 
     # ----------------------------------------------------------------- shape facts
     @property
@@ -240,11 +250,35 @@ class DiffusionModel:
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
     def model_output(self, x_t: Tensor, t: Tensor, emb: Tensor) -> Tensor:
-        """The U-Net's raw output in its own parameterisation (epsilon or v)."""
+        """The U-Net's raw output in its own parameterisation (epsilon or v).
+
+        On a CPU a call of more than :attr:`max_rows` rows runs as that many near-equal chunks:
+        the same numbers, bit for bit (on a CPU the U-Net computes each row of a batch of 8 or more
+        rows alone, forward and backward), in less time (:data:`CPU_MAX_ROWS`). Calls that
+        train the U-Net's weights (whose gradient sums over the rows) and calls inside
+        :meth:`whole_batches` stay whole."""
         t = t.to(self.device)
+        rows = x_t.shape[0]
         if t.dim() == 0:
-            t = t.expand(x_t.shape[0])
-        return self.unet(x_t, t, encoder_hidden_states=emb).sample
+            t = t.expand(rows)
+        if self.max_rows is None or rows <= self.max_rows or self._whole or self._trains_weights():
+            return self.unet(x_t, t, encoder_hidden_states=emb).sample
+        bounds = torch.linspace(0, rows, -(-rows // self.max_rows) + 1).round().long().tolist()
+        return torch.cat([self.unet(x_t[a:b], t[a:b], encoder_hidden_states=emb[a:b]).sample
+                          for a, b in zip(bounds, bounds[1:])])  # fmt: skip
+
+    def _trains_weights(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.unet.parameters())
+
+    @contextmanager
+    def whole_batches(self) -> Iterator[None]:
+        """Every U-Net call runs on its whole batch while inside: for hooks that see a call's
+        batch as one (recordings, per-sample masks)."""
+        self._whole += 1
+        try:
+            yield
+        finally:
+            self._whole -= 1
 
     def output_to_noise(self, output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """Convert a raw model output to epsilon space."""
