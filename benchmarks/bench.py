@@ -7,8 +7,10 @@
     python benchmarks/bench.py --model /models/sd-v1-4 --device cuda --only compare
 
 1. **Stages**: each stage of ``dori study`` run in its own fresh process (so its peak memory is its
-   own), in order, on one study folder: seconds and peak memory (resident set on CPU, CUDA
-   allocator peak on GPU).
+   own), in order, on one study folder: seconds, the seconds spent in NeMo's search (the nemo
+   stage's and locality's), and peak memory (resident set on CPU, CUDA allocator peak on GPU).
+   ``PYTHONPATH=OTHER/src python benchmarks/bench.py --only stages`` times another checkout's code
+   with the same benchmark.
 2. **Rows per U-Net call** (``--only rows``): U-Net calls of N rows run whole and in the chunks of
    at most ``max_rows`` rows that dori uses on a CPU (``DiffusionModel.model_output``), forward
    without gradient (sampling) and forward + backward to the embedding (the attack); the time of
@@ -56,11 +58,25 @@ def child_stage(args) -> dict:
     from dori.configs import StudyConfig
     from dori.stages.study import run_study
 
+    import dori.mitigate.nemo as nemo
+    import dori.stages.mitigate as mitigate
+
+    searching = [0.0]  # seconds inside NeMo's search (the nemo stage's, and locality's on the triggers)
+    search = nemo.nemo_localize
+
+    def timed(*a, **k):
+        began = time.monotonic()
+        try:
+            return search(*a, **k)
+        finally:
+            searching[0] += time.monotonic() - began
+
+    nemo.nemo_localize = mitigate.nemo_localize = timed
     model = load_model(args.model, device=args.device)
     config = StudyConfig(model=args.model, stages=args.stage, quick=args.quick)
     began = time.monotonic()
     run_study(config, model, args.folder, resume=True)
-    return {"seconds": time.monotonic() - began, "peak_mib": _peak_memory(args.device)}
+    return {"seconds": time.monotonic() - began, "peak_mib": _peak_memory(args.device), "nemo_search": searching[0]}
 
 
 def _inputs(model, n_prompts: int):
@@ -197,10 +213,11 @@ def bench_stages(args, common: list[str]) -> str:
             r = _run_child(["--stage", stage, "--folder", str(Path(folder) / "study")] + (["--quick"] if args.quick else []),
                            common)  # fmt: skip
             total += r["seconds"]
-            rows.append([stage, f"{r['seconds']:.1f}", f"{r['peak_mib']:.0f}"])
+            rows.append([stage, f"{r['seconds']:.1f}", f"{r['nemo_search']:.1f}" if r["nemo_search"] else "",
+                         f"{r['peak_mib']:.0f}"])  # fmt: skip
             print(f"  {stage}: {r['seconds']:.1f} s", file=sys.stderr, flush=True)
-    rows.append(["total", f"{total:.1f}", ""])
-    return _table(["stage", "seconds", "peak MiB"], rows)
+    rows.append(["total", f"{total:.1f}", "", ""])
+    return _table(["stage", "seconds", "of which NeMo search", "peak MiB"], rows)
 
 
 def bench_compare(args, common: list[str]) -> str:
