@@ -27,6 +27,7 @@ each other down). Timings are wall-clock; run on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -55,11 +56,10 @@ def _peak_memory(device: str) -> float:
 
 def child_stage(args) -> dict:
     from dori.models.loading import load_model
-    from dori.configs import StudyConfig
-    from dori.stages.study import run_study
-
     import dori.mitigate.nemo as nemo
     import dori.stages.mitigate as mitigate
+    from dori.configs import StudyConfig
+    from dori.stages.study import run_study
 
     searching = [0.0]  # seconds inside NeMo's search (the nemo stage's, and locality's on the triggers)
     search = nemo.nemo_localize
@@ -170,24 +170,18 @@ def child_rows(args) -> dict:
             return torch.autograd.grad(model.model_output(x, t, e).float().pow(2).sum(), e)[0]
 
         measured = {}
-        for name, run in (("forward", forward), ("backward", backward)):
+        for name, run in (("forward", forward), ("forward + backward", backward)):
             for mode in ("whole", "chunks"):
                 best, result = float("inf"), None
                 for _ in range(3):
                     began = time.monotonic()
-                    with model.whole_batches() if mode == "whole" else _nothing():
+                    with model.whole_batches() if mode == "whole" else contextlib.nullcontext():
                         result = run()
                     best = min(best, time.monotonic() - began)
                 measured[name, mode] = (best, result)
             same = torch.equal(measured[name, "whole"][1], measured[name, "chunks"][1])
             out.append([rows, name, measured[name, "whole"][0], measured[name, "chunks"][0], same])
     return {"rows": out, "max_rows": model.max_rows}
-
-
-def _nothing():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------- parent side

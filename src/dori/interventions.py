@@ -18,8 +18,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator
-import contextlib
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,7 +92,7 @@ def mask_neurons(model: DiffusionModel, mask: NeuronMask) -> Iterator[HookHandle
     """Multiply the output channels of each named site by ``mask[site]`` while inside."""
     handle = HookHandle()
     per_sample = any(scale.dim() > 1 for scale in mask.values())  # its rows follow the call's batch
-    with _hooks(model) as register, model.whole_batches() if per_sample else contextlib.nullcontext():
+    with _hooks(model) as register, model.whole_batches() if per_sample else nullcontext():
         for site in model.sites(list(mask)):
             scale = mask[site.name].to(model.device, model.dtype)
 

@@ -57,9 +57,9 @@ class StepInfo:
 
 
 # The most rows one U-Net call takes on a CPU; larger calls run in chunks (DiffusionModel.model_output).
-# 64, measured with ``benchmarks/bench.py --only rows`` on the bundled model (2 cores): as chunks of
-# 64, 128 rows take 0.91x the time forward and 0.77x forward and backward, 256 rows 0.62x and 0.42x;
-# at 64 rows and below whole and chunked calls take the same time.
+# 64, measured with ``benchmarks/bench.py --only rows`` on the bundled model (2 cores, two runs): as
+# chunks of 64, 128 rows take 0.88-0.91x the time forward and 0.77-0.90x forward and backward, 256
+# rows 0.56-0.62x and 0.39-0.42x.
 CPU_MAX_ROWS = 64
 
 
@@ -252,16 +252,17 @@ class DiffusionModel:
     def model_output(self, x_t: Tensor, t: Tensor, emb: Tensor) -> Tensor:
         """The U-Net's raw output in its own parameterisation (epsilon or v).
 
-        On a CPU a call of more than :attr:`max_rows` rows runs as that many near-equal chunks:
-        the same numbers, bit for bit (on a CPU the U-Net computes each row of a batch of 8 or more
-        rows alone, forward and backward), in less time (:data:`CPU_MAX_ROWS`). Calls that
-        train the U-Net's weights (whose gradient sums over the rows) and calls inside
-        :meth:`whole_batches` stay whole."""
+        On a CPU a call of more than :attr:`max_rows` rows runs in near-equal chunks of at most
+        that many rows: the same numbers, bit for bit (on a CPU the U-Net computes each row of a
+        batch of 8 or more rows alone, forward and backward), in less time (:data:`CPU_MAX_ROWS`).
+        Calls that train the U-Net's weights (whose gradient sums over the rows), calls whose
+        embedding is broadcast over the rows and calls inside :meth:`whole_batches` stay whole."""
         t = t.to(self.device)
         rows = x_t.shape[0]
         if t.dim() == 0:
             t = t.expand(rows)
-        if self.max_rows is None or rows <= self.max_rows or self._whole or self._trains_weights():
+        if (self.max_rows is None or rows <= self.max_rows or self._whole or emb.shape[0] != rows
+                or self._trains_weights()):  # fmt: skip
             return self.unet(x_t, t, encoder_hidden_states=emb).sample
         bounds = torch.linspace(0, rows, -(-rows // self.max_rows) + 1).round().long().tolist()
         return torch.cat([self.unet(x_t[a:b], t[a:b], encoder_hidden_states=emb[a:b]).sample
