@@ -61,6 +61,24 @@ def test_wanda_masks_share_an_exactly_rescaled_base(tiny_sd):
     assert any(m.any() for mask in masks for m in mask.values())
 
 
+def test_a_mask_at_a_candidate_count_is_the_mask_at_the_ratio_that_gives_it(tiny_sd):
+    """SD's candidates per row on a narrower model: the same recorded scores, pruned with ``k``
+    candidates per row, as the ratio ``k / width`` prunes them (ConceptPrune's ``int(ratio * in)``)."""
+    from dori.mitigate.wanda import SD14_FFN_CANDIDATES, WandaConfig, wanda_scores
+
+    assert SD14_FFN_CANDIDATES == (12, 25, 51)
+    site = tiny_sd.ffn_sites()[0]
+    width = site.module.in_features
+    scores = wanda_scores(tiny_sd, [tiny_sd.encode(["a cat"])], sites=[site.name],
+                          config=WandaConfig(timesteps=2, seeds=1, steps=4))  # fmt: skip
+    for k in (1, 3, width // 2):
+        by_count = scores.mask_with_candidates(tiny_sd, 0, k)[site.name]
+        by_ratio = scores.mask(tiny_sd, 0, (k + 0.5) / width)[site.name]  # int(ratio * width) == k
+        assert torch.equal(by_count, by_ratio)
+        assert int(by_count.sum(1).max()) <= k * 2  # at most k per row at each of the 2 recorded calls
+    assert scores.mask_with_candidates(tiny_sd, 0, 10 * width)[site.name].shape == site.module.weight.shape
+
+
 @pytest.fixture(scope="module")
 def locality_run(tiny_sd, prompt_files, sscd_file, tmp_path_factory):
     from dori.mitigate.nemo import save_statistics, value_statistics
@@ -91,6 +109,10 @@ def test_locality_writes_the_three_views(locality_run, tiny_sd):
     assert {r["site"] for r in nemo["sites"]} == {s.name for s in tiny_sd.value_sites()}
     assert all(0 <= r["adv"] <= 1 and 0 <= r["mem"] <= 1 for r in nemo["sites"] + wanda["sites"])
     assert len(wanda["weights_mem"]) == 4 and len(nemo["neurons_adv"]) == sum(summary["weight_agreement"]["triggers_per_target"])
+    widths = {s.name: s.module.in_features for s in tiny_sd.ffn_sites()}
+    assert wanda["candidates_per_row"] == {name: int(config.ratio * width) for name, width in widths.items()}
+    assert [c["candidates"] for c in wanda["candidate_sweep"]] == [12, 25, 51]  # SD v1.4's, at 1%
+    assert all({r["site"] for r in c["sites"]} == set(widths) for c in wanda["candidate_sweep"])
     for name in ("embedding_projection_0.png", "embedding_projection_1.png", "activation_discrepancy.png",
                  "agreement_nemo.png", "agreement_wanda.png", "trigger_generations.png"):  # fmt: skip
         assert (out / name).stat().st_size > 0, name

@@ -124,7 +124,7 @@ def weight_agreement_view(model: DiffusionModel, groups: list[Tensor], mem: Tens
     prompt; per site, the mean pairwise IoU within each target's triggers and among the prompts."""
     from dori.mitigate.nemo import nemo_localize
     from dori.mitigate.nemo_reference import nemo_for_run
-    from dori.mitigate.wanda import WandaConfig, wanda_masks
+    from dori.mitigate.wanda import SD14_FFN_CANDIDATES, WandaConfig, candidates_per_row, wanda_scores
 
     nemo_config, stats, threshold = nemo_for_run(model, config, say)
     every = torch.cat([*groups, mem])
@@ -132,8 +132,9 @@ def weight_agreement_view(model: DiffusionModel, groups: list[Tensor], mem: Tens
     nemo = nemo_localize(model, every, stats, threshold, nemo_config)
     wanda_sites = [s.name for s in (model.ffn_sites() if config.wanda_sites == "ffn" else model.value_sites())]
     say(f"locality: Wanda on {len(every)} embeddings")
-    wanda = wanda_masks(model, [every[i : i + 1] for i in range(len(every))], sites=wanda_sites,
-                        config=WandaConfig(ratio=config.ratio, batch_size=config.batch_size))  # fmt: skip
+    scores = wanda_scores(model, [every[i : i + 1] for i in range(len(every))], sites=wanda_sites,
+                          config=WandaConfig(ratio=config.ratio, batch_size=config.batch_size))  # fmt: skip
+    wanda = [scores.mask(model, i, config.ratio) for i in range(len(every))]
     bounds, start = [], 0
     for g in groups:
         bounds.append(range(start, start + len(g)))
@@ -157,6 +158,13 @@ def weight_agreement_view(model: DiffusionModel, groups: list[Tensor], mem: Tens
                  "memorized_by_check_adv": [nemo[i].memorized_before for rng in bounds for i in rng],
                  "memorized_by_check_mem": [nemo[i].memorized_before for i in mem_rows]},
         "wanda": {"sites": table(wanda, wanda_sites), "site_set": config.wanda_sites, "ratio": config.ratio,
+                  "candidates_per_row": {s.name: candidates_per_row(s.module.in_features, config.ratio)
+                                         for s in model.sites(wanda_sites)},
+                  # The same agreement with SD v1.4's candidates per row at 1% (12, 25, 51), from the
+                  # same recorded scores: how much of the agreement is the sites' narrowness.
+                  "candidate_sweep": [{"candidates": c, "sites": table([scores.mask_with_candidates(model, i, c)
+                                                                       for i in range(len(every))], wanda_sites)}
+                                      for c in SD14_FFN_CANDIDATES],
                   "weights_adv": [int(sum(m.sum() for m in wanda[i].values())) for rng in bounds for i in rng],
                   "weights_mem": [int(sum(m.sum() for m in wanda[i].values())) for i in mem_rows]},
         "triggers_per_target": [len(g) for g in groups],

@@ -28,6 +28,10 @@ from dori.models.base import DiffusionModel
 WANDA_LADDER = (0.01, 0.02, 0.05, 0.10, 0.20, 0.50)
 # The defender's seeds for ``--ratio auto`` start here: disjoint from every evaluation's (0, 1, ...).
 DEFENDER_FIRST_SEED = 1000
+# Candidates per row of SD v1.4's feed-forward sites (``ff.net.2``, 1280, 2560 and 5120 inputs) at
+# ConceptPrune's 1%: a narrower model keeps fewer at the same ratio, and its masks agree more.
+SD14_FFN_IN_FEATURES = (1280, 2560, 5120)
+SD14_FFN_CANDIDATES = tuple(int(0.01 * width) for width in SD14_FFN_IN_FEATURES)  # (12, 25, 51)
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,12 @@ class WandaScores:
     def mask(self, model: DiffusionModel, group: int, ratio: float) -> WeightMask:
         return _prune(model, self.sites, self.memorized[group], self.base[group], ratio, self.timesteps)
 
+    def mask_with_candidates(self, model: DiffusionModel, group: int, candidates: int) -> WeightMask:
+        """The mask with ``candidates`` per row at every site, whatever its width (to compare a
+        narrow model with SD at SD's count, :data:`SD14_FFN_CANDIDATES`)."""
+        return _prune(model, self.sites, self.memorized[group], self.base[group], None, self.timesteps,
+                      candidates=candidates)  # fmt: skip
+
 
 def wanda_scores(
     model: DiffusionModel,
@@ -155,12 +165,18 @@ def first_clean_ratio(ladder: Sequence[float], mr_at: Callable[[float], float]) 
     return ladder[-1], rungs, False
 
 
+def candidates_per_row(in_features: int, ratio: float) -> int:
+    """ConceptPrune's candidate count per output row: ``int(ratio * in_features)`` (none where it
+    is below 1)."""
+    return int(ratio * in_features)
+
+
 def _prune(model: DiffusionModel, sites: Sequence[str], memorized: dict[str, Tensor], base: dict[str, Tensor],
-           ratio: float, timesteps: int) -> WeightMask:  # fmt: skip
+           ratio: float | None, timesteps: int, *, candidates: int | None = None) -> WeightMask:  # fmt: skip
     mask = {}
     for site in model.sites(list(sites)):
         weight = site.module.weight.detach().abs().float()
-        keep_k = int(ratio * weight.shape[1])  # ConceptPrune's count: none where ratio * in < 1
+        keep_k = candidates_per_row(weight.shape[1], ratio) if candidates is None else min(candidates, weight.shape[1])
         pruned = torch.zeros_like(weight, dtype=torch.bool)
         for t in range(timesteps):
             score_mem = weight * memorized[site.name][t]
