@@ -29,7 +29,7 @@ WANDA_LADDER = (0.01, 0.02, 0.05, 0.10, 0.20, 0.50)
 # The defender's seeds for ``--ratio auto`` start here: disjoint from every evaluation's (0, 1, ...).
 DEFENDER_FIRST_SEED = 1000
 # Candidates per row of SD v1.4's feed-forward sites (``ff.net.2``, 1280, 2560 and 5120 inputs) at
-# ConceptPrune's 1%: a narrower model keeps fewer at the same ratio, and its masks agree more.
+# ConceptPrune's 1%: a narrower model keeps fewer at the same ratio (the locality stage compares both).
 SD14_FFN_IN_FEATURES = (1280, 2560, 5120)
 SD14_FFN_CANDIDATES = tuple(int(0.01 * width) for width in SD14_FFN_IN_FEATURES)  # (12, 25, 51)
 
