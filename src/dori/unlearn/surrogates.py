@@ -67,8 +67,7 @@ def make_surrogates(model, prompts: PromptSet, targets, refs: References, mitiga
                 own, worst = scores(candidates, i)
             pick = int(own.argmin())
             chosen.append(candidates[pick])
-            info.append({"similarity": float(own[pick]), "max_any_memorized": float(worst[pick]), "source": source,
-                         "seed": seeds[pick]})  # fmt: skip
+            info.append(_entry(own, worst, pick, source, seeds[pick]))
         return torch.stack(chosen), info
 
     found = [scores(images[i * tries : (i + 1) * tries], i) for i in range(len(prompts))]
@@ -88,10 +87,13 @@ def make_surrogates(model, prompts: PromptSet, targets, refs: References, mitiga
         pick = int(worst.argmin())
         if float(worst[pick]) >= detector.tau:
             chosen.append(torch.zeros_like(candidates[pick]))
-            info.append({"similarity": float(own[pick]), "max_any_memorized": float(worst[pick]), "source": "none",
-                         "seed": None})  # fmt: skip
+            info.append(_entry(own, worst, pick, "none", None))
             continue
         chosen.append(candidates[pick])
-        info.append({"similarity": float(own[pick]), "max_any_memorized": float(worst[pick]), "source": source,
-                     "seed": seeds[pick]})  # fmt: skip
+        info.append(_entry(own, worst, pick, source, seeds[pick]))
     return torch.stack(chosen), info
+
+
+def _entry(own: torch.Tensor, worst: torch.Tensor, pick: int, source: str, seed: int | None) -> dict:
+    """What the run reports of one prompt's surrogate (candidate ``pick``)."""
+    return {"similarity": float(own[pick]), "max_any_memorized": float(worst[pick]), "source": source, "seed": seed}
