@@ -96,9 +96,11 @@ def stage_work(units: dict[str, float], *, checkpointing: bool) -> dict[str, flo
         out[f"{name.replace('_', ' + ').replace('nemo', 'NeMo').replace('wanda', 'Wanda').replace('dori', 'DoRI')} "
             f"({a.steps} steps at batch {a.attack_batch}, MR at {len(a.curve())} points)"] = (
             attack(mem, a.steps, a.attack_batch) + evaluations * images(mem * a.seeds, a.eval_steps))
-    loc = configs["locality"]
-    out[f"locality ({loc.targets} target, {loc.inits} triggers)"] = (
-        attack(loc.targets * loc.inits, loc.steps, loc.attack_batch) + images(loc.targets * loc.inits * loc.seeds, loc.eval_steps))
+    for method in ("nemo", "wanda"):  # the study's locality runs once under each method's mask
+        loc = configs[f"locality_{method}"]
+        out[f"locality under {method}'s mask ({loc.targets} target, {loc.inits} triggers)"] = (
+            attack(loc.targets * loc.inits, loc.steps, loc.attack_batch)
+            + images(loc.targets * loc.inits * loc.seeds, loc.eval_steps))
     u = carried(UnlearnConfig, configs["unlearn"])  # the algorithm's settings (adv_pairs...) as the stage passes them
     u_run = configs["unlearn"]
     triggers = mem * u.triggers_per_target

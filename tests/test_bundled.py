@@ -92,11 +92,14 @@ def test_quick_study_end_to_end(quick_study):
         assert {"sscd_mean", "sscd_std", "mr", "utility"} <= set(row)
         assert 0.0 <= row["mr"] <= 1.0
     assert {"auc", "tpr_at_1pct_fpr"} <= set(summary["detection"])
-    assert {"embedding", "activation", "weight_agreement"} <= set(summary["locality"])
-    assert set(summary["timing"]) >= {"detect", "replicate", "nemo", "wanda", "locality", "unlearn"}
+    locality = summary["locality"]
+    assert {"embedding", "activation", "weight_agreement"} <= set(locality)
+    assert set(locality["activation"]) == set(locality["weight_agreement"]) == {"nemo", "wanda"}  # one run per mask
+    assert sum(view.startswith("activation at") for view in locality["verdicts"]) == 2
+    assert set(summary["timing"]) >= {"detect", "replicate", "nemo", "wanda", "locality_nemo", "locality_wanda", "unlearn"}
     report = (folder / "report.html").read_text()
     # --quick: 3 targets x 7 strip images (training image .. fine-tuning + DoRI), ROC, two MR-vs-steps
-    # plots and four locality plots
+    # plots and four locality plots (a projection under each mask, and the two per-method figures)
     assert report.count("<img") == 3 * 7 + 3 + 4 and "not run</span>" not in report
 
 
@@ -163,6 +166,18 @@ def test_a_study_resumes_with_other_stages_but_not_other_settings(bundled, tmp_p
         run_study(StudyConfig(stages="detect", quick=True, seeds=3), bundled, tmp_path / "study", resume=True)
     again = run_study(StudyConfig(stages="detect,replicate", quick=True), bundled, tmp_path / "study", resume=True)
     assert again["detection"] == first["detection"] and "memorized" in {row for row in again["table"]}
+
+
+def test_a_study_refuses_locality_without_the_masks_it_searches_under(bundled, tmp_path):
+    from dori.configs import StudyConfig
+    from dori.errors import DoriError
+    from dori.stages.study import run_study
+
+    with pytest.raises(DoriError, match="under the nemo stage's mask.*add nemo to --stages"):
+        run_study(StudyConfig(stages="replicate,locality", quick=True), bundled, tmp_path / "study")
+    with pytest.raises(DoriError, match="add wanda to --stages"):
+        run_study(StudyConfig(stages="nemo,locality", quick=True), bundled, tmp_path / "study")
+    assert not (tmp_path / "study").exists()
 
 
 def test_the_regime_checks_measure_and_judge_by_their_fixed_rules(bundled, kit):

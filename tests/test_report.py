@@ -66,9 +66,11 @@ def test_a_real_model_study_takes_what_nemo_and_fine_tuning_need_and_checks_it_f
     config = StudyConfig(model=str(tiny_sd.source), memorized=mem, non_memorized=non, type="VM", stats="s.pt",
                          threshold=0.428, images=str(tmp_path / "images"), sscd=str(sscd_file))  # fmt: skip
     c = stage_configs(config, tmp_path / "study")
-    assert c["replicate"].type == c["locality"].type == "VM" and c["replicate_non_memorized"].type is None
+    loc = [c["locality_nemo"], c["locality_wanda"]]
+    assert c["replicate"].type == loc[0].type == loc[1].type == "VM" and c["replicate_non_memorized"].type is None
     assert (c["nemo"].stats, c["nemo"].threshold, c["nemo"].reference_prompts) == ("s.pt", 0.428, non)
-    assert c["locality"].reference_prompts == non and c["unlearn"].retain_prompts == non
+    assert all(x.reference_prompts == non and x.more_prompts is None for x in loc) and c["unlearn"].retain_prompts == non
+    assert [x.mitigation for x in loc] == [str(tmp_path / "study" / "stages" / m) for m in ("nemo", "wanda")]
     shipped = stage_configs(StudyConfig(), tmp_path / "shipped")
     assert shipped["unlearn"].retain_prompts is None and shipped["nemo"].reference_prompts is None
     # a missing training image or NeMo input stops the study before its first stage, not hours later

@@ -377,14 +377,19 @@ class UnlearnRunConfig(Selection, UtilityOptions):
 
 @dataclass(frozen=True, kw_only=True)
 class LocalityConfig(Selection):
-    """``dori locality``: Y_mem is the whole prompt set; the first ``targets`` of its images are
-    attacked from ``inits`` random initialisations each (the triggers, Y_adv)."""
+    """``dori locality``: Y_mem is the whole prompt set (and ``more_prompts``); the first ``targets``
+    of its images are attacked from ``inits`` random initialisations each (the triggers, Y_adv).
+    Under a NeMo or Wanda ``mitigation`` the triggers are searched under its mask and only that
+    method's views are measured; without one, both methods'."""
 
     prompts: str = opt(help="Memorized prompts (Y_mem); the first --targets are attacked.")
     model: str = opt("bundled", help=MODEL_HELP)
     mitigation: str | None = opt(None, help=MITIGATION_HELP)  # triggers are searched and checked under it
     # Distances among these prompts' embeddings (default: the model's own set).
     non_memorized: str | None = opt(None, help="Prompts whose embeddings give the distance scale.")
+    # More memorized prompts for Y_mem only: not attacked, so they need no training image.
+    more_prompts: str | None = opt(None, help="More memorized prompts that join Y_mem (not attacked), e.g. "
+                                              "bundled:template.")  # fmt: skip
     targets: int = opt(1, help="Memorized images to attack.")
     inits: int = opt(100, help="Random initialisations (triggers) per target.")
     steps: int = opt(50, help="Attack steps.")

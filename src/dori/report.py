@@ -144,11 +144,10 @@ def write_report(root: Path, summary: dict, results: dict, configs: dict, model)
     loc_html = "<p>not run</p>" if locality is None else (
         "<ul>" + "".join(f"<li><b>{html.escape(view)}</b>: {html.escape(text)}</li>"
                          for view, text in locality["verdicts"].items()) + "</ul>"
-        + "".join(_file_img(stages / "locality" / name, alt) for name, alt in (
-            (run_files.PROJECTION_PLOT.format(target=0), "initialisations and triggers, 2-D projections"),
-            (run_files.DISCREPANCY_PLOT, "activation discrepancy per site"),
-            (run_files.AGREEMENT_PLOT.format(method="nemo"), "NeMo agreement per site"),
-            (run_files.AGREEMENT_PLOT.format(method="wanda"), "Wanda agreement per site"))))  # fmt: skip
+        + "".join(_file_img(stages / f"locality_{m}" / run_files.PROJECTION_PLOT.format(target=0),
+                            f"initialisations and triggers under {m}'s mask, 2-D projections") for m in locality["embedding"])
+        + _file_img(root / run_files.DISCREPANCY_PLOT, "activation discrepancy per layer, one panel per method")
+        + _file_img(root / run_files.AGREEMENT_PLOT, "weight agreement per layer, one panel per method"))  # fmt: skip
     sweep = summary.get("wanda_sweep")
     sweep_html = "<p>not run (add wanda_sweep to the study's --stages, or run 'dori wanda-sweep')</p>" if sweep is None \
         else _sweep_table(sweep) + _file_img(stages / "wanda_sweep" / run_files.SWEEP_PLOT, "MR and utility against Wanda's ratio")  # fmt: skip

@@ -9,8 +9,8 @@ ROC_PLOT = "roc.png"  # detect
 STEPS_CURVE_PLOT = "steps_curve.png"  # attack: MR against DoRI steps
 SWEEP_PLOT = "sweep.png"  # wanda-sweep
 PROJECTION_PLOT = "embedding_projection_{target}.png"  # locality, one per target
-DISCREPANCY_PLOT = "activation_discrepancy.png"  # locality
-AGREEMENT_PLOT = "agreement_{method}.png"  # locality: nemo, wanda
+DISCREPANCY_PLOT = "activation_discrepancy.png"  # locality: one panel per method
+AGREEMENT_PLOT = "weight_agreement.png"  # locality: one panel per method
 
 
 def generations_grid(label: str) -> str:

@@ -15,12 +15,15 @@ from dori.configs import LocalityConfig, carried
 from dori.errors import DoriError
 from dori.interventions import each_mask, load_mitigation, put_rows
 from dori.locality import (
+    METHOD_NAMES,
+    METHODS,
     Say,
     _mean_embedding,
     activation_view,
     embedding_view,
+    method_layers,
+    plot_panels,
     plot_projection,
-    plot_sites,
     verdicts,
     weight_agreement_view,
 )
@@ -49,6 +52,9 @@ def run_locality(config: LocalityConfig, model: DiffusionModel, out: str | Path,
     if non_mem_spec is None:
         raise DoriError("locality compares triggers with non-memorized prompts: pass --non-memorized SET")
     non_mem = model.encode(load_prompts(non_mem_spec, model).texts).float()
+    # Y_mem: the prompt set, and more memorized prompts that are not attacked (no training image needed).
+    more = [] if config.more_prompts is None else load_prompts(config.more_prompts, model).texts
+    mem_texts = list(dict.fromkeys(prompts.texts + more))
     refs = References(model, images=config.images, sscd=config.sscd)
     prompts = refs.with_images(prompts, config.missing_images)  # every prompt's training image, checked first
     mitigation = load_mitigation(model, config.mitigation)
@@ -56,7 +62,7 @@ def run_locality(config: LocalityConfig, model: DiffusionModel, out: str | Path,
     out = shards.open_run(out, "locality", asdict(config), resume=resume)
 
     targets = prompts.head(config.targets)
-    mem = model.encode(prompts.texts).float()
+    mem = model.encode(mem_texts).float()
     latents = model.to_latents(torch.cat(attack_targets(model, targets, refs)))
     k = config.inits
     inits = torch.cat([initial_embeddings(model, [p], "random", seed=config.seed * 1_000 + j, per_prompt=k)
@@ -113,23 +119,39 @@ def run_locality(config: LocalityConfig, model: DiffusionModel, out: str | Path,
         groups.append(ok)
     embedding = {"per_target": per_target, "mean": _mean_embedding(per_target)}
 
+    # Under a NeMo or Wanda mask, that method's views (the paper's separate bars); without one, both.
+    methods = METHODS if mitigation is None or mitigation.method not in METHODS else (mitigation.method,)
     say("locality: activation discrepancy")
-    activation = activation_view(model, groups, mem, seed=config.seed, steps=config.eval_steps,
-                                 batch_size=config.batch_size)  # fmt: skip
-    plot_sites(activation["sites"], out / run_files.DISCREPANCY_PLOT, title="activation discrepancy per site",
-               ylabel="mean pairwise L2")  # fmt: skip
-
-    agreement = weight_agreement_view(model, [g[: config.agreement_triggers] for g in groups], mem, config, say)
-    plot_sites(agreement["nemo"]["sites"], out / run_files.AGREEMENT_PLOT.format(method="nemo"), title="NeMo neuron agreement per site",
-               ylabel="mean pairwise IoU")  # fmt: skip
-    plot_sites(agreement["wanda"]["sites"], out / run_files.AGREEMENT_PLOT.format(method="wanda"), title="Wanda weight agreement per site",
-               ylabel="mean pairwise IoU")  # fmt: skip
+    activation = activation_view(model, groups, mem, method_layers(model, config, methods), seed=config.seed,
+                                 steps=config.eval_steps, batch_size=config.batch_size, mitigation=mitigation,
+                                 target_texts=targets.texts, mem_texts=mem_texts)  # fmt: skip
+    # The selection runs on the unpruned model, as a defender runs it on a new prompt: under its own
+    # mask a memorized prompt no longer replicates, and NeMo would select nothing for it.
+    agreement = weight_agreement_view(model, [g[: config.agreement_triggers] for g in groups], mem, config, say, methods)
+    plot_method_views(activation, agreement, out)
 
     summary = {"embedding": embedding, "activation": activation, "weight_agreement": agreement,
                "targets": targets.texts, "inits": k, "mitigation": None if mitigation is None else mitigation.method,
+               "methods": list(methods), "memorized_prompts": mem_texts,
                "similarity": refs.detector.to_dict()}  # fmt: skip
     summary["verdicts"] = verdicts(summary)
     summary["seconds"] = time.monotonic() - began
     write_json_atomic(out / "summary.json", summary)
     shards.wait()
     return summary
+
+
+def plot_method_views(activation: dict, agreement: dict, out: Path, *, under: dict | None = None) -> None:
+    """The paper's two figures: activation discrepancy and weight agreement, one panel per method.
+    ``under``: method -> the mask its triggers were found under, for the panel titles."""
+    under = under or {}
+
+    def title(method: str, what: str) -> str:
+        return f"{METHOD_NAMES[method]}'s {what}" + (f" (triggers under {METHOD_NAMES[under[method]]}'s mask)"
+                                                      if method in under else "")  # fmt: skip
+
+    plot_panels([(title(m, "layers"), v["sites"]) for m, v in activation["methods"].items()],
+                out / run_files.DISCREPANCY_PLOT, title="activation discrepancy per layer", ylabel="mean pairwise L2")  # fmt: skip
+    plot_panels([(title(m, "selection"), agreement[m]["sites"]) for m in METHODS if m in agreement],
+                out / run_files.AGREEMENT_PLOT, title="weight agreement per layer", ylabel="mean pairwise IoU",
+                ylim=(0, 1.05))  # fmt: skip
