@@ -128,7 +128,7 @@ def run_locality(config: LocalityConfig, model: DiffusionModel, out: str | Path,
     # The selection runs on the unpruned model, as a defender runs it on a new prompt: under its own
     # mask a memorized prompt no longer replicates, and NeMo would select nothing for it.
     agreement = weight_agreement_view(model, [g[: config.agreement_triggers] for g in groups], mem, config, say, methods)
-    plot_method_views(activation, agreement, out)
+    plot_method_views(activation, agreement, out, under=None if mitigation is None else {m: mitigation.method for m in methods})
 
     summary = {"embedding": embedding, "activation": activation, "weight_agreement": agreement,
                "targets": targets.texts, "inits": k, "mitigation": None if mitigation is None else mitigation.method,
