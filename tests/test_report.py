@@ -73,6 +73,10 @@ def test_a_real_model_study_takes_what_nemo_and_fine_tuning_need_and_checks_it_f
     assert [x.mitigation for x in loc] == [str(tmp_path / "study" / "stages" / m) for m in ("nemo", "wanda")]
     shipped = stage_configs(StudyConfig(), tmp_path / "shipped")
     assert shipped["unlearn"].retain_prompts is None and shipped["nemo"].reference_prompts is None
+    assert shipped["esd"].lr_rule == "reference"
+    assert {stage_configs(StudyConfig(lr_rule="scaled"), tmp_path / "s")[m].lr_rule for m in ("esd", "ca", "siss")} == {"scaled"}
+    with pytest.raises(DoriError, match="unknown --lr-rule 'paper'; use reference or scaled"):
+        StudyConfig(lr_rule="paper")
     # a missing training image or NeMo input stops the study before its first stage, not hours later
     shutil.copytree(prompt_files / "images", tmp_path / "images")
     (tmp_path / "images" / "1002.png").unlink()

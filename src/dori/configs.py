@@ -221,8 +221,12 @@ class MitigateConfig(Selection, UtilityOptions):
     # The fine-tuning methods (dori.unlearn.erasure): None takes the paper's setting.
     finetune_steps: int | None = opt(None, help="esd / ca / siss: fine-tuning steps (default: the paper's).")
     learning_rate: float | None = opt(None, flag="--lr", help=("esd / ca / siss: learning rate (default: the "
-                                                               "paper's, scaled to the model's own pre-training "
-                                                               "rate)."))  # fmt: skip
+                                                               "reference's, by --lr-rule)."))  # fmt: skip
+    lr_rule: str = opt("reference", help=("esd / ca / siss: 'reference' takes the reference code's learning rate "
+                                          "for SD as it is; 'scaled' multiplies it by the model's pre-training "
+                                          "rate over SD's 1e-4."))  # fmt: skip
+    siss_timesteps: str = opt("last", help=("siss: 'last' trains at t = T - 1 only, as the reference code does; "
+                                            "'uniform' draws t over all timesteps, as the paper writes the loss."))  # fmt: skip
     anchor: str | None = opt(None, help=("ca: the anchor caption, or a file with one per prompt (default on the "
                                          "bundled kind: the title's object, 'an album cover')."))  # fmt: skip
     checkpoint_every: int = opt(25, help="esd / ca / siss: steps between checkpoints.")
@@ -236,6 +240,10 @@ class MitigateConfig(Selection, UtilityOptions):
             raise DoriError(f"unknown method {self.method!r}; use {', '.join(MITIGATION_METHODS)}")
         if self.learning_rate is not None and self.learning_rate <= 0:
             raise DoriError(f"--lr must be positive, got {self.learning_rate}")
+        if self.lr_rule not in ("reference", "scaled"):
+            raise DoriError(f"unknown --lr-rule {self.lr_rule!r}; use reference or scaled")
+        if self.siss_timesteps not in ("last", "uniform"):
+            raise DoriError(f"unknown --siss-timesteps {self.siss_timesteps!r}; use last or uniform")
         _check_positive(self, "checkpoint_every", *(("finetune_steps",) if self.finetune_steps is not None else ()))
         if self.sites not in ("ffn", "value"):
             raise DoriError(f"unknown site set {self.sites!r}; use ffn or value")
@@ -454,6 +462,9 @@ class StudyConfig(UtilityOptions):
     # On the bundled model the study's
     # locality stage also starts from 32 random inits per target (the command's default: 100), and
     # fine-tuning warm-starts its triggers with 3 attack steps per step (the command's default: 5).
+    lr_rule: str = opt("reference", help=("The esd / ca / siss stages' learning rates: reference (as their code "
+                                          "has them for SD) or scaled (times the model's pre-training rate over "
+                                          "SD's 1e-4)."))  # fmt: skip
     seeds: int | None = opt(None, help="Generations per prompt (default: 10; bundled model 4).")
     sampling_steps: int | None = opt(None, help="DDIM steps (default: 50; bundled model 20).")
 
@@ -464,6 +475,8 @@ class StudyConfig(UtilityOptions):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise DoriError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.lr_rule not in ("reference", "scaled"):
+            raise DoriError(f"unknown --lr-rule {self.lr_rule!r}; use reference or scaled")
         unknown = set(self.stage_list()) - set(STUDY_STAGES)
         if unknown:
             raise DoriError(f"unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STUDY_STAGES)}")

@@ -16,13 +16,12 @@ from dori import run_files
 from dori.configs import carried
 from dori.errors import DoriError
 from dori.evaluation import before_and_after, evaluate_replication, utility, utility_options, write_results
-from dori.interventions import load_mitigation
 from dori.unlearn.erasure import (
+    PAPER,
     ErasureConfig,
     anchor_for,
     ca_loss,
     esd_loss,
-    generate_latents,
     siss_loss,
 )
 from dori.models.base import DiffusionModel
@@ -31,12 +30,13 @@ from dori.parallel import Shards
 from dori.prompts import PromptSet
 from dori.references import References, attack_targets, is_bundled
 from dori.report_images import save_grid
-from dori.runs import read_checkpoint, read_tensors, save_tensors_atomic, save_torch_atomic, write_json_atomic
-from dori.unlearn.surrogates import make_surrogates
+from dori.runs import read_checkpoint, read_json, read_tensors, save_tensors_atomic, save_torch_atomic, write_json_atomic
 from dori.unlearn.training import TrainState, refuse_float16, train_unet
 
-KEEP_TRIES = 8  # SISS: generations per prompt among which the kept (non-copy) images are chosen
+KEEP_TRIES = 8  # SISS: generations per prompt; every one that is not a copy is kept
 ANCHOR_IMAGES = 8  # CA: anchor images generated per prompt before fine-tuning
+DATA_REPORT = {"ca": "anchors.json", "siss": "kept_images.json"}
+ANCHOR_MAX_COPIES = 0.3  # CA: an anchor whose images copy more often than this is not used (utils.py)
 
 
 def run_erasure(config, model: DiffusionModel, out: Path, prompts: PromptSet, refs: References, *, resume: bool,
@@ -99,10 +99,12 @@ def run_erasure(config, model: DiffusionModel, out: Path, prompts: PromptSet, re
     save_grid(images_after, out / run_files.MITIGATED_GRID, columns=config.seeds)
     summary = {
         "method": config.method, "prompt_set": prompts.name, "n_prompts": len(prompts),
-        "finetuning": {**asdict(erasure), "lr_scale_rule": "the paper's SD rate x (model's pre-training rate / 1e-4)"},
+        "finetuning": {**asdict(erasure), "reference_learning_rate": PAPER[erasure.method]["learning_rate"]},
         "history": state.history, "model": str(out / "model"),
         **before_and_after(summary_before, after, utility_before, utility_after),
         "utility_after_scope": "model", "utility_after_own": None, "similarity": refs.detector.to_dict(),
+        # CA's anchors and SISS's kept images per prompt: copies, kept, and whether it was trained on
+        "data": read_json(out / DATA_REPORT[config.method]) if config.method in DATA_REPORT else None,
     }  # fmt: skip
     return write_results(out, summary, rows_before, rows_after)
 
@@ -114,26 +116,59 @@ def _objective(config, erasure: ErasureConfig, model: DiffusionModel, prompts: P
     if erasure.method == "esd":
         return esd_loss(model, emb, erasure)
     data_file = out / f"{erasure.method}_data.safetensors"
-    if erasure.method == "ca":
-        if not data_file.exists():
-            say(f"ca: generating {ANCHOR_IMAGES} images of each anchor")
-            latents = generate_latents(model, model.encode(anchors), ANCHOR_IMAGES, steps=config.steps,
-                                       guidance=config.guidance, first_seed=0, batch_size=config.batch_size)  # fmt: skip
-            save_tensors_atomic({"anchor_latents": latents}, data_file)
-            write_json_atomic(out / "anchors.json", anchors)
-        latents = read_tensors(data_file, keys=("anchor_latents",))["anchor_latents"]
-        return ca_loss(model, emb, model.encode(anchors), latents, erasure)
     if not data_file.exists():
-        say(f"siss: choosing the kept images among {KEEP_TRIES} generations per prompt")
-        targets = attack_targets(model, prompts, refs)
-        kept, info = make_surrogates(model, prompts, targets, refs, load_mitigation(model, None), steps=config.steps,
-                                     guidance=config.guidance, tries=KEEP_TRIES)  # fmt: skip
-        save_tensors_atomic({"forget": model.to_latents(torch.cat(targets)).cpu(),
-                             "keep": model.to_latents(kept).cpu()[:, None]}, data_file)  # fmt: skip
-        write_json_atomic(out / "kept_images.json", info)
-        save_grid(torch.cat([torch.cat(targets), kept]), out / "siss_forget_and_keep.png", columns=len(prompts))
-    data = read_tensors(data_file, keys=("forget", "keep"))
-    return siss_loss(model, emb, data["forget"], data["keep"], erasure)
+        targets = attack_targets(model, prompts, refs)  # each prompt's training image
+        if erasure.method == "ca":
+            say(f"ca: generating {ANCHOR_IMAGES} images of each anchor and dropping the copies")
+            made = model.generate(model.encode(anchors), list(range(ANCHOR_IMAGES)), steps=config.steps,
+                                  guidance=config.guidance, batch_size=config.batch_size)  # fmt: skip
+        else:
+            say(f"siss: keeping the non-copies among {KEEP_TRIES} generations per prompt")
+            made = model.generate(emb, list(range(KEEP_TRIES)), steps=config.steps, guidance=config.guidance,
+                                  batch_size=config.batch_size)  # fmt: skip
+        count = ANCHOR_IMAGES if erasure.method == "ca" else KEEP_TRIES
+        scores = _own_scores(refs, made, targets, count)  # [P, count]: each image against its prompt's training image
+        copies = scores >= refs.detector.tau
+        valid = usable_images(copies, ANCHOR_MAX_COPIES if erasure.method == "ca" else 1.0)
+        report = [{"prompt": p, **({"anchor": anchors[i]} if anchors else {}), "copies": int(copies[i].sum()),
+                   "kept": int(valid[i].sum()), "of": count, "trained": bool(valid[i].any()),
+                   "similarity": [round(float(v), 4) for v in scores[i]]} for i, p in enumerate(prompts.texts)]  # fmt: skip
+        latents = torch.cat([model.to_latents(made[i : i + config.batch_size])
+                             for i in range(0, len(made), config.batch_size)]).cpu()  # fmt: skip
+        latents = latents.view(len(prompts), count, *latents.shape[1:])
+        tensors = {"latents": latents, "valid": valid.to(torch.uint8)}
+        if erasure.method == "siss":
+            tensors["forget"] = model.to_latents(torch.cat(targets)).cpu()
+        save_tensors_atomic(tensors, data_file)
+        write_json_atomic(out / DATA_REPORT[erasure.method], report)
+        save_grid(made, out / f"{erasure.method}_data.png", columns=count)
+    data = read_tensors(data_file, keys=("latents", "valid", *(("forget",) if erasure.method == "siss" else ())))
+    valid = data["valid"].bool()
+    if not valid.any():
+        what = ("anchor passes the replication filter (its images copy the memorized one); pass --anchor with "
+                "captions that do not copy" if erasure.method == "ca" else
+                "prompt has a generation that is not a copy, so SISS has no kept images (its reference's keep set); "
+                "this model copies these prompts in every seed: leave siss out")  # fmt: skip
+        raise DoriError(f"{erasure.method}: no {what} ({out / DATA_REPORT[erasure.method]} lists them)")
+    if erasure.method == "ca":
+        return ca_loss(model, emb, model.encode(anchors), data["latents"], erasure, valid)
+    return siss_loss(model, emb, data["forget"], data["latents"], erasure, valid)
+
+
+def usable_images(copies: torch.Tensor, max_copies: float) -> torch.Tensor:
+    """``[P, n]``: the images a method may train on: not copies, of a prompt whose images copy at
+    most ``max_copies`` of the time (Concept Ablation's anchors: 0.3, utils.py; SISS: 1, no limit)."""
+    return ~copies & (copies.float().mean(1) <= max_copies)[:, None]
+
+
+def _own_scores(refs: References, images: torch.Tensor, targets: list[torch.Tensor], count: int) -> torch.Tensor:
+    """``[P, count]``: the detector's similarity of each of a prompt's ``count`` images to its own
+    training image (``images`` ``[P * count, 3, H, W]``, prompt-major)."""
+    detector = refs.detector
+    own = detector.embed(torch.cat(targets))
+    features = detector.embed(images)  # vectors or maps, whichever the detector makes
+    return torch.stack([detector.similarity(features[i * count : (i + 1) * count], own[i : i + 1])[:, 0]
+                        for i in range(len(targets))])  # fmt: skip
 
 
 def _anchors(config, model: DiffusionModel, prompts: PromptSet) -> list[str]:

@@ -333,13 +333,13 @@ def study_rule_lines() -> list[str]:
         "",
         "## The learning rate of ESD, Concept Ablation and SISS, by rule",
         "",
-        "`dori mitigate --method esd|ca|siss` (and the study's `esd`, `ca`, `siss` stages) take each paper's steps, "
-        "batch and parameters unchanged ("
+        "`dori mitigate --method esd|ca|siss` (and the study's `esd`, `ca`, `siss` stages) take each reference "
+        "code's steps, batch, parameters and learning rate for SD unchanged (docs/ERASURE.md; "
         + "; ".join(f"{name.upper()}: {p['steps']} steps, batch {p['batch']}, lr {p['learning_rate']:g}, "
                     f"{p['params']}" for name, p in PAPER.items())
-        + f"). The learning rate is the paper's times this model's pre-training learning rate over SD's "
-        f"({SD_PRETRAINING_LR:g}), read from the model folder's `train_config.json`; 1 for a model that records none. "
-        "`--lr` overrides it. The same rule for every model.",
+        + f"). `--lr-rule scaled` multiplies each rate by this model's pre-training learning rate over SD's "
+        f"({SD_PRETRAINING_LR:g}), read from the model folder's `train_config.json` (1 for a model that records "
+        "none); `--lr` overrides both. The same rule for every model.",
         "",
     ]
 

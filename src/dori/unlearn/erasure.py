@@ -1,37 +1,57 @@
 """Fine-tuning mitigations the paper attacks: concept erasure (ESD), Concept Ablation (CA) and data
 unlearning (SISS). Each is one objective on the shared loop (:func:`dori.unlearn.training.train_unet`),
-written from its paper; where a paper is silent the choice is a parameter of :class:`ErasureConfig`.
+written from its paper and matched to its authors' code point by point (docs/ERASURE.md lists the
+points, the reference file of each and its test). Every loss is taken on the U-Net's raw output, in
+the model's own parameterisation, as the references do; targets built in noise space are converted
+linearly (:meth:`DiffusionModel.training_target`). On an epsilon model nothing is converted.
 
-- **ESD-x** (Gandikota et al., ICCV 2023, "Erasing Concepts from Diffusion Models"): ``x_t`` is the
-  model's own sample from the concept prompt (``start_guidance`` 3, DDIM ``sample_steps`` 50,
-  stopped at a random step), and the prediction for the concept is trained towards the frozen
-  model's negatively guided one, ``eps*(x_t) - eta (eps*(x_t, c) - eps*(x_t))`` (``eta`` 1). Only
-  the cross-attention layers train (ESD-x, for a specific concept); 1000 steps of batch 1, lr 1e-5.
-- **Concept Ablation**, model-based (Kumari et al., ICCV 2023): images of an anchor prompt ``c*``
-  are generated once by the pretrained model; the prediction for the memorized prompt on them is
-  trained towards the current model's (stop-gradient) prediction for the anchor, plus the
-  anchor's own diffusion loss as regularisation (weight ``regularization`` 1). The cross-attention
-  key and value projections train (``crossattn_kv``); 400 steps of batch 4, lr 2e-6.
-- **SISS** (Alberti et al., ICLR 2025, "Data Unlearning in Diffusion Models"): each sample is drawn
-  from the defensive mixture ``(1 - lambda) q(x_t | x) + lambda q(x_t | a)`` of a kept image ``x``
-  and the forgotten one ``a`` (``lambda`` 0.5, one forward pass), and the importance-weighted kept
-  loss is descended while the importance-weighted forgotten loss is ascended. As in the authors'
-  SD code, the forget term's gradient is rescaled to a fixed norm; here the rule is relative,
-  ``forget_scale`` (0.1) times the kept term's gradient norm (their advice: about 10%). The kept
-  images are what the model makes for the same prompt that is not a copy, as in their SD setting
-  (the least similar of 8 generations, else an empty-prompt one); conditioning is the memorized
-  prompt; the whole U-Net trains; 35 steps of 16 samples, lr 1e-5.
+- **ESD-x** (Gandikota et al., ICCV 2023; ``rohitgandikota/erasing``, ``train-scripts/train-esd.py``):
+  a step draws ``k`` uniform in ``0..sample_steps-1``, samples ``x`` with the model being trained
+  from the concept prompt (guidance ``start_guidance`` 3, DDIM ``sample_steps`` 50) as the
+  reference's sampler does with ``till_T=k`` (:func:`esd_timesteps`), and gives the U-Net
+  ``t`` uniform in ``[round(k T / steps), round((k + 1) T / steps))``; the prediction for the concept
+  is trained towards the frozen model's negatively guided one,
+  ``o*(x, t) - eta (o*(x, t, c) - o*(x, t))`` (``eta`` 1). Only the cross-attention layers train;
+  1000 steps of batch 1, Adam at 1e-5 with no weight decay and no gradient clipping.
+- **Concept Ablation**, model-based, its memorization setting (Kumari et al., ICCV 2023;
+  ``nupurkmr9/concept-ablation``, ``diffusers/train.py``, ``utils.py``, ``compvis/``): images of an
+  anchor prompt ``c*`` are generated once by the pretrained model and filtered as the reference
+  filters them (the stage: an image that copies the memorized one is dropped, and an anchor whose
+  images copy more than 30% of the time is not used); the prediction for the memorized prompt on
+  them is trained towards the current model's (stop-gradient) prediction for the anchor, plus the
+  anchor's own diffusion loss on a separate anchor image, noise and timestep as regularisation
+  (weight ``regularization`` 1, diffusers' prior weight). The start token's key and value pass no
+  gradient (:func:`start_token_frozen`). The whole U-Net trains (the memorization setting's
+  ``freeze_model: all`` / ``full-weight``); 400 steps of batch 4, AdamW at 2e-6 (CompVis: 5e-7 x
+  batch 4), weight decay 0.01, clip 1.
+- **SISS** (Alberti et al., ICLR 2025; ``claserken/SISS``, ``delete_sd.py`` and
+  ``losses/ddpm_deletion_loss.py``): each sample is drawn from the defensive mixture
+  ``(1 - lambda) q(x_t | x) + lambda q(x_t | a)`` of a kept image ``x`` and the forgotten one ``a``,
+  both noised with the same noise at ``t = T - 1`` (the reference's ``randint(999, 1000)``;
+  ``siss_timesteps="uniform"`` draws t over all timesteps, as the paper's objective is written), and
+  the importance-weighted kept loss is descended while the importance-weighted forgotten loss is
+  ascended. The forget term's gradient is rescaled to ``forget_scale`` (0.1) times the kept term's
+  gradient norm, where the reference rescales it to an absolute norm of 750 (which depends on its
+  loss summing over SD's 16,384 latent values, so it does not carry over to another model); then
+  the whole gradient is clipped to norm 1, as in the reference. The kept images are the model's own
+  generations for the same prompt that are not copies (the stage keeps every one of 8 that its
+  detector does not call a copy of the memorized image; a prompt with none is reported and not
+  trained); conditioning is the memorized prompt; the whole U-Net trains; 35 steps of 16 samples,
+  AdamW at 1e-5 (weight decay 0.01).
 
-The learning rates are the papers' for SD v1.4, whose pre-training rate was 1e-4. A model that
-records its own pre-training rate (the bundled kind: ``train_config.json``) scales them by
-``its rate / 1e-4``, so every method takes the same fraction of that model's own rate as on SD.
+The learning rates are the references' for SD v1.4 (``lr_rule="reference"``, the default).
+``lr_rule="scaled"`` multiplies them by ``the model's pre-training rate / SD's 1e-4`` for a model
+that records its own rate (the bundled kind: ``train_config.json``), so that every method takes the
+same fraction of that model's own rate as on SD; dori used that rule before it matched the
+references.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -43,42 +63,53 @@ from dori.models.base import DiffusionModel
 from dori.unlearn.training import StepLoss, parameter_group
 
 METHODS = ("esd", "ca", "siss")
-# The papers' SD settings: steps, samples per step, learning rate (for SD v1.4), trained parameters.
+# The references' SD settings: steps, samples per step, learning rate (for SD v1.4), trained
+# parameters, AdamW's weight decay and the gradient-norm clip (0: none).
 PAPER = {
-    "esd": dict(steps=1000, batch=1, learning_rate=1e-5, params="xattn"),
-    "ca": dict(steps=400, batch=4, learning_rate=2e-6, params="kv"),
-    "siss": dict(steps=35, batch=16, learning_rate=1e-5, params="full"),
+    "esd": dict(steps=1000, batch=1, learning_rate=1e-5, params="xattn", weight_decay=0.0, grad_clip=0.0),
+    "ca": dict(steps=400, batch=4, learning_rate=2e-6, params="full", weight_decay=0.01, grad_clip=1.0),
+    "siss": dict(steps=35, batch=16, learning_rate=1e-5, params="full", weight_decay=0.01, grad_clip=1.0),
 }
 SD_PRETRAINING_LR = 1e-4
+LR_RULES = ("reference", "scaled")
+SISS_TIMESTEPS = ("last", "uniform")
 
 
 @dataclass(frozen=True)
 class ErasureConfig:
     method: str
-    steps: int | None = None  # None: the paper's (PAPER)
+    steps: int | None = None  # None: the reference's (PAPER)
     batch: int | None = None
-    learning_rate: float | None = None  # None: the paper's, scaled to the model (module docstring)
+    learning_rate: float | None = None  # None: the reference's, by ``lr_rule``
     params: str | None = None
+    weight_decay: float | None = None
+    grad_clip: float | None = None  # 0: no clipping
+    lr_rule: str = "reference"  # or "scaled" (module docstring)
     eta: float = 1.0  # ESD: negative guidance
     start_guidance: float = 3.0  # ESD: guidance of the model's own samples
     sample_steps: int = 50  # ESD: DDIM steps of those samples
     regularization: float = 1.0  # CA: weight of the anchor's own diffusion loss
     lam: float = 0.5  # SISS: the mixture's weight on the forgotten image
     forget_scale: float = 0.1  # SISS: the forget gradient's norm over the kept gradient's
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    siss_timesteps: str = "last"  # SISS: "last" (t = T - 1, the reference's code) or "uniform"
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise DoriError(f"unknown fine-tuning method {self.method!r}; use {', '.join(METHODS)}")
+        if self.lr_rule not in LR_RULES:
+            raise DoriError(f"unknown --lr-rule {self.lr_rule!r}; use {' or '.join(LR_RULES)}")
+        if self.siss_timesteps not in SISS_TIMESTEPS:
+            raise DoriError(f"unknown --siss-timesteps {self.siss_timesteps!r}; use {' or '.join(SISS_TIMESTEPS)}")
 
     def resolved(self, model: DiffusionModel) -> ErasureConfig:
-        """Every ``None`` filled from :data:`PAPER`; the learning rate scaled to ``model``."""
+        """Every ``None`` filled from :data:`PAPER`; the learning rate by ``lr_rule``."""
         paper = PAPER[self.method]
-        lr = self.learning_rate if self.learning_rate is not None else paper["learning_rate"] * lr_scale(model)
-        return replace(self, steps=self.steps or paper["steps"], batch=self.batch or paper["batch"],
-                       learning_rate=lr, params=self.params or paper["params"])  # fmt: skip
+        scale = lr_scale(model) if self.lr_rule == "scaled" else 1.0
+        lr = self.learning_rate if self.learning_rate is not None else paper["learning_rate"] * scale
+        pick = lambda name: paper[name] if getattr(self, name) is None else getattr(self, name)  # noqa: E731
+        return replace(self, steps=pick("steps"), batch=pick("batch"), learning_rate=lr, params=pick("params"),
+                       weight_decay=pick("weight_decay"), grad_clip=pick("grad_clip"))  # fmt: skip
 
 
 def lr_scale(model: DiffusionModel) -> float:
@@ -101,54 +132,103 @@ def _noise(model: DiffusionModel, n: int, generator: torch.Generator) -> Tensor:
     return torch.randn((n, *model.latent_shape), generator=generator).to(model.device, model.dtype)
 
 
+def esd_timesteps(k: int, steps: int, train_timesteps: int, generator: torch.Generator) -> tuple[int, Tensor]:
+    """The reference's pairing of ESD's sample and timestep for the draw ``k`` (``0..steps-1``):
+    its DDIM sampler, run with ``till_T=k``, stops after the step of index ``k - 1`` (``k`` 0 or 1:
+    it runs to the end), that is after ``steps + 1 - k`` of its ``steps`` U-Net calls; the U-Net
+    then gets ``t`` uniform in ``[round(k T / steps), round((k + 1) T / steps))``, about two grid
+    steps noisier than the sample. Returns ``(calls, t)``."""
+    calls = steps if k <= 1 else steps + 1 - k
+    low, high = round(k / steps * train_timesteps), round((k + 1) / steps * train_timesteps)
+    return calls, torch.randint(low, high, (1,), generator=generator)
+
+
 def esd_loss(model: DiffusionModel, emb: Tensor, config: ErasureConfig) -> StepLoss:
     """ESD's objective (module docstring); ``emb`` ``[P, L, D]`` are the concepts' embeddings. The
     frozen model is a copy of ``model`` as it is now: build the objective before a resumed run
     loads its checkpoint."""
     frozen = copy.deepcopy(model.unet).eval().requires_grad_(False)
     empty = model.empty_embedding()
-    scheduler = model.ddim_scheduler(config.sample_steps)
-
-    def frozen_noise(x, t, e):
-        return model.output_to_noise(frozen(x, t, encoder_hidden_states=e).sample, x, t)
 
     def step_loss(step: int, generator: torch.Generator, rank: int, world: int):
         rows = torch.randint(len(emb), (config.batch,), generator=generator)
-        stop = int(torch.randint(config.sample_steps, (1,), generator=generator))
+        k = int(torch.randint(config.sample_steps, (1,), generator=generator))
+        calls, t = esd_timesteps(k, config.sample_steps, model.num_train_timesteps, generator)
         noise = _noise(model, config.batch, generator)
         mine = slice(rank, None, world)
         c = emb[rows[mine]].to(model.device, model.dtype)
         with torch.no_grad():
             x = model.sample_latents(c, noise[mine], steps=config.sample_steps, guidance=config.start_guidance,
-                                     stop_after=stop)  # fmt: skip
-            t = scheduler.timesteps[stop].expand(len(x)).to(model.device)
-            e0, ep = frozen_noise(x, t, empty.expand_as(c)), frozen_noise(x, t, c)
-            target = e0 - config.eta * (ep - e0)
-        error = (model.predict_noise(x, t, c) - target).float().pow(2).flatten(1).mean(1)
+                                     stop_after=calls)  # fmt: skip
+            t = t.expand(len(x)).to(model.device)
+            o0 = frozen(x, t, encoder_hidden_states=empty.expand_as(c)).sample
+            op = frozen(x, t, encoder_hidden_states=c).sample
+            target = o0 - config.eta * (op - o0)  # in the model's own output space, as the reference
+        error = (model.model_output(x, t, c) - target).float().pow(2).flatten(1).mean(1)
         loss = error.sum() / config.batch
         return loss, {"loss": loss.item() * world}
 
     return step_loss
 
 
-def ca_loss(model: DiffusionModel, emb: Tensor, anchor_emb: Tensor, anchor_latents: Tensor,
-            config: ErasureConfig) -> StepLoss:  # fmt: skip
+def _draw(generator: torch.Generator, valid: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+    """``batch`` (row, pick) pairs: rows uniform among those with a valid image (``valid``
+    ``[P, n]`` bool), each pick uniform among its row's valid images."""
+    usable = valid.any(1).nonzero().flatten()
+    rows = usable[torch.randint(len(usable), (batch,), generator=generator)]
+    return rows, _pick(generator, valid, rows)
+
+
+def _pick(generator: torch.Generator, valid: Tensor, rows: Tensor) -> Tensor:
+    """One valid image of each of ``rows``, uniform among that row's valid images."""
+    counts = valid[rows].sum(1)
+    nth = (torch.rand(len(rows), generator=generator) * counts).long().clamp_max(counts - 1)
+    order = torch.cumsum(valid[rows].long(), 1) - 1  # each valid image's place among its row's valid ones
+    return ((order == nth[:, None]) & valid[rows]).long().argmax(1)
+
+
+@contextmanager
+def start_token_frozen(model: DiffusionModel) -> Iterator[None]:
+    """The cross-attention keys and values of the first token (the start token) pass no gradient,
+    as Concept Ablation's attention processor does (``model_pipeline.py``); values are unchanged."""
+    def hook(module, inputs, output):
+        return torch.cat([output[:, :1].detach(), output[:, 1:]], dim=1)
+
+    handles = [module.register_forward_hook(hook) for name, module in model.unet.named_modules()
+               if name.endswith("attn2.to_k") or name.endswith("attn2.to_v")]  # fmt: skip
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def ca_loss(model: DiffusionModel, emb: Tensor, anchor_emb: Tensor, anchor_latents: Tensor, config: ErasureConfig,
+            valid: Tensor | None = None) -> StepLoss:  # fmt: skip
     """Concept Ablation's objective (module docstring): prompt ``i`` (``emb[i]``) is ablated onto
-    its anchor ``anchor_emb[i]``, whose images are ``anchor_latents[i]`` ``[n, C, h, w]``."""
+    its anchor ``anchor_emb[i]``, whose images are ``anchor_latents[i]`` ``[n, C, h, w]``; ``valid``
+    ``[P, n]`` marks the images that passed the replication filter (default: all). The
+    regularization term takes its own anchor image, noise and timestep, as the reference's prior
+    batch does."""
+    valid = torch.ones(anchor_latents.shape[:2], dtype=torch.bool) if valid is None else valid.bool()
 
     def step_loss(step: int, generator: torch.Generator, rank: int, world: int):
-        rows = torch.randint(len(emb), (config.batch,), generator=generator)
-        picks = torch.randint(anchor_latents.shape[1], (config.batch,), generator=generator)
+        rows, picks = _draw(generator, valid, config.batch)
         noise = _noise(model, config.batch, generator)
         t = torch.randint(model.num_train_timesteps, (config.batch,), generator=generator).to(model.device)
+        prior_picks = _pick(generator, valid, rows)
+        prior_noise = _noise(model, config.batch, generator)
+        prior_t = torch.randint(model.num_train_timesteps, (config.batch,), generator=generator).to(model.device)
         mine = slice(rank, None, world)
         x0 = anchor_latents[rows[mine], picks[mine]].to(model.device, model.dtype)
+        prior = anchor_latents[rows[mine], prior_picks[mine]].to(model.device, model.dtype)
         c, anchor = emb[rows[mine]].to(model.device, model.dtype), anchor_emb[rows[mine]].to(model.device, model.dtype)
         x_t = model.add_noise(x0, noise[mine], t[mine])
-        with torch.no_grad():
-            target = model.predict_noise(x_t, t[mine], anchor)
-        ablation = (model.predict_noise(x_t, t[mine], c) - target).float().pow(2).flatten(1).mean(1)
-        regular = model.diffusion_loss(x0, anchor, noise[mine], t[mine])
+        with start_token_frozen(model):
+            with torch.no_grad():
+                target = model.model_output(x_t, t[mine], anchor)
+            ablation = (model.model_output(x_t, t[mine], c) - target).float().pow(2).flatten(1).mean(1)
+            regular = model.diffusion_loss(prior, anchor, prior_noise[mine], prior_t[mine])
         loss = (ablation.sum() + config.regularization * regular.sum()) / config.batch
         return loss, {"loss": ablation.sum().item() / config.batch * world,
                       "regularization": regular.sum().item() / config.batch * world}  # fmt: skip
@@ -156,35 +236,45 @@ def ca_loss(model: DiffusionModel, emb: Tensor, anchor_emb: Tensor, anchor_laten
     return step_loss
 
 
-def siss_loss(model: DiffusionModel, emb: Tensor, forget: Tensor, keep: Tensor, config: ErasureConfig) -> StepLoss:
+def siss_loss(model: DiffusionModel, emb: Tensor, forget: Tensor, keep: Tensor, config: ErasureConfig,
+              valid: Tensor | None = None) -> StepLoss:  # fmt: skip
     """SISS's objective (module docstring): prompt ``i`` (``emb[i]``) forgets ``forget[i]`` and
-    keeps ``keep[i]`` ``[n, C, h, w]`` (latents). Under data parallel each process rescales its own
-    share's forget gradient by its own norms before the shares are summed (one process: exact)."""
+    keeps ``keep[i]`` ``[n, C, h, w]`` (latents; ``valid`` ``[P, n]`` marks the kept images, the
+    model's own non-copies; a prompt with none is not trained). Under data parallel each process
+    rescales its own share's forget gradient by its own norms before the shares are summed (one
+    process: exact)."""
+    valid = torch.ones(keep.shape[:2], dtype=torch.bool) if valid is None else valid.bool()
     trained = [p for _, p in parameter_group(model, config.params)]
     lam = torch.tensor(config.lam, dtype=torch.float64)
+    last = model.num_train_timesteps - 1
 
     def step_loss(step: int, generator: torch.Generator, rank: int, world: int):
-        rows = torch.randint(len(emb), (config.batch,), generator=generator)
-        picks = torch.randint(keep.shape[1], (config.batch,), generator=generator)
+        rows, picks = _draw(generator, valid, config.batch)
         noise = _noise(model, config.batch, generator)
         t = torch.randint(model.num_train_timesteps, (config.batch,), generator=generator).to(model.device)
+        if config.siss_timesteps == "last":  # the reference's randint(999, 1000)
+            t = torch.full_like(t, last)
         from_forget = torch.rand(config.batch, generator=generator) < config.lam
         mine = slice(rank, None, world)
         a = forget[rows[mine]].to(model.device, model.dtype)
         x = keep[rows[mine], picks[mine]].to(model.device, model.dtype)
         abar = model.alphas_cumprod[t[mine]].view(-1, 1, 1, 1)
+        # both images noised with the same noise; the mixture takes one of the two per sample
         source = torch.where(from_forget[mine].view(-1, 1, 1, 1).to(model.device), a, x)
         x_t = (abar.sqrt() * source.float() + (1 - abar).sqrt() * noise[mine].float()).to(model.dtype)
-        pred = model.predict_noise(x_t, t[mine], emb[rows[mine]].to(model.device, model.dtype)).float()
+        pred = model.model_output(x_t, t[mine], emb[rows[mine]].to(model.device, model.dtype)).float()
         eps_x = (x_t.float() - abar.sqrt() * x.float()) / (1 - abar).sqrt()
         eps_a = (x_t.float() - abar.sqrt() * a.float()) / (1 - abar).sqrt()
+        # the targets in the model's own output space (epsilon: eps_x and eps_a themselves)
+        target_x = model.training_target(x.float(), eps_x, t[mine])
+        target_a = model.training_target(a.float(), eps_a, t[mine])
         # log q(x_t | x) - log q(x_t | a), the Gaussians' exponents; the weights in log space
         d_x = eps_x.pow(2).flatten(1).sum(1).double() / 2
         d_a = eps_a.pow(2).flatten(1).sum(1).double() / 2
         w_x = torch.exp(-torch.logaddexp(torch.log1p(-lam), torch.log(lam) + d_x - d_a)).float()
         w_a = torch.exp(-torch.logaddexp(torch.log1p(-lam) + d_a - d_x, torch.log(lam))).float()
-        loss_x = (w_x * (pred - eps_x).pow(2).flatten(1).mean(1)).sum() / config.batch
-        loss_a = (w_a * (pred - eps_a).pow(2).flatten(1).mean(1)).sum() / config.batch
+        loss_x = (w_x * (pred - target_x).pow(2).flatten(1).mean(1)).sum() / config.batch
+        loss_a = (w_a * (pred - target_a).pow(2).flatten(1).mean(1)).sum() / config.batch
         g_x = torch.autograd.grad(loss_x, trained, retain_graph=True, allow_unused=True)
         g_a = torch.autograd.grad(loss_a, trained, allow_unused=True)
         g_x = [torch.zeros_like(p) if g is None else g for p, g in zip(trained, g_x)]
@@ -204,12 +294,3 @@ def anchor_for(prompt: str) -> str:
     words = prompt.split()
     kind = " ".join(words[2:]) if len(words) > 2 else prompt
     return ("an " if kind[:1].lower() in "aeiou" else "a ") + kind
-
-
-def generate_latents(model: DiffusionModel, emb: Tensor, count: int, *, steps: int, guidance: float | None,
-                     first_seed: int, batch_size: int, progress: Callable[[int], None] | None = None) -> Tensor:  # fmt: skip
-    """``[P, count, C, h, w]``: ``count`` generations per embedding, as latents (CA's anchor images)."""
-    images = model.generate(emb, list(range(first_seed, first_seed + count)), steps=steps, guidance=guidance,
-                            batch_size=batch_size, progress=progress)  # fmt: skip
-    latents = torch.cat([model.to_latents(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
-    return latents.view(emb.shape[0], count, *latents.shape[1:]).cpu()

@@ -5,13 +5,13 @@ process's share of the step's objective: a scalar loss (its gradient is taken he
 methods that combine several gradients (SISS), the gradients themselves, one per trained
 parameter. The loop owns the rest, the same way for every method:
 
-- AdamW over the chosen parameters only (the others stay frozen and get no gradient);
+- AdamW over the chosen parameters only (with ``weight_decay`` 0: Adam) (the others stay frozen and get no gradient);
 - mixed precision for a bfloat16 model (:meth:`DiffusionModel.fp32_weights`: float32 master
   weights and optimizer state, autocast forwards); float16 is refused (no loss scale here);
 - data parallel under ``accelerate launch`` (``shards``): every process draws the same step from
   the shared per-step generator and takes its share of the batch, the gradients are summed, and
   every process applies the same step;
-- the gradient norm clipped to ``grad_clip``; a non-finite loss or weight stops with a clear error;
+- the gradient norm clipped to ``grad_clip`` (0: not clipped); a non-finite loss or weight stops with a clear error;
 - ``on_step(state, optimizer)`` after every step, where the stage writes its checkpoint, and a
   resume from ``state`` / ``optimizer_state`` reproduces the uninterrupted run (every draw of step
   ``k`` comes from ``Generator().manual_seed(seed * 1_000_003 + k)``).
@@ -105,7 +105,8 @@ def train_unet(
                     shards.sum_(grads)
                 for p, g in zip(trained, grads):
                     p.grad = g.to(p.dtype)
-                torch.nn.utils.clip_grad_norm_(trained, grad_clip)
+                if grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(trained, grad_clip)
                 optimizer.step()
                 if not all(torch.isfinite(p).all() for p in trained):
                     raise DoriError(f"fine-tuning produced non-finite weights at step {step}; lower --lr")
