@@ -90,7 +90,7 @@ def stage_configs(config: StudyConfig, root: Path) -> dict:
         # Locality as the paper shows it: triggers searched under each pruning method's own mask,
         # that method's layers measured. Y_mem: the verbatim titles and the template ones (14 on the
         # bundled model); the agreement view takes 8 triggers for NeMo, whose search costs about
-        # 7 s an embedding on 2 CPU cores, and 16 for Wanda, whose scores cost one pass.
+        # 6 s an embedding on 2 CPU cores, and 16 for Wanda, whose scores cost one pass.
         **{f"locality_{method}": LocalityConfig(
             prompts=config.memorized, non_memorized=config.non_memorized, limit=limit,
             mitigation=str(stages / method), more_prompts="bundled:template" if bundled and not q else None,
