@@ -129,6 +129,21 @@ def mask_weights(model: DiffusionModel, mask: WeightMask) -> Iterator[HookHandle
 
 
 @contextmanager
+def freeze_start_token(model: DiffusionModel) -> Iterator[None]:
+    """Every cross-attention key and value of the first token (the start token) passes no gradient
+    while inside, as Concept Ablation's attention processor does; the values are unchanged."""
+
+    def hook(module, inputs, output):
+        return torch.cat([output[:, :1].detach(), output[:, 1:]], dim=1)
+
+    with _hooks(model) as register:
+        for name, module in model.unet.named_modules():
+            if name.endswith("attn2.to_k") or name.endswith("attn2.to_v"):
+                register(module, hook)
+        yield
+
+
+@contextmanager
 def capture(
     model: DiffusionModel,
     sites: list[str],

@@ -34,6 +34,9 @@ from dori.report_images import save_figure
 Say = Callable[[str], None]
 METHODS = ("nemo", "wanda")
 METHOD_NAMES = {"nemo": "NeMo", "wanda": "Wanda"}
+# The study's sizes on the bundled kind (the command's defaults: 100 starts, 10 triggers): NeMo's
+# search costs about 6 s an embedding on 2 CPU cores, Wanda's scores one pass.
+BUNDLED_SIZES = {"inits": 32, "agreement_triggers": {"nemo": 8, "wanda": 16}, "more_prompts": "bundled:template"}
 
 
 # --------------------------------------------------------------------- statistics
@@ -326,12 +329,10 @@ def _save(fig, path: Path) -> None:
 # The authors' figures, read off their bars (about +-5%; docs/RESULTS.md), 7 layer IDs per method.
 PAPER_ACTIVATION_RATIO = {"nemo": (1.28, 1.53), "wanda_first": 1.17, "wanda_rest": (0.57, 0.86)}  # Y_adv / Y_mem
 PAPER_WANDA_IOU_TRIGGERS = (0.57, 0.80, 0.58, 0.74, 0.54, 0.34, 0.26)
-PAPER_WANDA_IOU_PROMPTS = (0.43, 0.65, 0.42, 0.69, 0.38, 0.15, 0.07)
 PAPER_NEMO_IOU = {"first": 0.57, "rest": (0.78, 1.0)}  # METHOD.md: NeMo selects anything in one layer only
 # The rules of the verdicts, fixed before the per-method numbers were measured (docs/RESULTS.md).
 HIGHER = 1.0  # NeMo's layers: triggers differ at least as much as prompts ...
 COMPARABLE = 0.9  # ... or within 10% of it ("comparable", short of the paper's "higher")
-PAPER_IOU_LEVEL = {"wanda": 0.57, "nemo": 0.57}  # the median of the paper's bars where its method selects
 IOU_MARGIN = 0.1  # the bars read to about +-5%, and the paper measures one image
 
 
@@ -341,6 +342,12 @@ def true_median(values: list[float]) -> float | None:
     import statistics
 
     return float(statistics.median(values)) if values else None
+
+
+def paper_iou_level(method: str) -> float:
+    """The paper's trigger IoU where its method selects anything: the median of Wanda's 7 bars
+    (0.57), NeMo's first layer (0.57)."""
+    return true_median(list(PAPER_WANDA_IOU_TRIGGERS)) if method == "wanda" else PAPER_NEMO_IOU["first"]
 
 
 def activation_verdict(method: str, ratios: list[float]) -> str:
@@ -366,7 +373,7 @@ def activation_verdict(method: str, ratios: list[float]) -> str:
 def agreement_verdict(method: str, rows: list[dict]) -> str:
     """The IoU among one image's triggers per layer (``rows``: ``adv`` and ``selected``), judged
     against the paper's level for ``method``."""
-    name, level = METHOD_NAMES[method], PAPER_IOU_LEVEL[method]
+    name, level = METHOD_NAMES[method], paper_iou_level(method)
     measured = [r["adv"] for r in rows if r["adv"] is not None and r.get("selected", True)]
     if not measured:
         return f"{name}: undefined: no target has two successful triggers that select anything"

@@ -16,7 +16,11 @@ from dori import run_files
 from dori.configs import carried
 from dori.errors import DoriError
 from dori.evaluation import before_and_after, evaluate_replication, utility, utility_options, write_results
+from dori.measure.replication import replication
 from dori.unlearn.erasure import (
+    ANCHOR_IMAGES,
+    ANCHOR_MAX_COPIES,
+    KEEP_TRIES,
     PAPER,
     ErasureConfig,
     anchor_for,
@@ -33,10 +37,7 @@ from dori.report_images import save_grid
 from dori.runs import read_checkpoint, read_json, read_tensors, save_tensors_atomic, save_torch_atomic, write_json_atomic
 from dori.unlearn.training import TrainState, refuse_float16, train_unet
 
-KEEP_TRIES = 8  # SISS: generations per prompt; every one that is not a copy is kept
-ANCHOR_IMAGES = 8  # CA: anchor images generated per prompt before fine-tuning
 DATA_REPORT = {"ca": "anchors.json", "siss": "kept_images.json"}
-ANCHOR_MAX_COPIES = 0.3  # CA: an anchor whose images copy more often than this is not used (utils.py)
 
 
 def run_erasure(config, model: DiffusionModel, out: Path, prompts: PromptSet, refs: References, *, resume: bool,
@@ -117,18 +118,18 @@ def _objective(config, erasure: ErasureConfig, model: DiffusionModel, prompts: P
         return esd_loss(model, emb, erasure)
     data_file = out / f"{erasure.method}_data.safetensors"
     if not data_file.exists():
-        targets = attack_targets(model, prompts, refs)  # each prompt's training image
-        if erasure.method == "ca":
-            say(f"ca: generating {ANCHOR_IMAGES} images of each anchor and dropping the copies")
-            made = model.generate(model.encode(anchors), list(range(ANCHOR_IMAGES)), steps=config.steps,
-                                  guidance=config.guidance, batch_size=config.batch_size)  # fmt: skip
-        else:
-            say(f"siss: keeping the non-copies among {KEEP_TRIES} generations per prompt")
-            made = model.generate(emb, list(range(KEEP_TRIES)), steps=config.steps, guidance=config.guidance,
-                                  batch_size=config.batch_size)  # fmt: skip
         count = ANCHOR_IMAGES if erasure.method == "ca" else KEEP_TRIES
-        scores = _own_scores(refs, made, targets, count)  # [P, count]: each image against its prompt's training image
-        copies = scores >= refs.detector.tau
+        if erasure.method == "ca":
+            say(f"ca: generating {count} images of each anchor and dropping the copies")
+        else:
+            say(f"siss: keeping the non-copies among {count} generations per prompt")
+        # each image scored against its own prompt's training image(s), as every MR is
+        rows, made = replication(model, prompts.texts, [refs.of(p) for p in prompts.prompts], refs.detector,
+                                 seeds=list(range(count)), steps=config.steps, guidance=config.guidance,
+                                 embeddings=model.encode(anchors) if erasure.method == "ca" else emb,
+                                 batch_size=config.batch_size)  # fmt: skip
+        scores = torch.tensor([r.similarities for r in rows])  # [P, count]
+        copies = scores > refs.detector.tau
         valid = usable_images(copies, ANCHOR_MAX_COPIES if erasure.method == "ca" else 1.0)
         report = [{"prompt": p, **({"anchor": anchors[i]} if anchors else {}), "copies": int(copies[i].sum()),
                    "kept": int(valid[i].sum()), "of": count, "trained": bool(valid[i].any()),
@@ -138,7 +139,7 @@ def _objective(config, erasure: ErasureConfig, model: DiffusionModel, prompts: P
         latents = latents.view(len(prompts), count, *latents.shape[1:])
         tensors = {"latents": latents, "valid": valid.to(torch.uint8)}
         if erasure.method == "siss":
-            tensors["forget"] = model.to_latents(torch.cat(targets)).cpu()
+            tensors["forget"] = model.to_latents(torch.cat(attack_targets(model, prompts, refs))).cpu()
         save_tensors_atomic(tensors, data_file)
         write_json_atomic(out / DATA_REPORT[erasure.method], report)
         save_grid(made, out / f"{erasure.method}_data.png", columns=count)
@@ -159,16 +160,6 @@ def usable_images(copies: torch.Tensor, max_copies: float) -> torch.Tensor:
     """``[P, n]``: the images a method may train on: not copies, of a prompt whose images copy at
     most ``max_copies`` of the time (Concept Ablation's anchors: 0.3, utils.py; SISS: 1, no limit)."""
     return ~copies & (copies.float().mean(1) <= max_copies)[:, None]
-
-
-def _own_scores(refs: References, images: torch.Tensor, targets: list[torch.Tensor], count: int) -> torch.Tensor:
-    """``[P, count]``: the detector's similarity of each of a prompt's ``count`` images to its own
-    training image (``images`` ``[P * count, 3, H, W]``, prompt-major)."""
-    detector = refs.detector
-    own = detector.embed(torch.cat(targets))
-    features = detector.embed(images)  # vectors or maps, whichever the detector makes
-    return torch.stack([detector.similarity(features[i * count : (i + 1) * count], own[i : i + 1])[:, 0]
-                        for i in range(len(targets))])  # fmt: skip
 
 
 def _anchors(config, model: DiffusionModel, prompts: PromptSet) -> list[str]:

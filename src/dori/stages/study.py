@@ -31,6 +31,7 @@ from dori.errors import DoriError
 from dori.evaluation import MISSING_UTILITY, check_utility_options, utility_options
 from dori.models.base import DiffusionModel
 from dori.models.loading import is_bundled_kind
+from dori.locality import BUNDLED_SIZES
 from dori.locality import METHODS as LOCALITY_METHODS
 from dori.references import is_bundled
 from dori.runs import open_run, read_json, write_json_atomic
@@ -88,15 +89,14 @@ def stage_configs(config: StudyConfig, root: Path) -> dict:
                                              eval_steps=gen["steps"], control=False)
            for method in FINETUNING_METHODS},  # fmt: skip
         # Locality as the paper shows it: triggers searched under each pruning method's own mask,
-        # that method's layers measured. Y_mem: the verbatim titles and the template ones (14 on the
-        # bundled model); the agreement view takes 8 triggers for NeMo, whose search costs about
-        # 6 s an embedding on 2 CPU cores, and 16 for Wanda, whose scores cost one pass.
+        # that method's layers measured; Y_mem takes the template titles too (BUNDLED_SIZES).
         **{f"locality_{method}": LocalityConfig(
             prompts=config.memorized, non_memorized=config.non_memorized, limit=limit,
-            mitigation=str(stages / method), more_prompts="bundled:template" if bundled and not q else None,
-            inits=4 if q else 32 if bundled else LocalityConfig.inits, steps=5 if q else LocalityConfig.steps,
-            seeds=1 if q else LocalityConfig.seeds, eval_steps=gen["steps"],
-            agreement_triggers=2 if q else (8 if method == "nemo" else 16) if bundled else LocalityConfig.agreement_triggers,
+            mitigation=str(stages / method), more_prompts=BUNDLED_SIZES["more_prompts"] if bundled and not q else None,
+            inits=4 if q else BUNDLED_SIZES["inits"] if bundled else LocalityConfig.inits,
+            steps=5 if q else LocalityConfig.steps, seeds=1 if q else LocalityConfig.seeds, eval_steps=gen["steps"],
+            agreement_triggers=2 if q else BUNDLED_SIZES["agreement_triggers"][method] if bundled
+            else LocalityConfig.agreement_triggers,
             tsne=not q, type=config.type, **common, **nemo) for method in LOCALITY_METHODS},  # fmt: skip
         "unlearn": UnlearnRunConfig(mitigation=str(stages / "nemo"),
                                     steps=3 if q else 60 if bundled else UnlearnRunConfig.steps,

@@ -21,7 +21,7 @@ linearly (:meth:`DiffusionModel.training_target`). On an epsilon model nothing i
   them is trained towards the current model's (stop-gradient) prediction for the anchor, plus the
   anchor's own diffusion loss on a separate anchor image, noise and timestep as regularisation
   (weight ``regularization`` 1, diffusers' prior weight). The start token's key and value pass no
-  gradient (:func:`start_token_frozen`). The whole U-Net trains (the memorization setting's
+  gradient (:func:`dori.interventions.freeze_start_token`). The whole U-Net trains (the memorization setting's
   ``freeze_model: all`` / ``full-weight``); 400 steps of batch 4, AdamW at 2e-6 (CompVis: 5e-7 x
   batch 4), weight decay 0.01, clip 1.
 - **SISS** (Alberti et al., ICLR 2025; ``claserken/SISS``, ``delete_sd.py`` and
@@ -50,8 +50,6 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -59,6 +57,7 @@ import torch
 from torch import Tensor
 
 from dori.errors import DoriError
+from dori.interventions import freeze_start_token
 from dori.models.base import DiffusionModel
 from dori.unlearn.training import StepLoss, parameter_group
 
@@ -71,6 +70,9 @@ PAPER = {
     "siss": dict(steps=35, batch=16, learning_rate=1e-5, params="full", weight_decay=0.01, grad_clip=1.0),
 }
 SD_PRETRAINING_LR = 1e-4
+ANCHOR_IMAGES = 8  # CA: anchor images generated per prompt before fine-tuning
+ANCHOR_MAX_COPIES = 0.3  # CA: an anchor whose images copy more often than this is not used (utils.py)
+KEEP_TRIES = 8  # SISS: generations per prompt; every one that is not a copy is kept
 LR_RULES = ("reference", "scaled")
 SISS_TIMESTEPS = ("last", "uniform")
 
@@ -121,11 +123,6 @@ def lr_scale(model: DiffusionModel) -> float:
         return 1.0
     rate = json.loads(file.read_text(encoding="utf-8")).get("learning_rate")
     return float(rate) / SD_PRETRAINING_LR if rate else 1.0
-
-
-def _rows(generator: torch.Generator, count: int, batch: int, rank: int, world: int) -> Tensor:
-    """The step's ``batch`` draws from ``count`` items, and this process's share of them."""
-    return torch.randint(count, (batch,), generator=generator)[rank::world]
 
 
 def _noise(model: DiffusionModel, n: int, generator: torch.Generator) -> Tensor:
@@ -187,22 +184,6 @@ def _pick(generator: torch.Generator, valid: Tensor, rows: Tensor) -> Tensor:
     return ((order == nth[:, None]) & valid[rows]).long().argmax(1)
 
 
-@contextmanager
-def start_token_frozen(model: DiffusionModel) -> Iterator[None]:
-    """The cross-attention keys and values of the first token (the start token) pass no gradient,
-    as Concept Ablation's attention processor does (``model_pipeline.py``); values are unchanged."""
-    def hook(module, inputs, output):
-        return torch.cat([output[:, :1].detach(), output[:, 1:]], dim=1)
-
-    handles = [module.register_forward_hook(hook) for name, module in model.unet.named_modules()
-               if name.endswith("attn2.to_k") or name.endswith("attn2.to_v")]  # fmt: skip
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def ca_loss(model: DiffusionModel, emb: Tensor, anchor_emb: Tensor, anchor_latents: Tensor, config: ErasureConfig,
             valid: Tensor | None = None) -> StepLoss:  # fmt: skip
     """Concept Ablation's objective (module docstring): prompt ``i`` (``emb[i]``) is ablated onto
@@ -224,7 +205,7 @@ def ca_loss(model: DiffusionModel, emb: Tensor, anchor_emb: Tensor, anchor_laten
         prior = anchor_latents[rows[mine], prior_picks[mine]].to(model.device, model.dtype)
         c, anchor = emb[rows[mine]].to(model.device, model.dtype), anchor_emb[rows[mine]].to(model.device, model.dtype)
         x_t = model.add_noise(x0, noise[mine], t[mine])
-        with start_token_frozen(model):
+        with freeze_start_token(model):
             with torch.no_grad():
                 target = model.model_output(x_t, t[mine], anchor)
             ablation = (model.model_output(x_t, t[mine], c) - target).float().pow(2).flatten(1).mean(1)
