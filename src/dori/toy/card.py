@@ -302,7 +302,8 @@ def recipe_seeds_section(card: str) -> str:
 def study_rule_lines() -> list[str]:
     """The study's rules that choose a setting on the model itself, stated in every card."""
     from dori.mitigate.wanda import DEFENDER_FIRST_SEED, WANDA_LADDER
-    from dori.unlearn.erasure import PAPER, SD_PRETRAINING_LR
+    from dori.locality import BUNDLED_SIZES, COMPARABLE, HIGHER, IOU_MARGIN, paper_iou_level
+    from dori.unlearn.erasure import ANCHOR_IMAGES, ANCHOR_MAX_COPIES, KEEP_TRIES, PAPER, SD_PRETRAINING_LR
 
     from dori.measure.detection import NEMO_TIMESTEP_INDEX
     from dori.measure.similarity import MS_SSIM_BETAS, MS_SSIM_KERNEL
@@ -339,7 +340,24 @@ def study_rule_lines() -> list[str]:
                     f"{p['params']}" for name, p in PAPER.items())
         + f"). `--lr-rule scaled` multiplies each rate by this model's pre-training learning rate over SD's "
         f"({SD_PRETRAINING_LR:g}), read from the model folder's `train_config.json` (1 for a model that records "
-        "none); `--lr` overrides both. The same rule for every model.",
+        "none); `--lr` overrides both. Concept Ablation trains on "
+        f"{ANCHOR_IMAGES} images of each anchor, less the "
+        "ones the model's copy detector calls copies of the title's training image; an anchor whose images copy more "
+        f"than {ANCHOR_MAX_COPIES:.0%} of the time is not used, and its title is reported, not trained. SISS keeps "
+        f"every one of {KEEP_TRIES} generations per title that is not a copy; a title with none is reported, not "
+        "trained. The study fine-tunes one model for the whole prompt set. The same rule for every model.",
+        "",
+        "## Locality, by rule",
+        "",
+        "The study's locality stage runs once under the NeMo stage's mask and once under the Wanda stage's; each run "
+        "measures its method's layers (NeMo: the value projections; Wanda: its sites), with the selection on the "
+        f"unpruned model. Sizes on the bundled kind: {BUNDLED_SIZES['inits']} random starts per mask, Y_mem the "
+        f"memorized and template titles, {BUNDLED_SIZES['agreement_triggers']['nemo']} triggers for NeMo's agreement "
+        f"and {BUNDLED_SIZES['agreement_triggers']['wanda']} for Wanda's. Verdicts (true medians): NeMo's layers, median "
+        f"Y_adv/Y_mem at least {HIGHER:g} as the paper, from {COMPARABLE:g} comparable, below that unlike; Wanda's "
+        "layers, more than half below 1 is the paper's shape; agreement, the median trigger IoU over the layers "
+        f"where a trigger selects anything at most the paper's level ({paper_iou_level('wanda'):g} for Wanda, "
+        f"{paper_iou_level('nemo'):g} for NeMo) + {IOU_MARGIN:g}. The same rule for every model.",
         "",
     ]
 
