@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from dori.errors import DoriError
-from dori.unlearn.erasure import ErasureConfig, _draw, anchor_for, ca_loss, esd_loss, esd_timesteps, siss_loss
+from dori.unlearn.erasure import (CA_PREFIXES, ErasureConfig, _draw, anchor_for, ca_augment, ca_loss, esd_loss,
+                                  esd_timesteps, siss_loss)  # fmt: skip
 from dori.models import load_model
 from dori.unlearn.training import TrainState, parameter_group, train_unet
 
@@ -29,9 +30,13 @@ def _objective(model, method, config):
     if method == "esd":
         return esd_loss(model, emb, config)
     if method == "ca":
-        anchors = torch.randn(2, 3, 4, 8, 8, generator=g)
-        return ca_loss(model, emb, model.encode(["a building", "a vehicle"]), anchors, config)
+        anchors = torch.rand(2, 3, 3, *model.image_size, generator=g)
+        return ca_loss(model, emb, model.encode(["a building", "a vehicle"]), anchors, config, prefixed=_prefixed(model))
     return siss_loss(model, emb, torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 1, 4, 8, 8, generator=g), config)
+
+
+def _prefixed(model, prompts=("a red barn", "a blue boat")):
+    return torch.stack([model.encode([q + p for q in CA_PREFIXES]) for p in prompts])
 
 
 def _measure(model, step_loss, params) -> dict:
@@ -194,19 +199,26 @@ def test_ca_and_siss_take_their_losses_on_the_raw_output(fixture, request, monke
     model = load_model(request.getfixturevalue(fixture))
     g = torch.Generator().manual_seed(5)
     emb, anchor = model.encode(["a red barn", "a blue boat"]), model.encode(["a building", "a vehicle"])
-    anchors = torch.randn(2, 3, *model.latent_shape, generator=g)
+    anchors = torch.rand(2, 3, 3, *model.image_size, generator=g)
     forget, keep = torch.randn(2, *model.latent_shape, generator=g), torch.randn(2, 1, *model.latent_shape, generator=g)
     T = model.num_train_timesteps
-    # CA: the ablation term against the anchor's raw output on the same noised anchor image
-    _, logs = ca_loss(model, emb, anchor, anchors, ErasureConfig("ca", batch=4).resolved(model))(0, torch.Generator().manual_seed(1), 0, 1)
+    # CA (without augmentation): the ablation term against the anchor's raw output on the same noised
+    # anchor image, summed over channels and averaged over the mask (the image less one latent cell
+    # on each side), as train.py's masked loss
+    config = ErasureConfig("ca", batch=4, ca_augment=False).resolved(model)
+    _, logs = ca_loss(model, emb, anchor, anchors, config)(0, torch.Generator().manual_seed(1), 0, 1)
     g = torch.Generator().manual_seed(1)
     rows, picks = _draw(g, torch.ones(2, 3, dtype=torch.bool), 4)
     noise = torch.randn((4, *model.latent_shape), generator=g)
     t = torch.randint(T, (4,), generator=g)
-    x_t = model.add_noise(anchors[rows, picks], noise, t)
+    x_t = model.add_noise(model.to_latents(anchors[rows, picks]), noise, t)
+    side = model.latent_shape[1]
+    mask = torch.zeros(1, 1, side, side)
+    mask[..., 1:-1, 1:-1] = 1
     with torch.no_grad():
         raw = lambda e: model.unet(x_t, t, encoder_hidden_states=e).sample  # noqa: E731
-        expected = (raw(emb[rows]) - raw(anchor[rows])).pow(2).flatten(1).mean(1).mean()
+        error = (raw(emb[rows]) - raw(anchor[rows])).pow(2)
+        expected = ((error * mask).sum((1, 2, 3)) / mask.sum()).mean()
     assert logs["loss"] == pytest.approx(float(expected), rel=1e-4)
     # SISS: t = T - 1 for every sample (the reference's), and the kept loss against v's target on a v model
     config = ErasureConfig("siss", batch=4, params="kv").resolved(model)
@@ -307,11 +319,11 @@ def test_draws_take_only_usable_rows_and_images():
 def test_concept_ablation_regularizes_on_its_own_draw_and_freezes_the_start_token(tiny_sd_dir, monkeypatch):
     model = load_model(tiny_sd_dir)
     g = torch.Generator().manual_seed(5)
-    anchors = torch.randn(2, 3, *model.latent_shape, generator=g)
+    anchors = torch.rand(2, 3, 3, *model.image_size, generator=g)
     emb, anchor = model.encode(["a red barn", "a blue boat"]), model.encode(["a building", "a vehicle"])
     # only the start token carries anything: every key and value gradient comes from it
     emb[:, 1:], anchor[:, 1:] = 0, 0
-    config = ErasureConfig("ca", batch=4).resolved(model)
+    config = ErasureConfig("ca", batch=4, ca_augment=False).resolved(model)
     assert config.params == "full"
     group = parameter_group(model, "full")
     for _, p in group:
@@ -350,3 +362,79 @@ def test_a_method_with_nothing_left_to_train_on_says_so(tiny_sd, prompt_files, s
     report = json.loads((tmp_path / method / stage.DATA_REPORT[method]).read_text())
     assert [r["trained"] for r in report] == [False, False] and all(r["copies"] == r["of"] for r in report)
     assert not (tmp_path / method / "summary.json").exists()
+
+
+def test_concept_ablation_augments_its_anchor_images_as_the_reference_dataset():
+    """utils.py ``CustomDiffusionDataset`` (aug on, --hflip): a flip with probability 0.5; a side in
+    [S // 3, S] (probability 0.66) pasted on a grey canvas, its mask inset by one latent cell, or in
+    [1.2 S, 1.4 S) cropped, its mask all ones; 'a far away' / 'very small' below 0.6 S, 'zoomed in' /
+    'close up' above S."""
+    S = 32
+    image = torch.full((3, S, S), 0.2)
+    image[:, :, S // 2 :] = 1.0  # a flip shows
+    out, mask, prefix = ca_augment(image.expand(600, -1, -1, -1), torch.Generator().manual_seed(0), S)
+    enlarged = mask.flatten(1).all(1)
+    assert 0.28 < enlarged.float().mean() < 0.40  # 0.34
+    assert set(prefix[enlarged].tolist()) == {2, 3}
+    flips, scales = 0, []
+    for i in (~enlarged).nonzero().flatten().tolist():
+        rows, cols = mask[i, 0].any(1).nonzero().flatten(), mask[i, 0].any(0).nonzero().flatten()
+        top, left, scale = int(rows[0]) - 1, int(cols[0]) - 1, int(rows[-1] - rows[0]) + 3
+        assert int(cols[-1] - cols[0]) + 3 == scale and S // 3 <= scale <= S
+        resized = torch.nn.functional.interpolate(image[None], size=(scale, scale), mode="bilinear", antialias=True)[0]
+        pasted = out[i, :, top : top + scale, left : left + scale]
+        flipped = torch.allclose(pasted, resized.flip(-1), atol=1e-6)
+        assert flipped or torch.allclose(pasted, resized, atol=1e-6)
+        flips += flipped
+        canvas = out[i].clone()
+        canvas[:, top : top + scale, left : left + scale] = 0.5
+        assert bool((canvas == 0.5).all())
+        assert (prefix[i] in (0, 1)) == (scale < 0.6 * S) and (prefix[i] == -1) == (scale >= 0.6 * S)
+        scales.append(scale)
+    assert 0.4 < flips / len(scales) < 0.6 and min(scales) == S // 3 and max(scales) == S
+
+
+def test_concept_ablation_gives_the_prompt_the_drawn_prefix(tiny_sd_dir, monkeypatch):
+    model = load_model(tiny_sd_dir)
+    prompts = ["a red barn", "a blue boat"]
+    emb, anchor, prefixed = model.encode(prompts), model.encode(["a building", "a vehicle"]), _prefixed(model, prompts)
+    images = torch.rand(2, 3, 3, *model.image_size, generator=torch.Generator().manual_seed(5))
+    config = ErasureConfig("ca", batch=16).resolved(model)
+    assert config.ca_augment  # the reference's default
+    calls = []
+    output = model.model_output
+    monkeypatch.setattr(model, "model_output", lambda x, t, e: calls.append(e.clone()) or output(x, t, e))
+    ca_loss(model, emb, anchor, images, config, prefixed=prefixed)(0, torch.Generator().manual_seed(3), 0, 1)
+    g = torch.Generator().manual_seed(3)  # the step's draws, in its order
+    rows, picks = _draw(g, torch.ones(2, 3, dtype=torch.bool), 16)
+    torch.randn((16, *model.latent_shape), generator=g), torch.randint(1000, (16,), generator=g)
+    torch.rand(16, generator=g)  # the prior's picks
+    torch.randn((16, *model.latent_shape), generator=g), torch.randint(1000, (16,), generator=g)
+    _, _, prefix = ca_augment(images[rows, picks], g, model.latent_shape[1])
+    assert (prefix >= 0).any() and (prefix == -1).any()
+    expected = torch.stack([prefixed[r, k] if k >= 0 else emb[r] for r, k in zip(rows.tolist(), prefix.tolist())])
+    assert torch.equal(calls[0], anchor[rows]) and torch.equal(calls[1], expected)
+
+
+def test_siss_can_keep_the_empty_prompts_generations(tiny_sd, prompt_files, sscd_file, tmp_path, monkeypatch):
+    import dori.stages.erasure as stage
+    from dori.configs import MitigateConfig
+    from dori.stages.mitigate import run_mitigate
+
+    seen = []
+    real = stage.replication
+
+    def recording(*args, embeddings=None, **kwargs):
+        seen.append(embeddings)
+        return real(*args, embeddings=embeddings, **kwargs)
+
+    monkeypatch.setattr(stage, "replication", recording)
+    config = MitigateConfig(method="siss", siss_keep="empty", prompts=str(prompt_files / "mem.csv"),
+                            model=str(tiny_sd.source), limit=2, images=str(prompt_files / "images"), sscd=str(sscd_file),
+                            seeds=1, steps=2, finetune_steps=1)  # fmt: skip
+    summary = run_mitigate(config, tiny_sd, tmp_path / "siss")
+    empty = tiny_sd.empty_embedding()
+    assert len(seen[-1]) == 2 and all(torch.equal(e, empty[0]) for e in seen[-1])
+    assert [r["kept_from"] for r in summary["data"]] == ["the empty prompt"] * 2
+    with pytest.raises(DoriError, match="unknown --siss-keep 'blank'; use own or empty"):
+        MitigateConfig(method="siss", prompts="x", siss_keep="blank")

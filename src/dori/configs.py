@@ -227,6 +227,12 @@ class MitigateConfig(Selection, UtilityOptions):
                                           "rate over SD's 1e-4."))  # fmt: skip
     siss_timesteps: str = opt("last", help=("siss: 'last' trains at t = T - 1 only, as the reference code does; "
                                             "'uniform' draws t over all timesteps, as the paper writes the loss."))  # fmt: skip
+    siss_keep: str = opt("own", help=("siss: 'own' keeps the prompt's own generations that are not copies, as the "
+                                      "reference does; 'empty' keeps the empty prompt's, for a model that copies "
+                                      "its prompts in every seed."))  # fmt: skip
+    ca_augment: bool = opt(True, flag="--ca-augment/--no-ca-augment",
+                           help=("ca: flip, resize and prefix the anchor images as the reference does "
+                                 "('a far away', 'zoomed in' ...)."))  # fmt: skip
     anchor: str | None = opt(None, help=("ca: the anchor caption, or a file with one per prompt (default on the "
                                          "bundled kind: the title's object, 'an album cover')."))  # fmt: skip
     checkpoint_every: int = opt(25, help="esd / ca / siss: steps between checkpoints.")
@@ -244,6 +250,8 @@ class MitigateConfig(Selection, UtilityOptions):
             raise DoriError(f"unknown --lr-rule {self.lr_rule!r}; use reference or scaled")
         if self.siss_timesteps not in ("last", "uniform"):
             raise DoriError(f"unknown --siss-timesteps {self.siss_timesteps!r}; use last or uniform")
+        if self.siss_keep not in ("own", "empty"):
+            raise DoriError(f"unknown --siss-keep {self.siss_keep!r}; use own or empty")
         _check_positive(self, "checkpoint_every", *(("finetune_steps",) if self.finetune_steps is not None else ()))
         if self.sites not in ("ffn", "value"):
             raise DoriError(f"unknown site set {self.sites!r}; use ffn or value")
@@ -465,6 +473,8 @@ class StudyConfig(UtilityOptions):
     lr_rule: str = opt("reference", help=("The esd / ca / siss stages' learning rates: reference (as their code "
                                           "has them for SD) or scaled (times the model's pre-training rate over "
                                           "SD's 1e-4)."))  # fmt: skip
+    siss_keep: str = opt("own", help=("The siss stage's kept images: own (the prompt's own non-copies, as its "
+                                      "reference) or empty (the empty prompt's, for a model that always copies)."))  # fmt: skip
     seeds: int | None = opt(None, help="Generations per prompt (default: 10; bundled model 4).")
     sampling_steps: int | None = opt(None, help="DDIM steps (default: 50; bundled model 20).")
 
@@ -477,6 +487,8 @@ class StudyConfig(UtilityOptions):
                 raise DoriError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if self.lr_rule not in ("reference", "scaled"):
             raise DoriError(f"unknown --lr-rule {self.lr_rule!r}; use reference or scaled")
+        if self.siss_keep not in ("own", "empty"):
+            raise DoriError(f"unknown --siss-keep {self.siss_keep!r}; use own or empty")
         unknown = set(self.stage_list()) - set(STUDY_STAGES)
         if unknown:
             raise DoriError(f"unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STUDY_STAGES)}")

@@ -20,6 +20,7 @@ from dori.measure.replication import replication
 from dori.unlearn.erasure import (
     ANCHOR_IMAGES,
     ANCHOR_MAX_COPIES,
+    CA_PREFIXES,
     KEEP_TRIES,
     PAPER,
     ErasureConfig,
@@ -117,42 +118,53 @@ def _objective(config, erasure: ErasureConfig, model: DiffusionModel, prompts: P
     if erasure.method == "esd":
         return esd_loss(model, emb, erasure)
     data_file = out / f"{erasure.method}_data.safetensors"
+    empty_keep = erasure.method == "siss" and erasure.siss_keep == "empty"
     if not data_file.exists():
         count = ANCHOR_IMAGES if erasure.method == "ca" else KEEP_TRIES
         if erasure.method == "ca":
             say(f"ca: generating {count} images of each anchor and dropping the copies")
+            sources = model.encode(anchors)
+        elif empty_keep:
+            say(f"siss: keeping the non-copies among {count} generations of the empty prompt")
+            sources = model.empty_embedding().expand_as(emb)
         else:
             say(f"siss: keeping the non-copies among {count} generations per prompt")
+            sources = emb
         # each image scored against its own prompt's training image(s), as every MR is
         rows, made = replication(model, prompts.texts, [refs.of(p) for p in prompts.prompts], refs.detector,
                                  seeds=list(range(count)), steps=config.steps, guidance=config.guidance,
-                                 embeddings=model.encode(anchors) if erasure.method == "ca" else emb,
-                                 batch_size=config.batch_size)  # fmt: skip
+                                 embeddings=sources, batch_size=config.batch_size)  # fmt: skip
         scores = torch.tensor([r.similarities for r in rows])  # [P, count]
         copies = scores > refs.detector.tau
         valid = usable_images(copies, ANCHOR_MAX_COPIES if erasure.method == "ca" else 1.0)
-        report = [{"prompt": p, **({"anchor": anchors[i]} if anchors else {}), "copies": int(copies[i].sum()),
+        kept_from = {"kept_from": "the empty prompt" if empty_keep else "the prompt"}
+        report = [{"prompt": p, **({"anchor": anchors[i]} if anchors else kept_from), "copies": int(copies[i].sum()),
                    "kept": int(valid[i].sum()), "of": count, "trained": bool(valid[i].any()),
                    "similarity": [round(float(v), 4) for v in scores[i]]} for i, p in enumerate(prompts.texts)]  # fmt: skip
-        latents = torch.cat([model.to_latents(made[i : i + config.batch_size])
-                             for i in range(0, len(made), config.batch_size)]).cpu()  # fmt: skip
-        latents = latents.view(len(prompts), count, *latents.shape[1:])
-        tensors = {"latents": latents, "valid": valid.to(torch.uint8)}
-        if erasure.method == "siss":
+        if erasure.method == "ca":  # pixels (the augmentation works on them), as 8-bit values
+            tensors = {"images": (made * 255).round().to(torch.uint8).view(len(prompts), count, *made.shape[1:])}
+        else:
+            latents = torch.cat([model.to_latents(made[i : i + config.batch_size])
+                                 for i in range(0, len(made), config.batch_size)]).cpu()  # fmt: skip
+            tensors = {"latents": latents.view(len(prompts), count, *latents.shape[1:])}
             tensors["forget"] = model.to_latents(torch.cat(attack_targets(model, prompts, refs))).cpu()
+        tensors["valid"] = valid.to(torch.uint8)
         save_tensors_atomic(tensors, data_file)
         write_json_atomic(out / DATA_REPORT[erasure.method], report)
         save_grid(made, out / f"{erasure.method}_data.png", columns=count)
-    data = read_tensors(data_file, keys=("latents", "valid", *(("forget",) if erasure.method == "siss" else ())))
+    keys = ("images", "valid") if erasure.method == "ca" else ("latents", "valid", "forget")
+    data = read_tensors(data_file, keys=keys)
     valid = data["valid"].bool()
     if not valid.any():
         what = ("anchor passes the replication filter (its images copy the memorized one); pass --anchor with "
                 "captions that do not copy" if erasure.method == "ca" else
                 "prompt has a generation that is not a copy, so SISS has no kept images (its reference's keep set); "
-                "this model copies these prompts in every seed: leave siss out")  # fmt: skip
+                "this model copies these prompts in every seed: pass --siss-keep empty to keep the empty prompt's "
+                "generations instead, or leave siss out")  # fmt: skip
         raise DoriError(f"{erasure.method}: no {what} ({out / DATA_REPORT[erasure.method]} lists them)")
     if erasure.method == "ca":
-        return ca_loss(model, emb, model.encode(anchors), data["latents"], erasure, valid)
+        prefixed = torch.stack([model.encode([q + p for q in CA_PREFIXES]) for p in prompts.texts])
+        return ca_loss(model, emb, model.encode(anchors), data["images"].float() / 255, erasure, valid, prefixed)
     return siss_loss(model, emb, data["forget"], data["latents"], erasure, valid)
 
 

@@ -82,7 +82,7 @@ def stage_configs(config: StudyConfig, root: Path) -> dict:
                                         **util),  # fmt: skip
         **{method: MitigateConfig(method=method, seeds=seeds, utility_seeds=1 if q else 4, baseline=str(stages / "replicate"),
                                   finetune_steps=2 if q else None, anchor=config.anchor if method == "ca" else None,
-                                  lr_rule=config.lr_rule,
+                                  lr_rule=config.lr_rule, siss_keep=config.siss_keep,
                                   **mem, **gen, **util) for method in FINETUNING_METHODS},  # fmt: skip
         **{f"{method}_dori": AttackRunConfig(**{**mem, "model": str(stages / method / "model")}, steps=5 if q else 50,
                                              steps_curve="0,1,5" if q else "0,1,10,25,50", seeds=seeds,

@@ -20,7 +20,10 @@ linearly (:meth:`DiffusionModel.training_target`). On an epsilon model nothing i
   images copy more than 30% of the time is not used); the prediction for the memorized prompt on
   them is trained towards the current model's (stop-gradient) prediction for the anchor, plus the
   anchor's own diffusion loss on a separate anchor image, noise and timestep as regularisation
-  (weight ``regularization`` 1, diffusers' prior weight). The start token's key and value pass no
+  (weight ``regularization`` 1, diffusers' prior weight). As in the reference, each anchor image is
+  flipped, resized and pasted or cropped, the memorized prompt gets "a far away" / "very small" or
+  "zoomed in" / "close up" before it when the image was shrunk or enlarged (:func:`ca_augment`),
+  and the ablation term is masked to the image, summed over channels. The start token's key and value pass no
   gradient (:func:`dori.interventions.freeze_start_token`). The whole U-Net trains (the memorization setting's
   ``freeze_model: all`` / ``full-weight``); 400 steps of batch 4, AdamW at 2e-6 (CompVis: 5e-7 x
   batch 4), weight decay 0.01, clip 1.
@@ -36,7 +39,8 @@ linearly (:meth:`DiffusionModel.training_target`). On an epsilon model nothing i
   the whole gradient is clipped to norm 1, as in the reference. The kept images are the model's own
   generations for the same prompt that are not copies (the stage keeps every one of 8 that its
   detector does not call a copy of the memorized image; a prompt with none is reported and not
-  trained); conditioning is the memorized prompt; the whole U-Net trains; 35 steps of 16 samples,
+  trained; ``siss_keep="empty"`` takes them from the empty prompt's generations instead, for a model
+  that copies its prompts in every seed); conditioning is the memorized prompt; the whole U-Net trains; 35 steps of 16 samples,
   AdamW at 1e-5 (weight decay 0.01).
 
 The learning rates are the references' for SD v1.4 (``lr_rule="reference"``, the default).
@@ -75,6 +79,12 @@ ANCHOR_MAX_COPIES = 0.3  # CA: an anchor whose images copy more often than this 
 KEEP_TRIES = 8  # SISS: generations per prompt; every one that is not a copy is kept
 LR_RULES = ("reference", "scaled")
 SISS_TIMESTEPS = ("last", "uniform")
+# SISS's kept images: "own", the prompt's own non-copies (the reference's); "empty", non-copies
+# among the empty prompt's generations (for a model that copies a prompt in every seed)
+SISS_KEEP = ("own", "empty")
+# CA's target-prompt prefixes (utils.py): the first two for an anchor image shrunk below 0.6 of the
+# side, the last two for one enlarged and cropped
+CA_PREFIXES = ("a far away ", "very small ", "zoomed in ", "close up ")
 
 
 @dataclass(frozen=True)
@@ -91,9 +101,11 @@ class ErasureConfig:
     start_guidance: float = 3.0  # ESD: guidance of the model's own samples
     sample_steps: int = 50  # ESD: DDIM steps of those samples
     regularization: float = 1.0  # CA: weight of the anchor's own diffusion loss
+    ca_augment: bool = True  # CA: the reference's flip, resize and prefix augmentation (ca_augment)
     lam: float = 0.5  # SISS: the mixture's weight on the forgotten image
     forget_scale: float = 0.1  # SISS: the forget gradient's norm over the kept gradient's
     siss_timesteps: str = "last"  # SISS: "last" (t = T - 1, the reference's code) or "uniform"
+    siss_keep: str = "own"  # SISS: where the kept images come from (SISS_KEEP)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -103,6 +115,8 @@ class ErasureConfig:
             raise DoriError(f"unknown --lr-rule {self.lr_rule!r}; use {' or '.join(LR_RULES)}")
         if self.siss_timesteps not in SISS_TIMESTEPS:
             raise DoriError(f"unknown --siss-timesteps {self.siss_timesteps!r}; use {' or '.join(SISS_TIMESTEPS)}")
+        if self.siss_keep not in SISS_KEEP:
+            raise DoriError(f"unknown --siss-keep {self.siss_keep!r}; use {' or '.join(SISS_KEEP)}")
 
     def resolved(self, model: DiffusionModel) -> ErasureConfig:
         """Every ``None`` filled from :data:`PAPER`; the learning rate by ``lr_rule``."""
@@ -184,14 +198,61 @@ def _pick(generator: torch.Generator, valid: Tensor, rows: Tensor) -> Tensor:
     return ((order == nth[:, None]) & valid[rows]).long().argmax(1)
 
 
-def ca_loss(model: DiffusionModel, emb: Tensor, anchor_emb: Tensor, anchor_latents: Tensor, config: ErasureConfig,
-            valid: Tensor | None = None) -> StepLoss:  # fmt: skip
+def ca_augment(images: Tensor, generator: torch.Generator, latent_side: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The reference's augmentation of its anchor images (``utils.py`` ``CustomDiffusionDataset``,
+    ``aug`` on and ``--hflip`` as in the README's memorization example), for ``images`` ``[n, 3, S, S]``
+    in ``[0, 1]``. Each image is flipped with probability 0.5, then resized to a side drawn uniformly in
+    ``[S // 3, S]`` (probability 0.66) or ``[1.2 S, 1.4 S)``: a smaller image is pasted at a random
+    place on a grey canvas (0 in the model's ``[-1, 1]``) and the loss mask covers it, less one
+    latent cell on each side; a larger one is cropped at a random place, the mask all ones. The
+    prefix index into :data:`CA_PREFIXES` is 0 or 1 for a side below 0.6 S, 2 or 3 above S, -1
+    otherwise. Returns ``(images, mask [n, 1, h, h], prefix [n])``."""
+    n, _, size, width = images.shape
+    if size != width:
+        raise DoriError(f"Concept Ablation's augmentation needs square images, got {size}x{width}")
+    f = size // latent_side  # pixels per latent cell
+    out = torch.full_like(images, 0.5)
+    mask = torch.zeros(n, 1, latent_side, latent_side)
+    prefix = torch.full((n,), -1, dtype=torch.long)
+    draw = lambda low, high: int(torch.randint(low, high, (1,), generator=generator))  # noqa: E731
+    for i in range(n):
+        image = images[i].flip(-1) if float(torch.rand(1, generator=generator)) < 0.5 else images[i]
+        if float(torch.rand(1, generator=generator)) < 0.66:
+            scale = draw(size // 3, size + 1)
+        else:
+            scale = draw(int(1.2 * size), int(1.4 * size))
+        outer, inner = (scale, size) if scale > size else (size, scale)
+        top, left = draw(0, outer - inner + 1), draw(0, outer - inner + 1)
+        resized = torch.nn.functional.interpolate(image[None].float(), size=(scale, scale), mode="bilinear",
+                                                  antialias=True, align_corners=False)[0].clamp(0, 1)  # fmt: skip
+        if scale > size:
+            out[i] = resized[:, top : top + size, left : left + size]
+            mask[i] = 1
+        else:
+            out[i, :, top : top + scale, left : left + scale] = resized
+            mask[i, :, top // f + 1 : (top + scale) // f - 1, left // f + 1 : (left + scale) // f - 1] = 1
+        if scale < 0.6 * size:
+            prefix[i] = draw(0, 2)
+        elif scale > size:
+            prefix[i] = 2 + draw(0, 2)
+    return out, mask, prefix
+
+
+def ca_loss(model: DiffusionModel, emb: Tensor, anchor_emb: Tensor, anchor_images: Tensor, config: ErasureConfig,
+            valid: Tensor | None = None, prefixed: Tensor | None = None) -> StepLoss:  # fmt: skip
     """Concept Ablation's objective (module docstring): prompt ``i`` (``emb[i]``) is ablated onto
-    its anchor ``anchor_emb[i]``, whose images are ``anchor_latents[i]`` ``[n, C, h, w]``; ``valid``
-    ``[P, n]`` marks the images that passed the replication filter (default: all). The
-    regularization term takes its own anchor image, noise and timestep, as the reference's prior
-    batch does."""
-    valid = torch.ones(anchor_latents.shape[:2], dtype=torch.bool) if valid is None else valid.bool()
+    its anchor ``anchor_emb[i]``, whose images are ``anchor_images[i]`` ``[n, 3, S, S]`` in ``[0, 1]``;
+    ``valid`` ``[P, n]`` marks the images that passed the replication filter (default: all). With
+    ``config.ca_augment`` each image is augmented as the reference does (:func:`ca_augment`) and the
+    prompt gets the drawn prefix (``prefixed[i, j]``: the embedding of ``CA_PREFIXES[j] + prompt``);
+    without it the image is the reference's unaugmented one, its mask inset by one cell too. The
+    ablation term is the reference's masked loss, summed over channels and averaged over the masked
+    cells. The regularization term takes its own anchor image (flipped with probability 0.5), noise
+    and timestep, as the reference's prior batch does."""
+    valid = torch.ones(anchor_images.shape[:2], dtype=torch.bool) if valid is None else valid.bool()
+    if config.ca_augment and prefixed is None:
+        raise ValueError("ca_augment needs the prefixed prompts' embeddings")
+    side = model.latent_shape[1]
 
     def step_loss(step: int, generator: torch.Generator, rank: int, world: int):
         rows, picks = _draw(generator, valid, config.batch)
@@ -200,15 +261,30 @@ def ca_loss(model: DiffusionModel, emb: Tensor, anchor_emb: Tensor, anchor_laten
         prior_picks = _pick(generator, valid, rows)
         prior_noise = _noise(model, config.batch, generator)
         prior_t = torch.randint(model.num_train_timesteps, (config.batch,), generator=generator).to(model.device)
+        images = anchor_images[rows, picks].float()
+        prior = anchor_images[rows, prior_picks].float()
+        if config.ca_augment:
+            images, mask, prefix = ca_augment(images, generator, side)
+            flips = torch.rand(config.batch, generator=generator) < 0.5
+            prior = torch.where(flips.view(-1, 1, 1, 1), prior.flip(-1), prior)
+        else:  # the reference without aug: the image at its own size, the mask inset by one cell
+            f = images.shape[-1] // side
+            mask, prefix = torch.zeros(config.batch, 1, side, side), torch.full((config.batch,), -1)
+            mask[:, :, 1 : images.shape[-1] // f - 1, 1 : images.shape[-1] // f - 1] = 1
         mine = slice(rank, None, world)
-        x0 = anchor_latents[rows[mine], picks[mine]].to(model.device, model.dtype)
-        prior = anchor_latents[rows[mine], prior_picks[mine]].to(model.device, model.dtype)
-        c, anchor = emb[rows[mine]].to(model.device, model.dtype), anchor_emb[rows[mine]].to(model.device, model.dtype)
+        x0, prior = model.to_latents(images[mine]), model.to_latents(prior[mine])
+        mask = mask[mine].to(model.device)
+        c = emb[rows[mine]]
+        if prefix[mine].ge(0).any():
+            chosen = prefixed[rows[mine], prefix[mine].clamp_min(0)]
+            c = torch.where(prefix[mine].ge(0).view(-1, 1, 1), chosen, c)
+        c, anchor = c.to(model.device, model.dtype), anchor_emb[rows[mine]].to(model.device, model.dtype)
         x_t = model.add_noise(x0, noise[mine], t[mine])
         with freeze_start_token(model):
             with torch.no_grad():
                 target = model.model_output(x_t, t[mine], anchor)
-            ablation = (model.model_output(x_t, t[mine], c) - target).float().pow(2).flatten(1).mean(1)
+            error = (model.model_output(x_t, t[mine], c) - target).float().pow(2)
+            ablation = (error * mask).sum((1, 2, 3)) / mask.sum((1, 2, 3)).clamp_min(1)
             regular = model.diffusion_loss(prior, anchor, prior_noise[mine], prior_t[mine])
         loss = (ablation.sum() + config.regularization * regular.sum()) / config.batch
         return loss, {"loss": ablation.sum().item() / config.batch * world,
