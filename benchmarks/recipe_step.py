@@ -29,8 +29,8 @@ RECIPES = {
 
 
 def time_recipe(overrides: dict, steps: int, device: str) -> dict:
-    from dori.toy.train import ToyTrainConfig, step_seconds
-
+    from dori.bundled.recipe import ToyTrainConfig
+    from dori.bundled.train import step_seconds
     config = ToyTrainConfig(**overrides)
     model, times = step_seconds(config, steps, device)
     per_step = statistics.median(times)

@@ -33,7 +33,7 @@ def test_interface_and_sites(bundled):
 
 
 def test_the_shipped_card_states_every_rule_the_study_applies_to_it(bundled):
-    from dori.toy.card import study_rule_lines
+    from dori.bundled.card import study_rule_lines
 
     card = (Path(bundled.source) / "MODEL_CARD.md").read_text(encoding="utf-8")
     assert "\n".join(study_rule_lines()) in card  # a rule added to the code and not to the card fails here
@@ -184,7 +184,7 @@ def test_the_regime_checks_measure_and_judge_by_their_fixed_rules(bundled, kit):
     """Issue 37's checks at reduced size on the shipped model: numbers, and verdicts that follow
     from the numbers and the rules (not the other way round)."""
     from dori.mitigate.nemo import NemoConfig
-    from dori.toy.regime import FLAG_BAR, FLOOR_MR, NEURON_SHARE, RegimeConfig, regime_checks, regime_lines
+    from dori.bundled.regime import FLAG_BAR, FLOOR_MR, NEURON_SHARE, RegimeConfig, regime_checks, regime_lines
 
     config = RegimeConfig(seeds=2, steps=4, nemo=NemoConfig(seeds=3), limit=2)
     regime = regime_checks(bundled, kit, config)

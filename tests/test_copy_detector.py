@@ -11,7 +11,7 @@ import torch
 
 from dori.measure.replication import summarize
 from dori.measure.similarity import ToyCopyDetector, calibrate_toy_detector
-from dori.toy.card import GUIDANCE_GRID, choose_guidance
+from dori.bundled.card import GUIDANCE_GRID, choose_guidance
 from dori.toy.copy_benchmark import KINDS, edit, run_copy_benchmark
 from dori.toy.data import build_dataset
 

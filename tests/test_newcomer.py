@@ -81,8 +81,8 @@ def test_an_empty_or_new_folder_and_the_run_s_own_resume_are_still_accepted(tmp_
 
 
 def test_the_bundled_training_refuses_someone_else_s_folder(tmp_path):
-    from dori.toy.train import ToyTrainConfig, train_bundled_model
-
+    from dori.bundled.recipe import ToyTrainConfig
+    from dori.bundled.train import train_bundled_model
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     (theirs / "thesis.tex").write_text("x")

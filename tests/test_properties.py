@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 from test_errors import run_cli
 
-from dori import configs
+from dori import configs, fields
 from dori.errors import DoriError
 
 CASES = settings(derandomize=True, deadline=None, database=None, max_examples=100,
@@ -83,7 +83,7 @@ def test_every_numeric_option_is_accepted_within_its_range_or_refused_in_one_lin
     if low is not None:
         assert accepted >= low, (cls.__name__, name, accepted)
     if {f.name: f.type for f in dataclasses.fields(cls)}[name].startswith("int"):
-        assert isinstance(accepted, int) and accepted <= max(configs.MAX_COUNT, configs.MAX_SEED)
+        assert isinstance(accepted, int) and accepted <= max(fields.MAX_COUNT, fields.MAX_SEED)
     if name == "ratio":
         assert 0 < accepted <= 1
 

@@ -8,9 +8,8 @@ import torch
 
 from dori.toy.data import (PARTIAL_FORMS, all_combinations, build_dataset, caption, is_held_out, partial_caption,
                            partial_captions)  # fmt: skip
-from dori.toy.train import CaptionTable, ToyTrainConfig, build_model, learning_rate, token_map_for
-
-
+from dori.bundled.recipe import ToyTrainConfig, build_model, learning_rate, token_map_for
+from dori.bundled.train import CaptionTable
 def _small(seed=0):
     return build_dataset(seed=seed, n_ordinary=60, n_verbatim=3, n_template=2, copies=5)
 
@@ -112,8 +111,7 @@ def test_a_recipe_without_partial_captions_keeps_its_batches():
 @pytest.mark.parametrize("text_lr_scale", [0.0, 1.0])
 def test_a_frozen_text_encoder_keeps_its_initialisation_while_the_unet_trains(tmp_path, text_lr_scale):
     from dori.models import load_model
-    from dori.toy.train import train_bundled_model
-
+    from dori.bundled.train import train_bundled_model
     config = ToyTrainConfig(n_ordinary=60, n_verbatim=3, n_template=2, copies=5, steps=2, batch_size=4,
                             channels=(8, 16, 16), text_width=16, checkpoint_every=1, text_lr_scale=text_lr_scale)
     (tmp_path / "attribute_classifier.safetensors").write_bytes(b"")  # an existing classifier is kept: skip it
@@ -151,8 +149,8 @@ def test_the_sd_layout_has_cross_attention_at_every_resolution_on_packed_pixels(
     from diffusers.models.activations import GEGLU
 
     from dori.models import load_model
-    from dori.toy.train import build_unet, train_bundled_model
-
+    from dori.bundled.recipe import build_unet
+    from dori.bundled.train import train_bundled_model
     config = ToyTrainConfig(n_ordinary=60, n_verbatim=3, n_template=2, copies=5, steps=1, batch_size=4,
                             channels=(8, 16, 16), text_width=16, unet_layout="sd", space_to_depth=2, attention_heads=2)
     unet = build_unet(config)
@@ -192,8 +190,7 @@ def test_a_packed_unet_without_its_packing_is_a_clear_error_at_load(tmp_path):
 
     from dori.errors import DoriError
     from dori.models import load_model
-    from dori.toy.train import train_bundled_model
-
+    from dori.bundled.train import train_bundled_model
     config = ToyTrainConfig(n_ordinary=60, n_verbatim=3, n_template=2, copies=5, steps=1, batch_size=4,
                             channels=(8, 16, 16), text_width=16, space_to_depth=2)
     (tmp_path / "attribute_classifier.safetensors").write_bytes(b"")
@@ -217,7 +214,7 @@ def test_a_recipe_with_an_impossible_layout_is_refused(bad):
 
 
 def test_the_card_s_own_checks_judge_by_their_bars():
-    from dori.toy.card import ALIGNMENT_BAR, CONTROL_BAR, MEMORIZED_BAR, REGIME_MARGIN, card_checks
+    from dori.bundled.card import ALIGNMENT_BAR, CONTROL_BAR, MEMORIZED_BAR, REGIME_MARGIN, card_checks
 
     def numbers(**change):
         base = {"detector": {"tau": 0.66}, "copy_benchmark": {"passed": True},
@@ -237,7 +234,7 @@ def test_the_card_s_own_checks_judge_by_their_bars():
 
 
 def test_a_remeasured_card_keeps_the_recipe_seeds_section_and_nothing_else_of_the_old_card():
-    from dori.toy.card import RECIPE_SEEDS_END, RECIPE_SEEDS_HEADING, RECIPE_SEEDS_START, recipe_seeds_section
+    from dori.bundled.card import RECIPE_SEEDS_END, RECIPE_SEEDS_HEADING, RECIPE_SEEDS_START, recipe_seeds_section
 
     table = "| seed | MR |\n|---|---|\n| 0 | 1.00 |\n"
     old = f"# card\n\nold numbers: MR 0.50\n\n{RECIPE_SEEDS_HEADING}\n\n{RECIPE_SEEDS_START}\n{table}{RECIPE_SEEDS_END}\n"
@@ -252,8 +249,8 @@ def test_a_remeasured_card_keeps_the_recipe_seeds_section_and_nothing_else_of_th
 def test_a_timed_training_step_is_the_recipe_s_own_step_on_its_packed_shape():
     """The step benchmarks/recipe_step.py times and a GPU screen fits its steps to: the recipe's
     model at its batch and packing, trained (the U-Net moves, the frozen text encoder does not)."""
-    from dori.toy.train import build_model, step_seconds
-
+    from dori.bundled.recipe import build_model
+    from dori.bundled.train import step_seconds
     config = ToyTrainConfig(n_ordinary=60, n_verbatim=3, n_template=2, copies=5, batch_size=3, channels=(8, 16, 16),
                             text_width=16, unet_layout="sd", space_to_depth=2, attention_heads=2)  # fmt: skip
     model, times = step_seconds(config, 2)
@@ -269,8 +266,7 @@ def test_a_checkpoint_recorded_before_a_recipe_option_existed_resumes_and_anothe
     import json
 
     from dori.errors import DoriError
-    from dori.toy.train import train_bundled_model
-
+    from dori.bundled.train import train_bundled_model
     config = ToyTrainConfig(n_ordinary=60, n_verbatim=3, n_template=2, copies=5, steps=1, batch_size=2,
                             channels=(8, 16, 16), text_width=16, checkpoint_every=1)  # fmt: skip
     (tmp_path / "attribute_classifier.safetensors").write_bytes(b"")  # skip the classifier

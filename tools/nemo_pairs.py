@@ -29,7 +29,7 @@ def main() -> None:
     from dori.models.loading import load_model
     from dori.references import load_prompts
     from dori.toy.kit import ToyKit
-    from dori.toy.regime import RegimeConfig
+    from dori.bundled.regime import RegimeConfig
 
     model = load_model(args.folder)
     kit = ToyKit.from_folder(args.folder)

@@ -14,9 +14,9 @@ import argparse
 import json
 from pathlib import Path
 
-from dori.toy.card import RECIPE_SEEDS_END as END  # dori toy card keeps the section these mark
-from dori.toy.card import RECIPE_SEEDS_HEADING
-from dori.toy.card import RECIPE_SEEDS_START as START
+from dori.bundled.card import RECIPE_SEEDS_END as END  # dori toy card keeps the section these mark
+from dori.bundled.card import RECIPE_SEEDS_HEADING
+from dori.bundled.card import RECIPE_SEEDS_START as START
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "src/dori/models/assets/bundled"
@@ -49,7 +49,7 @@ def table(folders: list[Path], shipped: bool) -> str:
         f"Each row: `dori toy train --seed S` and its card (DDIM {first['steps']}, {first['seeds']} seeds per "
         "caption, the guidance chosen by the card's rule); `python tools/recipe_seeds.py` reads them. Text encoder "
         "'trained': jointly with the U-Net (the fourth recipe, the shipped model's); 'frozen at init': never trained "
-        "(the fifth recipe, `dori toy train`'s default since issue 27). Training times are on this project's 2-core "
+        "(the fifth recipe, `dori toy train`'s default since the recipe was tested on other seeds). Training times are on this project's 2-core "
         "machine. Classifier accuracy: the attribute classifier that measures alignment, on fresh renders.",
         "",
         "| seed | partial captions | position encoding | text encoder | steps | training (min) | guidance | memorized MR (similarity) | non-memorized MR | "

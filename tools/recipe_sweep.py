@@ -19,7 +19,7 @@ These are screening numbers (GPU-trained, fewer seeds and steps than the card); 
 adopted on CPU-trained models and their full cards.
 
 With ``--regime`` (issue 37) each run, once trained, measures the regime checks (a) to (d) of
-``dori.toy.regime`` and ``dori.toy.card.card_checks`` stage by stage into ``OUT/RUN/regime.jsonl``
+``dori.bundled.regime`` and ``dori.bundled.card.card_checks`` stage by stage into ``OUT/RUN/regime.jsonl``
 (with its memorized and held-out grids), and ``OUT/regime.md`` holds one row per run.
 ``--train-seconds S`` fits each run's step count into S seconds (timed on a few steps at its start),
 so that a screen finishes inside the minutes a GPU is lent; the row says how many steps it trained.
@@ -67,11 +67,10 @@ def parse_variant(text: str) -> tuple[str, dict]:
 def fit_steps(config, device: str, seconds: float, *, probe: int = 8) -> int:
     """The most steps (a multiple of the checkpoint interval, at least one interval, at most the
     recipe's) that this process can train in ``seconds``, timed on ``probe`` training steps of the
-    recipe (``dori.toy.train.step_seconds``) while the other runs start beside it."""
+    recipe (``dori.bundled.train.step_seconds``) while the other runs start beside it."""
     import statistics
 
-    from dori.toy.train import step_seconds
-
+    from dori.bundled.train import step_seconds
     per_step = statistics.median(step_seconds(config, probe, device)[1])
     every = config.checkpoint_every
     return max(every, min(config.steps, int(seconds / per_step) // every * every))
@@ -87,9 +86,9 @@ def screen_regime(folder: Path, device: str, say, nemo_seeds: int) -> None:
     from dori.mitigate.nemo_reference import nemo_reference
     from dori.models.loading import load_model
     from dori.report_images import save_grid
-    from dori.toy.card import benchmark, calibrate, card_checks, choose_guidance, guidance_sweep, measure_bundled
+    from dori.bundled.card import benchmark, calibrate, card_checks, choose_guidance, guidance_sweep, measure_bundled
     from dori.toy.kit import ToyKit
-    from dori.toy.regime import RegimeConfig, nemo_flags, nemo_localises, site_floors
+    from dori.bundled.regime import RegimeConfig, nemo_flags, nemo_localises, site_floors
 
     def row(stage: str, began: float, **numbers) -> None:
         with (folder / "regime.jsonl").open("a") as f:
@@ -163,8 +162,8 @@ def work(name: str, overrides: dict, seed: int, out: str, device: str, eval_at: 
 
     torch.set_num_threads(1)
     from dori.toy.kit import ToyKit
-    from dori.toy.train import ToyTrainConfig, finish_bundled_model, train_bundled_model
-
+    from dori.bundled.recipe import ToyTrainConfig
+    from dori.bundled.train import finish_bundled_model, train_bundled_model
     config = ToyTrainConfig(seed=seed, **overrides)
     folder = Path(out) / f"{name}-s{seed}"
     folder.mkdir(parents=True, exist_ok=True)

@@ -24,8 +24,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variant", required=True, help="name:key=value,... (ToyTrainConfig)")
     args = parser.parse_args()
-    from dori.toy.train import ToyTrainConfig, finish_bundled_model, train_bundled_model
-
+    from dori.bundled.recipe import ToyTrainConfig
+    from dori.bundled.train import finish_bundled_model, train_bundled_model
     _, overrides = parse_variant(args.variant)
     out = Path(args.out)
     resume = (out / "checkpoint.pt").exists()

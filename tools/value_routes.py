@@ -26,7 +26,7 @@ def main() -> None:
     from dori.interventions import mask_neurons
     from dori.models.loading import load_model
     from dori.toy.kit import ToyKit
-    from dori.toy.regime import RegimeConfig, titles_mr
+    from dori.bundled.regime import RegimeConfig, titles_mr
 
     model = load_model(args.folder)
     kit = ToyKit.from_folder(args.folder)

@@ -14,19 +14,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from dori.configs import (
-    MAX_COUNT,
     AttackRunConfig,
     DetectConfig,
     LocalityConfig,
     MitigateConfig,
     ReplicateConfig,
-    Selection,
     StudyConfig,
     UnlearnRunConfig,
     WandaSweepConfig,
-    check_range,
 )
 from dori.errors import DoriError
+from dori.fields import MAX_COUNT, Selection, check_range
 from dori.options import common_option, config_command, field_option
 
 app = typer.Typer(
@@ -88,7 +86,7 @@ def generate(
     dtype: DtypeOption = "float32",
 ) -> None:
     """Generate images from prompts or saved embeddings: one PNG per row and seed, and a grid."""
-    from dori.configs import MAX_SEED
+    from dori.fields import MAX_SEED
     from dori.stages.generate import run_generate
 
     for flag, value in (("--seeds", seeds), ("--steps", steps), ("--batch-size", batch_size)):
@@ -264,8 +262,8 @@ def toy_train(
     to a CPU run's."""
     from dori.parallel import device_for
     from dori.runs import prepare_out_dir
-    from dori.toy.train import ToyTrainConfig, finish_bundled_model, train_bundled_model
-
+    from dori.bundled.recipe import ToyTrainConfig
+    from dori.bundled.train import finish_bundled_model, train_bundled_model
     config = ToyTrainConfig(seed=seed, **({} if steps is None else {"steps": steps}))
     where = device_for(device)
     out = prepare_out_dir(out)
@@ -295,8 +293,7 @@ def toy_card(
     """Re-measure a trained bundled model without retraining: detector, guidance, measurements, MODEL_CARD.md."""
     from dori.models.loading import is_bundled_kind
     from dori.parallel import device_for
-    from dori.toy.train import finish_bundled_model
-
+    from dori.bundled.train import finish_bundled_model
     if str(model) == "bundled" or not is_bundled_kind(model):
         raise DoriError(f"{model} is not a folder written by 'dori toy train'; pass --model DIR of a trained bundled model")
     seeds, where = _positive("--eval-seeds", eval_seeds), device_for(device)

@@ -1,7 +1,7 @@
 """Command-line options derived from the config dataclasses.
 
 Every field of a run config (``dori.configs``) is one option: its flag, type, default and help
-come from the field (``configs.opt``), so an option is written once. :func:`config_command` turns a
+come from the field (``fields.opt``), so an option is written once. :func:`config_command` turns a
 function ``body(config, *, out, resume, **load)`` into a typer command whose options are the
 config's fields plus ``--out``, ``--resume`` and the load options ``--device``, ``--dtype`` and
 ``--gradient-checkpointing`` (``load``: ``load_model``'s keywords); the command builds and

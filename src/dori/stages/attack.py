@@ -10,7 +10,7 @@ import torch
 
 from dori import run_files
 from dori.attack import AttackConfig, dori_attack, initial_embeddings
-from dori.configs import carried
+from dori.fields import carried
 from dori.evaluation import Progress, evaluate_under
 from dori.interventions import each_mask, load_mitigation
 from dori.measure.replication import summarize

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from dori import run_files
-from dori.configs import carried
+from dori.fields import carried
 from dori.errors import DoriError
 from dori.evaluation import before_and_after, evaluate_replication, utility, utility_options, write_results
 from dori.measure.replication import replication

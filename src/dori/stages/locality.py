@@ -11,7 +11,8 @@ import torch
 
 from dori import run_files
 from dori.attack import AttackConfig, dori_attack, initial_embeddings
-from dori.configs import LocalityConfig, carried
+from dori.configs import LocalityConfig
+from dori.fields import carried
 from dori.errors import DoriError
 from dori.interventions import each_mask, load_mitigation, put_rows
 from dori.locality import (

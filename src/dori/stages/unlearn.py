@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from dori.configs import AttackRunConfig, MitigateConfig, carried
+from dori.configs import AttackRunConfig, MitigateConfig
+from dori.fields import carried
 from dori.errors import DoriError
 from dori.evaluation import check_utility_options, evaluate_replication, utility, utility_options
 from dori.interventions import load_mitigation

@@ -130,9 +130,9 @@ def regime_lines(regime: dict) -> list[str]:
     verdict = {True: "pass", False: "FAIL"}
     per_title = ", ".join(str(n) for n in b["neurons_per_title"])
     return [
-        "## Regime checks (issue 37)",
+        "## Regime checks",
         "",
-        "Rules fixed before any model was measured with them (`dori.toy.regime`), on the unmitigated model and the "
+        "Rules fixed before any model was measured with them (`dori.bundled.regime`), on the unmitigated model and the "
         "mitigations' own mechanics, never on a DoRI result:",
         "",
         f"- (a) NeMo's check flags every planted title and at most {FLAG_BAR:.0%} of ordinary captions, at the "

@@ -17,7 +17,7 @@ from dori.runs import write_json_atomic
 from dori.toy.classifier import ACCURACY_BAR, MAX_ROUNDS
 from dori.toy.copy_benchmark import benchmark_lines, run_copy_benchmark
 from dori.toy.kit import DETECTOR_FILE, ToyKit
-from dori.toy.regime import regime_lines
+from dori.bundled.regime import regime_lines
 
 SETS = ("memorized", "template", "non_memorized", "held_out")
 
