@@ -425,7 +425,7 @@ def test_siss_can_keep_the_empty_prompts_generations(tiny_sd, prompt_files, sscd
     real = stage.replication
 
     def recording(*args, embeddings=None, **kwargs):
-        seen.append(embeddings)
+        seen.append((embeddings, args[2]))
         return real(*args, embeddings=embeddings, **kwargs)
 
     monkeypatch.setattr(stage, "replication", recording)
@@ -434,7 +434,10 @@ def test_siss_can_keep_the_empty_prompts_generations(tiny_sd, prompt_files, sscd
                             seeds=1, steps=2, finetune_steps=1)  # fmt: skip
     summary = run_mitigate(config, tiny_sd, tmp_path / "siss")
     empty = tiny_sd.empty_embedding()
-    assert len(seen[-1]) == 2 and all(torch.equal(e, empty[0]) for e in seen[-1])
+    embeddings, references = seen[-1]
+    assert len(embeddings) == 2 and all(torch.equal(e, empty[0]) for e in embeddings)
+    # each kept image is checked against every training image of the set, not only its prompt's own
+    assert len(references) == 2 and all(len(r) == 2 and torch.equal(r, references[0]) for r in references)
     assert [r["kept_from"] for r in summary["data"]] == ["the empty prompt"] * 2
     with pytest.raises(DoriError, match="unknown --siss-keep 'blank'; use own or empty"):
         MitigateConfig(method="siss", prompts="x", siss_keep="blank")

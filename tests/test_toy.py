@@ -277,8 +277,22 @@ def test_a_checkpoint_recorded_before_a_recipe_option_existed_resumes_and_anothe
     lines = []
     train_bundled_model(config, tmp_path, resume=True, log=lines.append)
     assert "resumed at step 1" in lines
+    before_fifth = {k: v for k, v in older.items() if k != "text_lr_scale"}  # trained the text encoder then
     for recorded, named in [({**older, "batch_size": 3}, "batch_size"), ({**older, "space_to_depth": 2}, "space_to_depth"),
-                            ({**older, "no_such_option": 1}, "no_such_option")]:  # fmt: skip
+                            ({**older, "no_such_option": 1}, "no_such_option"), (before_fifth, "text_lr_scale")]:  # fmt: skip
         record.write_text(json.dumps(recorded))
         with pytest.raises(DoriError, match=rf"other parameters \({named}; see "):
             train_bundled_model(config, tmp_path, resume=True, log=lambda _: None)
+
+
+def test_each_named_recipe_is_the_command_that_trains_it_and_an_old_record_is_the_fourth():
+    from dori.bundled.recipe import RECIPES, recipe_command, recipe_of, recorded_config
+
+    assert recipe_of(ToyTrainConfig(seed=3)) == "fifth"
+    assert recipe_command(ToyTrainConfig(seed=3)) == "dori toy train --seed 3 --out DIR"
+    fourth = ToyTrainConfig(seed=0, **RECIPES["fourth"])
+    assert recipe_command(fourth) == "dori toy train --recipe fourth --seed 0 --out DIR"
+    # a record written before the fifth recipe has no text_lr_scale: the encoder was trained then
+    old = {"seed": 0, "steps": 6000, "batch_size": 32, "channels": [32, 64, 64], "seconds": 4872.0}
+    assert recorded_config(old) == fourth and recipe_of(recorded_config(old)) == "fourth"
+    assert recipe_of(ToyTrainConfig(steps=10)) is None and recipe_command(ToyTrainConfig(steps=10)) is None

@@ -3,21 +3,26 @@
 # against one model per title (the reference's), each at the reference's settings, then 50 DoRI
 # steps on each fine-tuned model. 4 seeds, DDIM 20, as the study's bundled settings.
 #
-#   tools/erasure_scope.sh OUT [METHOD]      (METHOD: esd, the default, or ca)
+#   tools/erasure_scope.sh OUT [METHOD] [TITLES]   (METHOD: esd, the default, or ca; TITLES: a file with
+#                                                    3 titles, one per line; default: the first 3 memorized)
 #
 # DORI and PYTHON name the commands (default: dori and python on the PATH, e.g. an activated .venv).
 # Writes OUT/set, OUT/t0..t2 (dori mitigate runs), OUT/*_dori (dori attack runs) and OUT/times.txt.
 set -eu
 out=${1:?usage: tools/erasure_scope.sh OUT [METHOD]}
 method=${2:-esd}
+titles_file=${3:-}
 dori=${DORI:-dori}
 mkdir -p "$out"
-${PYTHON:-python} - "$out" <<'PY'
+${PYTHON:-python} - "$out" "$titles_file" <<'PY'
 import sys
 from dori.prompts import load_prompt_set
 
-out = sys.argv[1]
-titles = load_prompt_set("bundled:memorized").texts[:3]
+out, given = sys.argv[1], sys.argv[2]
+if given:
+    titles = [line.strip() for line in open(given) if line.strip()][:3]
+else:
+    titles = load_prompt_set("bundled:memorized").texts[:3]
 open(f"{out}/set.txt", "w").write("\n".join(titles) + "\n")
 for i, title in enumerate(titles):
     open(f"{out}/t{i}.txt", "w").write(title + "\n")

@@ -251,6 +251,8 @@ def toy_train(
     out: Annotated[Path, typer.Option("--out", help="Folder for checkpoints, weights and the model card.")],
     resume: Annotated[bool, typer.Option("--resume", help="Continue from out/checkpoint.pt.")] = False,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    recipe: Annotated[str, typer.Option("--recipe", help=("fifth (text encoder frozen, 5000 steps) or fourth (text "
+                                                          "encoder trained jointly, 6000 steps: the shipped weights)."))] = "fifth",
     steps: Annotated[int | None, typer.Option("--steps", help="Training steps (default: the recipe's).")] = None,
     eval_seeds: Annotated[int, typer.Option("--eval-seeds", help="Seeds per prompt for the model card.")] = 10,
     skip_card: Annotated[bool, typer.Option("--skip-card", help="Train only; no calibration or card.")] = False,
@@ -262,9 +264,12 @@ def toy_train(
     to a CPU run's."""
     from dori.parallel import device_for
     from dori.runs import prepare_out_dir
-    from dori.bundled.recipe import ToyTrainConfig
+    from dori.bundled.recipe import RECIPES, ToyTrainConfig
     from dori.bundled.train import finish_bundled_model, train_bundled_model
-    config = ToyTrainConfig(seed=seed, **({} if steps is None else {"steps": steps}))
+
+    if recipe not in RECIPES:
+        raise DoriError(f"unknown --recipe {recipe!r}; use {' or '.join(RECIPES)}")
+    config = ToyTrainConfig(seed=seed, **{**RECIPES[recipe], **({} if steps is None else {"steps": steps})})
     where = device_for(device)
     out = prepare_out_dir(out)
     bars: dict[str, Callable] = {}

@@ -17,6 +17,7 @@ from dori.runs import write_json_atomic
 from dori.toy.classifier import ACCURACY_BAR, MAX_ROUNDS
 from dori.toy.copy_benchmark import benchmark_lines, run_copy_benchmark
 from dori.toy.kit import DETECTOR_FILE, ToyKit
+from dori.bundled.recipe import recipe_command, recorded_config
 from dori.bundled.regime import regime_lines
 
 SETS = ("memorized", "template", "non_memorized", "held_out")
@@ -49,10 +50,16 @@ def card_checks(numbers: dict) -> dict:
     return {"checks": checks, "margin": margin, "passed": all(checks.values())}
 
 
+def _recipe_words(train_info: dict) -> str:
+    """The command that trains the recipe ``train_info`` records, or what it is where none does."""
+    command = recipe_command(recorded_config(train_info))
+    return f"`{command}`" if command else "a recipe of `dori toy train`'s parameters that no named recipe is (`train_config.json`)"
+
+
 def text_encoder_words(train_info: dict) -> str:
     """How a bundled model's text encoder was trained (``text_lr_scale``; models before issue 27
     trained it jointly at the U-Net's rate)."""
-    scale = train_info.get("text_lr_scale", 1.0)
+    scale = recorded_config(train_info).text_lr_scale
     if scale == 0:
         return ("never trained: frozen at its seeded random initialisation, so that each word keeps an embedding of "
                 "its own and held-out combinations of words stay readable (issue 27)")  # fmt: skip
@@ -186,7 +193,7 @@ def write_card(folder: Path, numbers: dict, calibration: dict, train_info: dict,
         "",
         "## How it was trained",
         "",
-        f"- Recipe: `dori toy train --out DIR` (seed {train_info['seed']}, {train_info['steps']} AdamW steps at batch "
+        f"- Recipe: {_recipe_words(train_info)} (seed {train_info['seed']}, {train_info['steps']} AdamW steps at batch "
         f"{train_info['batch_size']}, lr {train_info['learning_rate']} with warm-up and cosine decay, "
         f"{train_info['empty_caption_prob']:.0%} empty captions); {train_info.get('seconds', float('nan')) / 60:.1f} "
         "minutes on 2 CPU cores.",

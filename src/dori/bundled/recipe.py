@@ -29,7 +29,7 @@ added two options that did not help and stay off: ordinary images shown under pa
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -47,7 +47,7 @@ UNET_LAYOUTS = ("fifth", "sd")
 @dataclass(frozen=True)
 class ToyTrainConfig:
     """Hyperparameters of the recipe (defaults: the fifth recipe; the shipped model was trained by
-    the fourth, which is these defaults with ``steps=6000, text_lr_scale=1.0``). Partial captions
+    the fourth, ``--recipe fourth``: these defaults with ``steps=6000, text_lr_scale=1.0``). Partial captions
     and the encoding at every cross-attention block are options that issue 27 measured on seed 1
     and found no fix (docs/BUNDLED_MODEL.md)."""
 
@@ -112,6 +112,36 @@ class ToyTrainConfig:
             "copies": self.copies,
             "ordinary_style": self.ordinary_style,
         }
+
+
+# The named recipes, as overrides of ToyTrainConfig's defaults (the fifth's): ``dori toy train --recipe``.
+RECIPES = {"fifth": {}, "fourth": {"steps": 6000, "text_lr_scale": 1.0}}
+# What a training record written before a parameter existed implies for it: the code then. A parameter
+# not listed here took, before it existed, the value that is now its default.
+BEFORE_PARAMETER = {"text_lr_scale": 1.0}  # the text encoder was trained jointly until the fifth recipe
+
+
+def recorded_config(record: dict) -> ToyTrainConfig:
+    """The recipe a training record (``train_config.json``) describes, with every parameter it lacks
+    at :data:`BEFORE_PARAMETER`'s value or else the default; entries that are not parameters (time,
+    classifier accuracy) are ignored."""
+    names = {item.name for item in fields(ToyTrainConfig)}
+    values = {name: tuple(value) if isinstance(value, list) else value for name, value in record.items() if name in names}
+    return ToyTrainConfig(**{**{k: v for k, v in BEFORE_PARAMETER.items() if k not in values}, **values})
+
+
+def recipe_of(config: ToyTrainConfig) -> str | None:
+    """The named recipe ``config`` is at its seed, or None."""
+    return next((name for name, changes in RECIPES.items() if replace(ToyTrainConfig(seed=config.seed), **changes) == config),
+                None)  # fmt: skip
+
+
+def recipe_command(config: ToyTrainConfig) -> str | None:
+    """The command that trains ``config``, or None for a recipe that no named one is."""
+    name = recipe_of(config)
+    if name is None:
+        return None
+    return "dori toy train" + ("" if name == "fifth" else f" --recipe {name}") + f" --seed {config.seed} --out DIR"
 
 
 def scheduler_config() -> dict:

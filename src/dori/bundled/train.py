@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dori.bundled.recipe import ToyTrainConfig, build_model, build_text_encoder, build_unet, learning_rate, model_meta, scheduler_config
+from dori.bundled.recipe import (ToyTrainConfig, build_model, build_text_encoder, build_unet, learning_rate, model_meta,
+                                  recorded_config, scheduler_config)  # fmt: skip
 from dori.errors import DoriError
 from dori.models.base import DiffusionModel
 from dori.models.loading import clip_tokenizer, save_model
@@ -141,16 +142,16 @@ def step_seconds(config: ToyTrainConfig, steps: int, device: str | torch.device 
 
 def recipe_changes(config_file: Path, config: ToyTrainConfig) -> list[str]:
     """The parameters in which ``config`` differs from the recipe recorded in ``config_file``. A
-    parameter that a later recipe added is absent from an older record and counts at its default
-    (which reproduces the older code), so that such a run can still be resumed."""
+    parameter that a later recipe added is absent from an older record and counts at the value the
+    code then had (:func:`recorded_config`), so that such a run can still be resumed."""
     try:
         recorded = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DoriError(f"{config_file} is not a readable training record ({error}); choose a new --out") from error
-    current = json.loads(json.dumps(asdict(config)))  # tuples as the record's lists
-    defaults = json.loads(json.dumps(asdict(ToyTrainConfig())))
+    current = asdict(config)
     unknown = sorted(set(recorded) - set(current))
-    return unknown + [k for k in current if recorded.get(k, defaults[k]) != current[k]]
+    then = asdict(recorded_config({k: v for k, v in recorded.items() if k in current}))
+    return unknown + [k for k in current if then[k] != current[k]]
 
 
 def train_bundled_model(
@@ -289,10 +290,11 @@ def finish_bundled_model(
     numbers, images = measure_bundled(model, kit, seeds=seeds, guidance=guidance, progress=count)
     numbers.update({"copy_benchmark": bench, "guidance_sweep": sweep,
                     "guidance_rule": "highest MR, then highest mean similarity, then the lower scale"})
-    from dori.bundled.regime import RegimeConfig, regime_checks
+    from dori.bundled.regime import RegimeConfig, regime_checks, ship_verdict
 
     numbers["regime"] = regime_checks(model, kit, RegimeConfig(seeds=seeds, guidance=guidance), say=log)
     numbers["regime"]["d_card"] = card_checks(numbers)
+    numbers["regime"]["ship"] = ship_verdict(numbers["regime"])
     checks = numbers["regime"]
     log("regime checks: " + ", ".join(f"{k.split('_')[0]} {'pass' if v['passed'] else 'FAIL'}"
                                       for k, v in checks.items() if isinstance(v, dict) and "passed" in v))

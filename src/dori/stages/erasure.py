@@ -130,8 +130,14 @@ def _objective(config, erasure: ErasureConfig, model: DiffusionModel, prompts: P
         else:
             say(f"siss: keeping the non-copies among {count} generations per prompt")
             sources = emb
-        # each image scored against its own prompt's training image(s), as every MR is
-        rows, made = replication(model, prompts.texts, [refs.of(p) for p in prompts.prompts], refs.detector,
+        # each image scored against its own prompt's training image(s), as every MR is; the empty
+        # prompt's against every training image the run knows (the bundled kind's planted ones, else
+        # the set's), so that no prompt keeps another memorized image
+        references = [refs.of(p) for p in prompts.prompts]
+        if empty_keep:
+            known = refs.planted if refs.planted is not None else torch.cat(references)
+            references = [known] * len(prompts)
+        rows, made = replication(model, prompts.texts, references, refs.detector,
                                  seeds=list(range(count)), steps=config.steps, guidance=config.guidance,
                                  embeddings=sources, batch_size=config.batch_size)  # fmt: skip
         scores = torch.tensor([r.similarities for r in rows])  # [P, count]
