@@ -353,8 +353,8 @@ def study_rule_lines() -> list[str]:
         f"than {ANCHOR_MAX_COPIES:.0%} of the time is not used, and its title is reported, not trained; each anchor "
         "image is flipped, resized and pasted or cropped, and the title prefixed by its scale, as the reference's "
         f"augmentation does. SISS keeps every one of {KEEP_TRIES} generations per title that is not a copy; a title "
-        "with none is reported, not trained (`--siss-keep empty`: the empty prompt's non-copies instead). The study "
-        "fine-tunes one model for the whole prompt set. The same rule for every model.",
+        "with none is reported, not trained (`--siss-keep empty`: the empty prompt's generations that copy no planted "
+        "image instead). The study fine-tunes one model for the whole prompt set. The same rule for every model.",
         "",
         "## Locality, by rule",
         "",

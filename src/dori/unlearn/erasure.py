@@ -40,7 +40,8 @@ linearly (:meth:`DiffusionModel.training_target`). On an epsilon model nothing i
   generations for the same prompt that are not copies (the stage keeps every one of 8 that its
   detector does not call a copy of the memorized image; a prompt with none is reported and not
   trained; ``siss_keep="empty"`` takes them from the empty prompt's generations instead, each a copy
-  of none of the training images the run knows, for a model that copies its prompts in every seed); conditioning is the memorized prompt; the whole U-Net trains; 35 steps of 16 samples,
+  of none of the training images the run knows, for a model that copies its prompts in every
+  seed); conditioning is the memorized prompt; the whole U-Net trains; 35 steps of 16 samples,
   AdamW at 1e-5 (weight decay 0.01).
 
 The learning rates are the references' for SD v1.4 (``lr_rule="reference"``, the default).
