@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-STAGES = ("generate", "detect", "replicate", "nemo", "wanda", "attack", "locality", "unlearn")
+STAGES = ("generate", "detect", "replicate", "nemo", "wanda", "esd", "ca", "siss", "attack", "locality", "unlearn")
 # NeMo's published statistics for SD v1.4's value sites (the project's shared data, beside the checkout).
 NEMO_STATS = Path(__file__).resolve().parents[2] / "shared" / "data" / "nemo_sd14_value_stats.pt"
 
@@ -133,6 +133,10 @@ def commands(shape: str, model: Path, files: dict, work: Path) -> dict[str, list
                  "--utility-seeds", "1", "--limit", "1", "--out", str(work / "nemo")],
         "wanda": ["mitigate", "--method", "wanda", "--ratio", "0.01", *sel, "--seeds", "1", "--steps", "2",
                   "--utility-seeds", "1", "--out", str(work / "wanda")],
+        # the fine-tuning mitigations at their references' settings, one step each (ESD samples at 50 DDIM steps)
+        **{method: ["mitigate", "--method", method, *sel, "--finetune-steps", "1", "--seeds", "1", "--steps", "2",
+                    "--utility-seeds", "1", "--limit", "1", *(["--anchor", "a photograph"] if method == "ca" else []),
+                    "--out", str(work / method)] for method in ("esd", "ca", "siss")},
         "attack": ["attack", *sel, "--steps", "1", "--steps-curve", "0,1", "--attack-batch", "8", "--seeds", "1",
                    "--eval-steps", "2", "--no-control", "--limit", "1", "--out", str(work / "attack")],
         "locality": ["locality", *sel, "--non-memorized", str(files["non"]), "--targets", "1", "--inits", "2",
