@@ -214,19 +214,18 @@ def table(rows: list[dict], guidances: list[float]) -> str:
 
 def regime_table(out: Path) -> str:
     """One row per run of ``--regime``: each check's numbers and pass or fail, as far as measured."""
-    head = ["run", "steps", "train min", "(a) planted / ordinary flagged", "(b) neurons per title (bar)",
-            "(b) passed check", "(c) ffn-zeroed / value-zeroed MR", "(d) mem. / non-mem. / held-out MR",
-            "(d) held-out alignment", "a b c d"]  # fmt: skip
+    head = ["run", "steps", "train min", "(a) planted flagged", "(b) neurons per title (of)", "(b) passed check",
+            "(c) ffn-zeroed / value-zeroed MR", "(d) mem. / non-mem. / held-out MR", "(d) held-out alignment",
+            "a d"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for file in sorted(out.glob("*/regime.jsonl")):
         got = {r["stage"]: r for r in map(json.loads, file.read_text().splitlines())}
         a, b, c, d, t = (got.get(k) for k in ("a", "b", "c", "d", "train"))
-        verdict = " ".join("-" if x is None else ("pass" if x["passed"] else "FAIL") for x in (a, b, c, d))
+        verdict = " ".join("-" if x is None else ("pass" if x["passed"] else "FAIL") for x in (a, d))  # (b), (c): measured
         lines.append("| " + " | ".join([
             file.parent.name, str(t["steps"]) if t else "-", f"{t['seconds'] / 60:.1f}" if t else "-",
-            f"{a['planted_flagged']}/{a['n_planted']}, {a['ordinary_flagged']}/{a['n_ordinary']}" if a else "-",
-            f"{min(b['neurons_per_title'])}-{max(b['neurons_per_title'])} ({b['bar']:.0f} of {b['value_neurons']})"
-            if b else "-",
+            f"{a['planted_flagged']}/{a['n_planted']}" if a else "-",
+            f"{min(b['neurons_per_title'])}-{max(b['neurons_per_title'])} ({b['value_neurons']})" if b else "-",
             f"{sum(b['mitigated'])}/{len(b['mitigated'])}" if b else "-",
             f"{c['ffn_zeroed']['mr']:.2f} / {c['value_zeroed']['mr']:.2f}" if c else "-",
             f"{d['memorized']['mr']:.2f} / {d['non_memorized']['mr']:.2f} / {d['held_out']['mr']:.2f}" if d else "-",
