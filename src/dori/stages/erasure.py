@@ -121,25 +121,23 @@ def _objective(config, erasure: ErasureConfig, model: DiffusionModel, prompts: P
     empty_keep = erasure.method == "siss" and erasure.siss_keep == "empty"
     if not data_file.exists():
         count = ANCHOR_IMAGES if erasure.method == "ca" else KEEP_TRIES
-        if erasure.method == "ca":
-            say(f"ca: generating {count} images of each anchor and dropping the copies")
-            sources = model.encode(anchors)
-        elif empty_keep:
-            say(f"siss: keeping the non-copies among {count} generations of the empty prompt")
-            sources = model.empty_embedding().expand_as(emb)
-        else:
-            say(f"siss: keeping the non-copies among {count} generations per prompt")
-            sources = emb
-        # each image scored against its own prompt's training image(s), as every MR is; the empty
-        # prompt's against every training image the run knows (the bundled kind's planted ones, else
-        # the set's), so that no prompt keeps another memorized image
         references = [refs.of(p) for p in prompts.prompts]
+        common = dict(seeds=list(range(count)), steps=config.steps, guidance=config.guidance,
+                      batch_size=config.batch_size)  # fmt: skip
         if empty_keep:
+            # the empty prompt's generations are the same for every prompt: made once, scored against
+            # every training image the run knows (the bundled kind's planted ones, else the set's), so
+            # that no prompt keeps another memorized image
+            say(f"siss: keeping the non-copies among {count} generations of the empty prompt")
             known = refs.planted if refs.planted is not None else torch.cat(references)
-            references = [known] * len(prompts)
-        rows, made = replication(model, prompts.texts, references, refs.detector,
-                                 seeds=list(range(count)), steps=config.steps, guidance=config.guidance,
-                                 embeddings=sources, batch_size=config.batch_size)  # fmt: skip
+            one, made = replication(model, [""], [known], refs.detector, embeddings=model.empty_embedding(), **common)
+            rows = one * len(prompts)
+        else:
+            # each image scored against its own prompt's training image(s), as every MR is
+            say(f"ca: generating {count} images of each anchor and dropping the copies" if erasure.method == "ca"
+                else f"siss: keeping the non-copies among {count} generations per prompt")  # fmt: skip
+            rows, made = replication(model, prompts.texts, references, refs.detector,
+                                     embeddings=model.encode(anchors) if erasure.method == "ca" else emb, **common)
         scores = torch.tensor([r.similarities for r in rows])  # [P, count]
         copies = scores > refs.detector.tau
         valid = usable_images(copies, ANCHOR_MAX_COPIES if erasure.method == "ca" else 1.0)
@@ -152,7 +150,8 @@ def _objective(config, erasure: ErasureConfig, model: DiffusionModel, prompts: P
         else:
             latents = torch.cat([model.to_latents(made[i : i + config.batch_size])
                                  for i in range(0, len(made), config.batch_size)]).cpu()  # fmt: skip
-            tensors = {"latents": latents.view(len(prompts), count, *latents.shape[1:])}
+            latents = latents.view(-1, count, *latents.shape[1:]).expand(len(prompts), -1, -1, -1, -1)
+            tensors = {"latents": latents.contiguous()}
             tensors["forget"] = model.to_latents(torch.cat(attack_targets(model, prompts, refs))).cpu()
         tensors["valid"] = valid.to(torch.uint8)
         save_tensors_atomic(tensors, data_file)
@@ -169,7 +168,8 @@ def _objective(config, erasure: ErasureConfig, model: DiffusionModel, prompts: P
                 "generations instead, or leave siss out")  # fmt: skip
         raise DoriError(f"{erasure.method}: no {what} ({out / DATA_REPORT[erasure.method]} lists them)")
     if erasure.method == "ca":
-        prefixed = torch.stack([model.encode([q + p for q in CA_PREFIXES]) for p in prompts.texts])
+        prefixed = model.encode([q + p for p in prompts.texts for q in CA_PREFIXES])
+        prefixed = prefixed.view(len(prompts), len(CA_PREFIXES), *prefixed.shape[1:])
         return ca_loss(model, emb, model.encode(anchors), data["images"].float() / 255, erasure, valid, prefixed)
     return siss_loss(model, emb, data["forget"], data["latents"], erasure, valid)
 

@@ -269,9 +269,8 @@ def ca_loss(model: DiffusionModel, emb: Tensor, anchor_emb: Tensor, anchor_image
             flips = torch.rand(config.batch, generator=generator) < 0.5
             prior = torch.where(flips.view(-1, 1, 1, 1), prior.flip(-1), prior)
         else:  # the reference without aug: the image at its own size, the mask inset by one cell
-            f = images.shape[-1] // side
             mask, prefix = torch.zeros(config.batch, 1, side, side), torch.full((config.batch,), -1)
-            mask[:, :, 1 : images.shape[-1] // f - 1, 1 : images.shape[-1] // f - 1] = 1
+            mask[:, :, 1 : side - 1, 1 : side - 1] = 1
         mine = slice(rank, None, world)
         x0, prior = model.to_latents(images[mine]), model.to_latents(prior[mine])
         mask = mask[mine].to(model.device)
