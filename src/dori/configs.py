@@ -7,13 +7,17 @@ from dataclasses import dataclass
 
 from dori.errors import DoriError
 from dori.fields import (BATCH_HELP, GUIDANCE_HELP, IMAGES_HELP, MITIGATION_HELP, MODEL_HELP, REFERENCE_HELP, SSCD_HELP,
-                         Selection, UtilityOptions, _check_numbers, _check_positive, _check_utility, carried, opt,
-                         parse_ratio)  # fmt: skip
+                         Selection, UtilityOptions, _check_numbers, _check_positive, _check_utility, carried,
+                         check_choice, opt, parse_ratio)  # fmt: skip
 
 # dori mitigate --method: pruning (a mask over the weights) and fine-tuning (a new model).
 PRUNING_METHODS = ("nemo", "wanda")
 FINETUNING_METHODS = ("esd", "ca", "siss")
 MITIGATION_METHODS = PRUNING_METHODS + FINETUNING_METHODS
+# The fine-tuning methods' word options (dori.unlearn.erasure says what each means).
+LR_RULES = ("reference", "scaled")
+SISS_TIMESTEPS = ("last", "uniform")
+SISS_KEEP = ("own", "empty")
 
 # ``dori study``'s stages in the order they run; the default runs all but the optional ones.
 STUDY_STAGES = ("detect", "replicate", "nemo", "wanda", "nemo_dori", "wanda_dori", "wanda_sweep", "esd", "esd_dori",
@@ -112,12 +116,9 @@ class MitigateConfig(Selection, UtilityOptions):
             raise DoriError(f"unknown method {self.method!r}; use {', '.join(MITIGATION_METHODS)}")
         if self.learning_rate is not None and self.learning_rate <= 0:
             raise DoriError(f"--lr must be positive, got {self.learning_rate}")
-        if self.lr_rule not in ("reference", "scaled"):
-            raise DoriError(f"unknown --lr-rule {self.lr_rule!r}; use reference or scaled")
-        if self.siss_timesteps not in ("last", "uniform"):
-            raise DoriError(f"unknown --siss-timesteps {self.siss_timesteps!r}; use last or uniform")
-        if self.siss_keep not in ("own", "empty"):
-            raise DoriError(f"unknown --siss-keep {self.siss_keep!r}; use own or empty")
+        check_choice("--lr-rule", self.lr_rule, LR_RULES)
+        check_choice("--siss-timesteps", self.siss_timesteps, SISS_TIMESTEPS)
+        check_choice("--siss-keep", self.siss_keep, SISS_KEEP)
         _check_positive(self, "checkpoint_every", *(("finetune_steps",) if self.finetune_steps is not None else ()))
         if self.sites not in ("ffn", "value"):
             raise DoriError(f"unknown site set {self.sites!r}; use ffn or value")
@@ -351,10 +352,8 @@ class StudyConfig(UtilityOptions):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise DoriError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if self.lr_rule not in ("reference", "scaled"):
-            raise DoriError(f"unknown --lr-rule {self.lr_rule!r}; use reference or scaled")
-        if self.siss_keep not in ("own", "empty"):
-            raise DoriError(f"unknown --siss-keep {self.siss_keep!r}; use own or empty")
+        check_choice("--lr-rule", self.lr_rule, LR_RULES)
+        check_choice("--siss-keep", self.siss_keep, SISS_KEEP)
         unknown = set(self.stage_list()) - set(STUDY_STAGES)
         if unknown:
             raise DoriError(f"unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STUDY_STAGES)}")

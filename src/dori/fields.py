@@ -104,6 +104,12 @@ def check_range(flag: str, value: int, low: int | None, high: int) -> int:
     return value
 
 
+def check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    """A word option among ``choices``, or a one-line error that lists them."""
+    if value not in choices:
+        raise DoriError(f"unknown {flag} {value!r}; use {' or '.join(choices)}")
+
+
 def _check_numbers(config) -> None:
     """Every number of a config is finite (NaN and infinity would flow into the results as if
     they were measurements), the non-negative ones are not below zero, and every integer lies in

@@ -61,7 +61,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from dori.configs import LR_RULES, SISS_KEEP, SISS_TIMESTEPS
 from dori.errors import DoriError
+from dori.fields import check_choice
 from dori.interventions import freeze_start_token
 from dori.models.base import DiffusionModel
 from dori.unlearn.training import StepLoss, parameter_group
@@ -78,11 +80,8 @@ SD_PRETRAINING_LR = 1e-4
 ANCHOR_IMAGES = 8  # CA: anchor images generated per prompt before fine-tuning
 ANCHOR_MAX_COPIES = 0.3  # CA: an anchor whose images copy more often than this is not used (utils.py)
 KEEP_TRIES = 8  # SISS: generations per prompt; every one that is not a copy is kept
-LR_RULES = ("reference", "scaled")
-SISS_TIMESTEPS = ("last", "uniform")
-# SISS's kept images: "own", the prompt's own non-copies (the reference's); "empty", non-copies
-# among the empty prompt's generations (for a model that copies a prompt in every seed)
-SISS_KEEP = ("own", "empty")
+# LR_RULES, SISS_TIMESTEPS and SISS_KEEP (dori.configs): SISS's kept images are "own", the prompt's own
+# non-copies (the reference's), or "empty", the empty prompt's (for a model that copies a prompt in every seed)
 # CA's target-prompt prefixes (utils.py): the first two for an anchor image shrunk below 0.6 of the
 # side, the last two for one enlarged and cropped
 CA_PREFIXES = ("a far away ", "very small ", "zoomed in ", "close up ")
@@ -112,12 +111,9 @@ class ErasureConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise DoriError(f"unknown fine-tuning method {self.method!r}; use {', '.join(METHODS)}")
-        if self.lr_rule not in LR_RULES:
-            raise DoriError(f"unknown --lr-rule {self.lr_rule!r}; use {' or '.join(LR_RULES)}")
-        if self.siss_timesteps not in SISS_TIMESTEPS:
-            raise DoriError(f"unknown --siss-timesteps {self.siss_timesteps!r}; use {' or '.join(SISS_TIMESTEPS)}")
-        if self.siss_keep not in SISS_KEEP:
-            raise DoriError(f"unknown --siss-keep {self.siss_keep!r}; use {' or '.join(SISS_KEEP)}")
+        check_choice("--lr-rule", self.lr_rule, LR_RULES)
+        check_choice("--siss-timesteps", self.siss_timesteps, SISS_TIMESTEPS)
+        check_choice("--siss-keep", self.siss_keep, SISS_KEEP)
 
     def resolved(self, model: DiffusionModel) -> ErasureConfig:
         """Every ``None`` filled from :data:`PAPER`; the learning rate by ``lr_rule``."""
