@@ -214,3 +214,22 @@ def test_the_shipped_folder_records_a_named_recipe_and_its_card_names_that_comma
     assert recipe_of(config) is not None
     recipe_line = next(line for line in (folder / "MODEL_CARD.md").read_text().splitlines() if line.startswith("- Recipe:"))
     assert recipe_line.startswith(f"- Recipe: `{recipe_command(config)}` (")
+
+
+def test_the_shipped_card_is_what_its_recorded_numbers_and_detector_say(tmp_path):
+    """MODEL_CARD.md is written from card.json and copy_detector.json alone: rewritten from them it
+    comes out the same, so no number on the card was typed or left from an older measurement."""
+    import shutil
+
+    from dori.bundled.train import rewrite_card
+    from dori.models.loading import bundled_model_dir
+
+    folder = bundled_model_dir()
+    for name in ("card.json", "copy_detector.json", "dori_model.json", "attribute_classifier.json", "MODEL_CARD.md"):
+        shutil.copy(folder / name, tmp_path / name)
+    rewrite_card(tmp_path)  # keeps the recipe-seeds section, which tools/recipe_seeds.py writes
+    assert (tmp_path / "MODEL_CARD.md").read_text() == (folder / "MODEL_CARD.md").read_text()
+    detector = json.loads((folder / "copy_detector.json").read_text())
+    card = json.loads((folder / "card.json").read_text())
+    assert card["detector"] == {k: v for k, v in detector.items() if k != "calibration"}
+    assert card["copy_benchmark"]["tau"] == detector["tau"]

@@ -175,12 +175,16 @@ def _dist(values: list[float]) -> str:
     return "min {:.3f} / p5 {:.3f} / median {:.3f} / p95 {:.3f} / max {:.3f}".format(*q)
 
 
-def write_card(folder: Path, numbers: dict, calibration: dict, train_info: dict, images: dict, kit: ToyKit) -> None:
+def write_card(folder: Path, numbers: dict, calibration: dict, train_info: dict, images: dict) -> None:
     write_json_atomic(folder / "card.json", numbers)
     seeds = numbers["seeds"]
     for name, imgs in images.items():
         save_grid(imgs, folder / f"card_{name}.png", columns=seeds)
     det = numbers["detector"]
+    floor = (f" above {det['noise_floor']:g} standard deviations of the image's own estimated noise"
+             if det.get("noise_floor") else "")  # fmt: skip
+    scales = (f" and at the generation's scales {', '.join(f'{s:g}' for s in det['scales'])}"
+              if len(det.get("scales", [1.0])) > 1 else "")  # fmt: skip
     sites = numbers["sites"]
     seen = train_info["steps"] * train_info["batch_size"]
     n_images = train_info["n_ordinary"] + (train_info["n_verbatim"] + train_info["n_template"]) * train_info["copies"]
@@ -226,9 +230,9 @@ def write_card(folder: Path, numbers: dict, calibration: dict, train_info: dict,
         "## The copy detector (SSCD analogue)",
         "",
         "Hand-made with SSCD's invariances (`dori.measure.similarity.ToyCopyDetector`): band-pass luminance and "
-        "chroma energy, locally contrast-normalised, compared by normalised cross-correlation at the best of all "
-        f"shifts up to {det['shift']} pixels. It ignores colour jitter, gamma, noise, mild blur and small shifts "
-        "and crops, and sees the picture's own structure. Replication threshold tau = "
+        f"chroma energy, locally contrast-normalised{floor}, compared by normalised cross-correlation at the best "
+        f"of all shifts up to {det['shift']} pixels{scales}. It ignores colour jitter, gamma, noise, mild blur, small "
+        "shifts and crops, and sees the picture's own structure. Replication threshold tau = "
         f"{det['tau']:.4f}: the {calibration['quantile']:.0%} quantile of a training image's similarity to its nearest "
         f"other training image, over {calibration['queries']} images drawn at random ({_dist_from(calibration)}).",
         "",

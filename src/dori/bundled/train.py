@@ -255,6 +255,32 @@ def train_bundled_model(
     return out
 
 
+def card_train_info(folder: Path) -> dict:
+    """The training record the card prints: ``dori_model.json``'s, with the attribute classifier's
+    accuracy on fresh renders and its steps."""
+    from dori.models.loading import MODEL_FILE
+
+    train_info = json.loads((folder / MODEL_FILE).read_text())["train_config"]
+    classifier_info = folder / "attribute_classifier.json"
+    if classifier_info.exists():
+        recorded = json.loads(classifier_info.read_text())
+        train_info["classifier_accuracy"] = recorded["accuracy_on_fresh_renders"]
+        train_info["classifier_steps_taken"] = recorded.get("steps")  # None: trained before the bar (issue 27)
+    return train_info
+
+
+def rewrite_card(folder: str | os.PathLike) -> None:
+    """Write MODEL_CARD.md again from the folder's ``card.json`` and calibration, measuring nothing
+    (for a change in the card's wording only; the grids stay as they are)."""
+    from dori.bundled.card import write_card
+    from dori.toy.kit import DETECTOR_FILE
+
+    folder = Path(folder)
+    numbers = json.loads((folder / "card.json").read_text())
+    calibration = json.loads((folder / DETECTOR_FILE).read_text())["calibration"]
+    write_card(folder, numbers, calibration, card_train_info(folder), {})
+
+
 def finish_bundled_model(
     out_dir: str | os.PathLike,
     *,
@@ -298,13 +324,7 @@ def finish_bundled_model(
     checks = numbers["regime"]
     log("regime checks: " + ", ".join(f"{k.split('_')[0]} {'pass' if v['passed'] else 'FAIL'}"
                                       for k, v in checks.items() if isinstance(v, dict) and "passed" in v))
-    train_info = meta["train_config"]
-    classifier_info = out / "attribute_classifier.json"
-    if classifier_info.exists():
-        recorded = json.loads(classifier_info.read_text())
-        train_info["classifier_accuracy"] = recorded["accuracy_on_fresh_renders"]
-        train_info["classifier_steps_taken"] = recorded.get("steps")  # None: trained before the bar (issue 27)
-    write_card(out, numbers, calibration, train_info, images, kit)
+    write_card(out, numbers, calibration, card_train_info(out), images)
     for name in ("memorized", "template", "non_memorized", "held_out"):
         log(f"{name}: MR {numbers[name]['mr']:.3f}, similarity {numbers[name]['sscd_mean']:.3f}")
     log(f"held-out alignment {numbers['held_out']['alignment']:.3f}, noise-norm AUC {numbers['noise_norm']['auc']:.3f}")

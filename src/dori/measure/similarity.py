@@ -6,7 +6,9 @@
   (Wen et al.: resize 256, center-crop 224, mean/std 0.5). Replication threshold 0.7.
 - :class:`ToyCopyDetector` is the bundled model's analogue. SSCD networks are meaningless at
   32x32, so it is hand-made with SSCD's invariances: blind to colour jitter, gamma, noise, mild
-  blur and shifts or crops of a few pixels, sensitive to the picture's own structure. Its
+  blur, shifts or crops of a few pixels and resizing by 10%, sensitive to the picture's own structure; each
+  image's own noise, estimated from the image (:func:`estimate_noise`), sets how faint a detail
+  may be and still count. Its
   threshold is calibrated on the training data (:func:`calibrate_toy_detector`) and checked by a
   benchmark of edited copies and distinct pictures (:mod:`dori.toy.copy_benchmark`).
 
@@ -15,6 +17,7 @@ Also :func:`ms_ssim`, the multi-scale structural similarity of NeMo's noise-patt
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,11 +50,43 @@ def gaussian_blur(images: Tensor, sigma: float, radius: int = 4) -> Tensor:
     return along(images.shape[-2]) @ images @ along(images.shape[-1]).T
 
 
+# The floor under each map's local energy: three standard deviations of the image's own
+# band-passed noise, the usual "three sigma" chosen as a rule, not fitted (docs/BUNDLED_MODEL.md
+# gives 0 and 5 beside it; the one model it was measured on moves by at most 0.02 between 3 and 5).
+NOISE_FLOOR = 3.0
+
+
+# The scales a generation is compared at: 10% smaller and larger as well as its own. The copy
+# benchmark's crop edit already enlarges by up to 32/29 (1.10); SSCD is trained to forgive resizing.
+SCALES = (0.9, 1.0, 1.1)
+
+
+def _rescale(images: Tensor, scale: float) -> Tensor:
+    """``images`` ``[N, 3, H, W]`` enlarged (``scale`` > 1, cropped back) or shrunk (edges
+    repeated) by ``scale`` about the centre, bilinear."""
+    if scale == 1.0:
+        return images
+    n, c, h, w = images.shape
+    theta = torch.tensor([[1 / scale, 0.0, 0.0], [0.0, 1 / scale, 0.0]], dtype=images.dtype).expand(n, 2, 3)
+    grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def _opponent(images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Luminance (the RGB mean) and the two chroma axes orthogonal to it, each ``[N, H, W]``.
     A hue rotation about the grey axis leaves luminance alone and rotates the chroma plane."""
     r, g, b = images.unbind(-3)
     return (r + g + b) / 3, (r - g) / 2**0.5, (r + g - 2 * b) / 6**0.5
+
+
+def estimate_noise(channels: Tensor) -> Tensor:
+    """``[N]``: the standard deviation of white noise in maps ``[N, H, W]``, by Donoho's rule: the
+    median absolute finest-scale diagonal Haar coefficient (2x2 blocks, orthonormal) over 0.6745.
+    Edges and smooth shading barely touch the diagonal coefficients, so a clean picture reads near
+    0 and a noisy one reads its noise (checked in ``tests/test_copy_detector.py``)."""
+    x = channels[..., : channels.shape[-2] // 2 * 2, : channels.shape[-1] // 2 * 2]
+    diagonal = (x[..., 0::2, 0::2] - x[..., 1::2, 0::2] - x[..., 0::2, 1::2] + x[..., 1::2, 1::2]) / 2
+    return diagonal.flatten(1).abs().median(1).values / 0.6745
 
 
 @dataclass(frozen=True)
@@ -62,10 +97,14 @@ class ToyCopyDetector:
     ``sigma`` and ``3 * sigma``) divided by its local energy, and the magnitude of the band-passed
     chroma, divided by its local mean. Subtracting local means makes them blind to brightness,
     dividing by local energy to contrast, saturation and gamma, the chroma *magnitude* to hue
-    rotation, the band-pass to noise and mild blur. The similarity of a generation ``a`` to a
-    training image ``b`` is the highest normalised cross-correlation between ``a``'s central crop
-    and ``b``'s windows shifted by up to ``shift`` pixels each way, so a copy moved or cropped by
-    a few pixels still scores near 1. What is left to compare is the picture's own structure: its
+    rotation, the band-pass to noise and mild blur. Local energy is floored at ``noise_floor``
+    standard deviations of the band-passed noise that :func:`estimate_noise` reads in the image
+    itself, so noise in a flat region stays small instead of being raised to the level of the
+    picture's edges (a clean image reads almost no noise and is normalised as before; 0 turns the
+    floor off, as detectors calibrated before it had). The similarity of a generation ``a`` to a
+    training image ``b`` is the highest normalised cross-correlation between ``a``'s central crop,
+    at each of ``scales``, and ``b``'s windows shifted by up to ``shift`` pixels each way, so a copy
+    moved, cropped or resized by a little still scores near 1. What is left to compare is the picture's own structure: its
     edges, blotches and dots. ``tau`` is calibrated on the training data
     (:func:`calibrate_toy_detector`) and checked by :mod:`dori.toy.copy_benchmark`.
     """
@@ -73,20 +112,40 @@ class ToyCopyDetector:
     tau: float
     sigma: float = 1.0
     shift: int = 3
+    noise_floor: float = NOISE_FLOOR
+    scales: tuple[float, ...] = SCALES
     name: str = "dori-toy-copy"
-    convention: str = "band-pass luminance and chroma energy, local contrast normalised, max over shifts"
+    convention: str = ("band-pass luminance and chroma energy, local contrast normalised above the image's own "
+                       "noise, max over shifts and scales")  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if 1.0 not in self.scales:
+            raise DoriError(f"the copy detector's scales {self.scales} must include 1.0 (the training image's own)")
+
+    def _band(self, x: Tensor) -> Tensor:
+        return gaussian_blur(x, self.sigma) - gaussian_blur(x, 3 * self.sigma)
 
     def embed(self, images: Tensor) -> Tensor:
-        """Feature maps ``[N, 2, H, W]`` of images ``[N, 3, H, W]`` in [0, 1]."""
-        lum, u, v = _opponent(images.float().cpu())
+        """Feature maps ``[N, S, 2, H, W]`` of images ``[N, 3, H, W]`` in [0, 1], one pair of maps
+        per scale of :attr:`scales` (the image resampled about its centre)."""
+        images = images.float().cpu()
+        return torch.stack([self._maps(_rescale(images, scale)) for scale in self.scales], dim=1)
 
-        def band(x: Tensor) -> Tensor:
-            return gaussian_blur(x, self.sigma) - gaussian_blur(x, 3 * self.sigma)
-
-        detail = band(lum)
-        detail = detail / (gaussian_blur(detail * detail, 3.0) + 1e-4).sqrt()
-        chroma = (band(u) ** 2 + band(v) ** 2).sqrt()
-        chroma = chroma / (gaussian_blur(chroma, 3.0) + 1e-2)
+    def _maps(self, images: Tensor) -> Tensor:
+        lum, u, v = _opponent(images)
+        # The band-pass's gain on white noise: the noise's standard deviation after band-passing
+        # is its standard deviation before, times this.
+        impulse = torch.zeros(1, 33, 33)  # wider than the blur's taps (radius 4)
+        impulse[0, 16, 16] = 1
+        gain = float(self._band(impulse).square().sum().sqrt())
+        lum_floor = (self.noise_floor * gain * estimate_noise(lum))[:, None, None]
+        # chroma is a magnitude: white noise of deviation s on both axes has mean magnitude s * sqrt(pi / 2)
+        chroma_noise = (estimate_noise(u) + estimate_noise(v)) / 2
+        chroma_floor = (self.noise_floor * gain * math.sqrt(math.pi / 2) * chroma_noise)[:, None, None]
+        detail = self._band(lum)
+        detail = detail / (gaussian_blur(detail * detail, 3.0) + 1e-4 + lum_floor**2).sqrt()
+        chroma = (self._band(u) ** 2 + self._band(v) ** 2).sqrt()
+        chroma = chroma / (gaussian_blur(chroma, 3.0) + 1e-2 + chroma_floor)
         return torch.stack([detail, chroma], dim=1)
 
     def _window(self, maps: Tensor, dy: int, dx: int) -> Tensor:
@@ -105,21 +164,26 @@ class ToyCopyDetector:
         return self._best_over_shifts(a, b, lambda centre, window: (centre * window).sum(1))
 
     def _best_over_shifts(self, a: Tensor, b: Tensor, correlate) -> Tensor:
-        centre = self._window(a, self.shift, self.shift)
+        """The best correlation of ``a`` at any of its scales, centrally cropped, with ``b`` at its
+        own scale, at any shift."""
+        windows = [self._window(b[:, self.scales.index(1.0)], dy, dx)
+                   for dy in range(2 * self.shift + 1) for dx in range(2 * self.shift + 1)]  # fmt: skip
         best = None
-        for dy in range(2 * self.shift + 1):
-            for dx in range(2 * self.shift + 1):
-                value = correlate(centre, self._window(b, dy, dx))
+        for k in range(len(self.scales)):
+            centre = self._window(a[:, k], self.shift, self.shift)
+            for window in windows:
+                value = correlate(centre, window)
                 best = value if best is None else torch.maximum(best, value)
         return best
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "tau": self.tau, "sigma": self.sigma, "shift": self.shift}
+        return {"name": self.name, "tau": self.tau, "sigma": self.sigma, "shift": self.shift,
+                "noise_floor": self.noise_floor, "scales": list(self.scales)}  # fmt: skip
 
 
 def calibrate_toy_detector(
     images: Tensor, *, quantile: float = 0.99, queries: int = 1000, seed: int = 0, chunk: int = 1024,
-    sigma: float = 1.0, shift: int = 3,
+    sigma: float = 1.0, shift: int = 3, noise_floor: float = NOISE_FLOOR, scales: tuple[float, ...] = SCALES,
 ) -> tuple[ToyCopyDetector, dict]:
     """Calibrate on distinct training renders: ``tau`` is the ``quantile`` of a render's
     similarity to its nearest *other* render (over the whole set), taken over ``queries`` renders
@@ -129,7 +193,7 @@ def calibrate_toy_detector(
     n = len(images)
     if n < 2:
         raise DoriError("the copy detector needs at least two training images to calibrate")
-    provisional = ToyCopyDetector(tau=1.0, sigma=sigma, shift=shift)
+    provisional = ToyCopyDetector(tau=1.0, sigma=sigma, shift=shift, noise_floor=noise_floor, scales=scales)
     picked = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(queries, n)]
     query = provisional.embed(images[picked])
     nearest = torch.full((len(picked),), -float("inf"))
@@ -150,7 +214,7 @@ def calibrate_toy_detector(
             "max": float(nearest.max()),
         },
     }
-    return ToyCopyDetector(tau=tau, sigma=sigma, shift=shift), stats
+    return ToyCopyDetector(tau=tau, sigma=sigma, shift=shift, noise_floor=noise_floor, scales=scales), stats
 
 
 SSCD_CONVENTIONS = {

@@ -65,7 +65,9 @@ class ToyKit:
         if "scale" in info:  # written by dori before the fourth bundled model
             raise DoriError(f"{file} holds the old copy detector's calibration; run 'dori toy card --model "
                             f"{self.folder}' to calibrate the current one")  # fmt: skip
-        return ToyCopyDetector(tau=info["tau"], sigma=info["sigma"], shift=info["shift"])
+        # A calibration written before the noise floor and the scales keeps the detector it was made for.
+        return ToyCopyDetector(tau=info["tau"], sigma=info["sigma"], shift=info["shift"],
+                               noise_floor=info.get("noise_floor", 0.0), scales=tuple(info.get("scales", (1.0,))))  # fmt: skip
 
     @cached_property
     def classifier(self) -> AttributeClassifier:
