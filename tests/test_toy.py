@@ -296,3 +296,16 @@ def test_each_named_recipe_is_the_command_that_trains_it_and_an_old_record_is_th
     old = {"seed": 0, "steps": 6000, "batch_size": 32, "channels": [32, 64, 64], "seconds": 4872.0}
     assert recorded_config(old) == fourth and recipe_of(recorded_config(old)) == "fourth"
     assert recipe_of(ToyTrainConfig(steps=10)) is None and recipe_command(ToyTrainConfig(steps=10)) is None
+    # channels-last training came with partial captions: the fourth recipe trained without it, the fifth with it
+    assert not fourth.channels_last and ToyTrainConfig().channels_last
+    fifth_record = {**old, "steps": 5000, "partial_caption_prob": 0.0, "text_lr_scale": 0.0}
+    assert recorded_config(fifth_record).channels_last and recipe_of(recorded_config(fifth_record)) == "fifth"
+
+
+def test_the_memory_format_follows_the_recipe():
+    """Channels-last sums in another order, so the same seed gives other weights: the fourth recipe
+    (the shipped weights) trains without it (docs/BUNDLED_MODEL.md measures the difference)."""
+    from dori.bundled.train import memory_format
+
+    assert memory_format(ToyTrainConfig(channels_last=False)) == torch.contiguous_format
+    assert memory_format(ToyTrainConfig()) == torch.channels_last

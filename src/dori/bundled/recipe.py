@@ -85,6 +85,9 @@ class ToyTrainConfig:
     # at its seeded initialisation, so every word keeps its own embedding (issue 27; the fourth: 1.0).
     text_lr_scale: float = 0.0
     ordinary_style: str = "field"  # how ordinary images are rendered (dori.toy.data.render_ordinary)
+    # Train the U-Net in channels-last memory format: about 5% faster on a CPU, but it sums in another
+    # order, so the same seed gives other weights. The fourth recipe's weights were trained without it.
+    channels_last: bool = True
     classifier_steps: int = 800
     checkpoint_every: int = 250
 
@@ -115,7 +118,7 @@ class ToyTrainConfig:
 
 
 # The named recipes, as overrides of ToyTrainConfig's defaults (the fifth's): ``dori toy train --recipe``.
-RECIPES = {"fifth": {}, "fourth": {"steps": 6000, "text_lr_scale": 1.0}}
+RECIPES = {"fifth": {}, "fourth": {"steps": 6000, "text_lr_scale": 1.0, "channels_last": False}}
 # What a training record written before a parameter existed implies for it: the code then. A parameter
 # not listed here took, before it existed, the value that is now its default.
 BEFORE_PARAMETER = {"text_lr_scale": 1.0}  # the text encoder was trained jointly until the fifth recipe
@@ -127,6 +130,9 @@ def recorded_config(record: dict) -> ToyTrainConfig:
     classifier accuracy) are ignored."""
     names = {item.name for item in fields(ToyTrainConfig)}
     values = {name: tuple(value) if isinstance(value, list) else value for name, value in record.items() if name in names}
+    # Channels-last training came with partial captions: a record that has those and not this was
+    # trained channels-last; one that has neither was not.
+    values.setdefault("channels_last", "partial_caption_prob" in record)
     return ToyTrainConfig(**{**{k: v for k, v in BEFORE_PARAMETER.items() if k not in values}, **values})
 
 
