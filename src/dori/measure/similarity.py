@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -122,6 +123,14 @@ class ToyCopyDetector:
         if 1.0 not in self.scales:
             raise DoriError(f"the copy detector's scales {self.scales} must include 1.0 (the training image's own)")
 
+    @cached_property
+    def _noise_gain(self) -> float:
+        """The band-pass's gain on white noise: the noise's standard deviation after band-passing is
+        its standard deviation before, times this (computed once per detector)."""
+        impulse = torch.zeros(1, 33, 33)  # wider than the blur's taps (radius 4)
+        impulse[0, 16, 16] = 1
+        return float(self._band(impulse).square().sum().sqrt())
+
     def _band(self, x: Tensor) -> Tensor:
         return gaussian_blur(x, self.sigma) - gaussian_blur(x, 3 * self.sigma)
 
@@ -133,11 +142,7 @@ class ToyCopyDetector:
 
     def _maps(self, images: Tensor) -> Tensor:
         lum, u, v = _opponent(images)
-        # The band-pass's gain on white noise: the noise's standard deviation after band-passing
-        # is its standard deviation before, times this.
-        impulse = torch.zeros(1, 33, 33)  # wider than the blur's taps (radius 4)
-        impulse[0, 16, 16] = 1
-        gain = float(self._band(impulse).square().sum().sqrt())
+        gain = self._noise_gain
         lum_floor = (self.noise_floor * gain * estimate_noise(lum))[:, None, None]
         # chroma is a magnitude: white noise of deviation s on both axes has mean magnitude s * sqrt(pi / 2)
         chroma_noise = (estimate_noise(u) + estimate_noise(v)) / 2
