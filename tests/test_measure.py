@@ -24,6 +24,20 @@ def test_roc_auc_and_tpr():
     assert tpr_at_fpr([200], [1, 2, 3]) == 1.0
 
 
+def test_a_rate_exactly_at_a_bar_meets_it():
+    """Rates are counted, not float32 means: 152 of 160 aligned is 0.95 and meets "at least 0.95",
+    and 8 of 160 replicating is 0.05 and meets "at most 0.05" (a float32 mean misses both)."""
+    from dori.bundled.card import ALIGNMENT_BAR, CONTROL_BAR
+    from dori.measure.replication import rate, summarize
+
+    aligned = torch.arange(160) < 152
+    assert float(aligned.float().mean()) < ALIGNMENT_BAR <= rate(aligned) == 152 / 160
+    row = {"similarities": [0.9] * 8 + [0.1] * 152}
+    assert float((torch.tensor(row["similarities"]) > 0.5).float().mean()) > CONTROL_BAR
+    assert summarize([row], tau=0.5)["mr"] == 8 / 160 <= CONTROL_BAR
+    assert rate(torch.zeros(0, dtype=torch.bool)) != rate(torch.zeros(0, dtype=torch.bool))  # NaN: nothing to count
+
+
 def test_ms_ssim_identity_and_difference():
     a = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(ms_ssim(a, a), torch.ones(2))

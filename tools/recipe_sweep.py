@@ -1,5 +1,5 @@
 """Train several variants of the bundled recipe on several seeds at once, on one accelerator, and
-measure each as it trains: the search behind issue 27, sized for a GPU lent for a few minutes.
+measure each as it trains: the search behind the fifth recipe, sized for a GPU lent for a few minutes.
 
 Each (variant, seed) is its own process (one CPU thread each) running the recipe's own
 ``train_bundled_model`` with ``device``; at each step in ``--eval-at`` it measures, at DDIM 20:
@@ -18,7 +18,7 @@ so that their full model card can be made on another machine (``dori toy card --
 These are screening numbers (GPU-trained, fewer seeds and steps than the card); a recipe is only
 adopted on CPU-trained models and their full cards.
 
-With ``--regime`` (issue 37) each run, once trained, measures the regime checks (a) to (d) of
+With ``--regime`` each run, once trained, measures the regime checks (a) to (d) of
 ``dori.bundled.regime`` and ``dori.bundled.card.card_checks`` stage by stage into ``OUT/RUN/regime.jsonl``
 (with its memorized and held-out grids), and ``OUT/regime.md`` holds one row per run.
 ``--train-seconds S`` fits each run's step count into S seconds (timed on a few steps at its start),
@@ -77,7 +77,7 @@ def fit_steps(config, device: str, seconds: float, *, probe: int = 8) -> int:
 
 
 def screen_regime(folder: Path, device: str, say, nemo_seeds: int) -> None:
-    """The regime checks of issue 37 and the card's own checks (d), stage by stage, each stage's row
+    """The regime checks (docs/BUNDLED_MODEL.md) and the card's own checks (d), stage by stage, each stage's row
     appended to ``folder/regime.jsonl`` as soon as it is measured (a run stopped at its limit keeps
     what it measured). (a) and (b) need no copy detector, so they come first."""
     import time
@@ -138,7 +138,7 @@ def evaluate(model, kit, step: int, guidances: list[float]) -> dict:
         images = model.generate(model.encode(held), list(range(10)), steps=20, guidance=guidance)
         truth = torch.tensor([kit.labels(p) for p in held for _ in range(10)])
         got = kit.classifier.predict(images)
-        row[f"held_out@{guidance:g}"] = float((got == truth).all(1).float().mean())
+        row[f"held_out@{guidance:g}"] = kit.alignment(images, [p for p in held for _ in range(10)])
         row[f"errors@{guidance:g}"] = error_shares(truth, got)
     ordinary = [r["prompt"] for r in kit.prompt_set("non_memorized")]
     images = model.generate(model.encode(ordinary), list(range(4)), steps=20, guidance=guidances[0])

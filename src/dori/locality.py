@@ -28,6 +28,7 @@ from torch import Tensor
 
 from dori.configs import LocalityConfig
 from dori.interventions import Mitigation, capture, each_mask
+from dori.measure.replication import rate
 from dori.models.base import DiffusionModel
 from dori.report_images import save_figure
 
@@ -230,7 +231,7 @@ def embedding_view(inits: Tensor, triggers: Tensor, success: Tensor, prompt_emb:
     init_spread = (inits - inits.mean(0, keepdim=True)).flatten(1).norm(dim=1)
     to_prompt = (found - prompt_emb).flatten(1).norm(dim=1)
     return {
-        "success_rate": float(success.float().mean()),
+        "success_rate": rate(success),
         "n_successful": int(success.sum()),
         "triggers_measured": "successful" if int(success.sum()) >= 2 else "all (fewer than 2 succeeded)",
         "triggers": pairwise_distances(found),

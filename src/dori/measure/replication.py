@@ -18,6 +18,12 @@ from dori.errors import DoriError
 from dori.models.base import DiffusionModel
 
 
+def rate(hits: Tensor) -> float:
+    """The share of true entries in ``hits``, counted exactly: a float32 mean puts 152 of 160 at
+    0.94999999, below a bar of "at least 0.95" that 152 of 160 meets. NaN for no entries."""
+    return int(hits.sum()) / hits.numel() if hits.numel() else float("nan")
+
+
 @dataclass(frozen=True)
 class PromptReplication:
     prompt: str
@@ -56,10 +62,10 @@ def summarize(rows: Sequence[dict], tau: float) -> dict:
     extra = {}
     if rows and all("any_planted_similarities" in row for row in rows):
         nearest = torch.tensor([s for row in rows for s in row["any_planted_similarities"]])
-        extra = {"mr_any_planted": float((nearest > tau).float().mean()), "any_planted_mean": float(nearest.mean())}
+        extra = {"mr_any_planted": rate(nearest > tau), "any_planted_mean": float(nearest.mean())}
     return {
         **extra,
-        "mr": float((sims > tau).float().mean()),
+        "mr": rate(sims > tau),
         "sscd_mean": float(sims.mean()),
         "sscd_std": float(sims.std()) if len(sims) > 1 else 0.0,
         "sscd_median": float(sims.median()),

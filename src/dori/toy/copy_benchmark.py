@@ -14,7 +14,7 @@ Defined before any result was seen, and applied unchanged to every bundled model
 Recall is also reported over the planted sources alone: they are 14 of the bundled model's 214
 sources, so a detector could miss a kind of planted picture and still pass overall.
 
-The bars (issue 21): recall at least :data:`RECALL_BAR`, false positives at most :data:`FP_BAR`.
+The bars: recall at least :data:`RECALL_BAR`, false positives at most :data:`FP_BAR`.
 Every draw comes from ``seed``, which differs from the seed that calibrated tau.
 """
 
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dori.measure.replication import rate
 from dori.measure.similarity import ToyCopyDetector, gaussian_blur
 from dori.toy.data import ToyDataset
 
@@ -121,7 +122,7 @@ def run_copy_benchmark(
         edited = torch.stack([edit(image, kind, rng) for image in sources])
         scores = detector.paired_similarity(detector.embed(edited), source_feats)
         positives.append(scores)
-        recall[kind] = float((scores > detector.tau).float().mean())
+        recall[kind] = rate(scores > detector.tau)
     planted_positives = torch.cat([scores[: len(data.planted)] for scores in positives])
     positives = torch.cat(positives)
 
@@ -162,13 +163,13 @@ def run_copy_benchmark(
         "seed": seed,
         "positives": len(positives),
         "positive_sources": {"planted": len(data.planted), "ordinary": len(picked)},
-        "recall": float((positives > detector.tau).float().mean()),
+        "recall": rate(positives > detector.tau),
         "recall_by_edit": recall,
-        "recall_planted_sources": float((planted_positives > detector.tau).float().mean()) if len(planted_positives) else None,
+        "recall_planted_sources": rate(planted_positives > detector.tau) if len(planted_positives) else None,
         "positive_similarity": _quantiles(positives),
         "negatives": {"random_pairs": len(random_pairs), "same_caption_pairs": len(same_caption),
                       "noisy_same_caption_pairs": len(noisy_same_caption)},
-        "false_positive_rate": float((negatives > detector.tau).float().mean()),
+        "false_positive_rate": rate(negatives > detector.tau),
         "false_positive_rate_same_caption": _rate(same_caption, detector.tau),
         "false_positive_rate_noisy_same_caption": _rate(noisy_same_caption, detector.tau),
         "negative_similarity": _quantiles(negatives),
@@ -181,7 +182,7 @@ def run_copy_benchmark(
 
 
 def _rate(similarities: Tensor, tau: float) -> float:
-    return float((similarities > tau).float().mean()) if len(similarities) else 0.0
+    return rate(similarities > tau) if len(similarities) else 0.0
 
 
 def _quantiles(values: Tensor) -> dict:

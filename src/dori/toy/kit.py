@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from dori.errors import DoriError
+from dori.measure.replication import rate
 from dori.measure.similarity import ToyCopyDetector
 from dori.measure.utility import frechet_distance
 from dori.toy.classifier import AttributeClassifier
@@ -133,13 +134,13 @@ class ToyKit:
     def alignment(self, images: Tensor, prompts: list[str]) -> float:
         """Fraction of images whose predicted shape, colour and position all match the caption."""
         truth = torch.tensor([self.labels(p) for p in prompts])
-        return float((self.classifier.predict(images) == truth).all(1).float().mean())
+        return rate((self.classifier.predict(images) == truth).all(1))
 
     def misses(self, images: Tensor, prompts: list[str]) -> dict[str, float]:
         """Per attribute, the fraction of images whose predicted shape, colour or position differs
         from the caption's (an image can miss several)."""
         wrong = self.classifier.predict(images) != torch.tensor([self.labels(p) for p in prompts])
-        return {name: float(wrong[:, i].float().mean()) for i, name in enumerate(("shape", "colour", "position"))}
+        return {name: rate(wrong[:, i]) for i, name in enumerate(("shape", "colour", "position"))}
 
     def frechet_distance(self, images: Tensor, prompts: list[str], *, seed: int = 1234) -> float:
         """FD between generations and fresh real renders of the same captions."""
