@@ -309,3 +309,47 @@ def test_the_memory_format_follows_the_recipe():
 
     assert memory_format(ToyTrainConfig(channels_last=False)) == torch.contiguous_format
     assert memory_format(ToyTrainConfig()) == torch.channels_last
+
+
+def test_training_records_the_machine_of_each_part_and_the_card_names_it(tmp_path, monkeypatch):
+    """A run's bits depend on the machine (instruction set, threads, library versions) as well as on
+    its recipe, so the record names the machine of each part of a run: a part resumed on another
+    machine adds its own, and a checkpoint written before the record reads as not recorded."""
+    import json
+
+    from dori.bundled import train
+    from dori.bundled.card import machine_words
+
+    config = ToyTrainConfig(n_ordinary=60, n_verbatim=3, n_template=2, copies=5, steps=2, batch_size=2,
+                            channels=(8, 16, 16), text_width=16, checkpoint_every=1)  # fmt: skip
+
+    class Stop(Exception):
+        pass
+
+    def stop(step, model):
+        raise Stop
+
+    here = train.training_machine("cpu")
+    assert here["threads"] == torch.get_num_threads() and here["torch"] == torch.__version__
+    assert here["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and here["device"] == "cpu"
+    elsewhere = {**here, "threads": here["threads"] + 1}
+    for name, forget in (("moved", False), ("older", True)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "attribute_classifier.safetensors").write_bytes(b"")  # skip the classifier
+        with pytest.raises(Stop):
+            train.train_bundled_model(config, folder, log=lambda _: None, on_checkpoint=stop)
+        state = torch.load(folder / "checkpoint.pt", weights_only=True)
+        assert state["machines"] == [here]
+        if forget:
+            del state["machines"]
+            torch.save(state, folder / "checkpoint.pt")
+        with monkeypatch.context() as patch:
+            patch.setattr(train, "training_machine", lambda device="cpu": elsewhere)
+            train.train_bundled_model(config, folder, resume=True, log=lambda _: None)
+        record = json.loads((folder / "dori_model.json").read_text())["train_config"]
+        assert record["machines"] == (["not recorded", elsewhere] if forget else [here, elsewhere])
+        words = machine_words(record)
+        assert f"{elsewhere['threads']} CPU threads of {here['cpu']} ({here['cpu_capability']})" in words
+        assert ("not recorded" in words) == forget and "then, resumed, " in words
+    assert machine_words({"seed": 0}).startswith("not recorded (trained before dori recorded it). ")

@@ -260,8 +260,9 @@ def toy_train(
 ) -> None:
     """Train the bundled model by dori's recipe, calibrate its copy detector, write its model card.
 
-    On a GPU (``--device cuda``) the same recipe trains in minutes; its weights are not bit-identical
-    to a CPU run's."""
+    On a GPU (``--device cuda``) the same recipe trains in minutes. A run's weights are bit-identical
+    only on the same kind of machine (processor instruction set or GPU, thread count, library
+    versions), which the model folder records."""
     from dori.parallel import device_for
     from dori.runs import prepare_out_dir
     from dori.bundled.recipe import RECIPES, ToyTrainConfig

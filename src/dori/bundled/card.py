@@ -22,14 +22,14 @@ from dori.bundled.regime import regime_lines
 
 SETS = ("memorized", "template", "non_memorized", "held_out")
 
-# The sampling guidance of a bundled model, by a rule fixed before any result (issue 21): sweep this
+# The sampling guidance of a bundled model, by a rule fixed before any result: sweep this
 # grid on the unmitigated memorized titles with seeds no other measurement uses, and take the scale
 # at which they replicate most (highest MR; ties: highest mean similarity, then the lower scale).
 GUIDANCE_GRID = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
 SWEEP_SEEDS = tuple(range(100, 105))
 # The bundled model should sit in SD's regime: non-memorized generations far below the threshold.
 REGIME_MARGIN = 0.3
-# The card's own checks, regime check (d) of issue 37, with the bars of its acceptance: the planted
+# The card's own checks, regime check (d), with these bars: the planted
 # (VM) titles replicate, ordinary captions do not (training and held-out alike), and the model follows
 # held-out captions.
 MEMORIZED_BAR = 0.9  # memorized MR at least
@@ -38,7 +38,7 @@ ALIGNMENT_BAR = 0.95  # held-out prompt alignment at least
 
 
 def card_checks(numbers: dict) -> dict:
-    """Regime check (d): everything the card checked before issue 37, each with pass or fail."""
+    """Regime check (d): the card's own checks, each with pass or fail."""
     margin = numbers["detector"]["tau"] - numbers["non_memorized"]["sscd_mean"]
     checks = {
         "copy_benchmark": numbers["copy_benchmark"]["passed"],
@@ -56,20 +56,45 @@ def _recipe_words(train_info: dict) -> str:
     return f"`{command}`" if command else "a recipe of `dori toy train`'s parameters that no named recipe is (`train_config.json`)"
 
 
+def _one_machine(machine: dict) -> str:
+    where = f"{machine['gpu']} ({machine['device']})" if machine.get("gpu") else f"{machine['threads']} CPU threads"
+    return (f"{where} of {machine['cpu']} ({machine['cpu_capability']}); torch {machine['torch']}, diffusers "
+            f"{machine['diffusers']}, transformers {machine['transformers']}, numpy {machine['numpy']}")  # fmt: skip
+
+
+def machine_words(train_info: dict) -> str:
+    """The card's line on the machines that trained the weights (``train_bundled_model``'s record):
+    the recipe's command gives the same bits only on the same kind of machine."""
+    machines = train_info.get("machines") or ["not recorded"]
+    parts = [_one_machine(m) if isinstance(m, dict) else "not recorded (trained before dori recorded it)"
+             for m in machines]  # fmt: skip
+    said = parts[0] if len(parts) == 1 else "; then, resumed, ".join(parts)
+    return (f"{said}. The recipe's command gives these weights bit for bit only with the same CPU instruction set (or "
+            "GPU), thread count and library versions: each changes the order of sums, and over thousands of steps "
+            "that trains another draw of the same recipe, with numbers of its own.")  # fmt: skip
+
+
+def _minutes_where(train_info: dict) -> str:
+    last = (train_info.get("machines") or [None])[-1]
+    if not isinstance(last, dict):
+        return "2 CPU cores"
+    return last["gpu"] if last.get("gpu") else f"{last['threads']} CPU threads"
+
+
 def text_encoder_words(train_info: dict) -> str:
-    """How a bundled model's text encoder was trained (``text_lr_scale``; models before issue 27
-    trained it jointly at the U-Net's rate)."""
+    """How a bundled model's text encoder was trained (``text_lr_scale``; models before the fifth
+    recipe trained it jointly at the U-Net's rate)."""
     scale = recorded_config(train_info).text_lr_scale
     if scale == 0:
         return ("never trained: frozen at its seeded random initialisation, so that each word keeps an embedding of "
-                "its own and held-out combinations of words stay readable (issue 27)")  # fmt: skip
+                "its own and held-out combinations of words stay readable")  # fmt: skip
     if scale == 1:
         return "trained jointly and frozen afterwards"
     return f"trained jointly at {scale:g} times the U-Net's learning rate and frozen afterwards"
 
 
 def unet_words(train_info: dict, sites: dict) -> str:
-    """The card's sentence on the U-Net's shape (the fifth recipe's, or SD's layout of issue 37)."""
+    """The card's sentence on the U-Net's shape (the fifth recipe's, or SD's layout)."""
     channels = tuple(train_info["channels"])
     counts = f"({sites['value']} value sites, {sites['ffn']} feed-forward sites)"
     if train_info.get("unet_layout", "fifth") != "sd":
@@ -200,7 +225,8 @@ def write_card(folder: Path, numbers: dict, calibration: dict, train_info: dict,
         f"- Recipe: {_recipe_words(train_info)} (seed {train_info['seed']}, {train_info['steps']} AdamW steps at batch "
         f"{train_info['batch_size']}, lr {train_info['learning_rate']} with warm-up and cosine decay, "
         f"{train_info['empty_caption_prob']:.0%} empty captions); {train_info.get('seconds', float('nan')) / 60:.1f} "
-        "minutes on 2 CPU cores.",
+        f"minutes on {_minutes_where(train_info)}.",
+        f"- Machine: {machine_words(train_info)}",
         f"- Model: {unet_words(train_info, sites)}"
         + (" A fixed 2-D sinusoidal position encoding is added after the first convolution"
            + (" and to the input of every cross-attention block" if train_info.get("position_at_attention") else "")
@@ -221,7 +247,7 @@ def write_card(folder: Path, numbers: dict, calibration: dict, train_info: dict,
         "The 16 other combinations are held-out captions."
         + (f" {train_info['partial_caption_prob']:.0%} of the ordinary images a batch draws are shown under a "
            "partial caption instead, naming one or two of the three attributes (\"a red circle\", \"a shape, top "
-           "left\", one of the six forms at random), so that each attribute word must work on its own (issue 27)."
+           "left\", one of the six forms at random), so that each attribute word must work on its own."
            if train_info.get("partial_caption_prob") else ""),
         f"- Exposure: training draws {seen:,} images, so it sees each ordinary image about {seen / n_images:.0f} times "
         f"(as a web-scale model sees most of its data a few times) and each planted image or layout about "

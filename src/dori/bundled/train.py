@@ -2,13 +2,18 @@
 resume, and finishing it: the attribute classifier, the copy detector, the model card.
 
 Every batch, noise draw and timestep at step ``k`` comes from a generator seeded by ``(seed, k)``,
-so an interrupted run resumed from its last checkpoint continues exactly as if never stopped.
+so an interrupted run resumed from its last checkpoint continues exactly as if never stopped. The
+bits still depend on the machine: the CPU's instruction set, the thread count and the library
+versions each change the order of sums (after 50 steps by about 1e-7, after thousands a different
+draw of the recipe), so the record names the machine each part of a run trained on
+(:func:`training_machine`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -27,6 +32,34 @@ from dori.toy.classifier import train_classifier
 from dori.toy.data import PARTIAL_FORMS, ToyDataset, build_dataset, partial_captions
 
 CHECKPOINT = "checkpoint.pt"
+NOT_RECORDED = "not recorded"  # the machine of a part trained before dori recorded it
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def training_machine(device: str | torch.device = "cpu") -> dict:
+    """What besides the recipe decides a training run's bits: the processor and the instruction set
+    torch uses on it, the thread count, the accelerator if any, and the library versions."""
+    import diffusers
+    import numpy
+    import transformers
+
+    device = torch.device(device)
+    machine = {"cpu": _cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+               "threads": torch.get_num_threads(), "device": str(device)}  # fmt: skip
+    if device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(device)
+    versions = {"python": platform.python_version(), "torch": str(torch.__version__), "diffusers": diffusers.__version__,
+                "transformers": transformers.__version__, "numpy": numpy.__version__}  # fmt: skip
+    return {**machine, **versions}
 
 
 @dataclass(frozen=True)
@@ -211,7 +244,7 @@ def train_bundled_model(
             f"attributes) after {info['steps']} steps")  # fmt: skip
 
     optimizer, params = prepare_training(model, config)
-    start, seconds, began = 0, 0.0, time.monotonic()
+    start, seconds, began, machines = 0, 0.0, time.monotonic(), []
     if resume and checkpoint_file.exists():
         state = read_checkpoint(checkpoint_file, keys=("unet", "text_encoder", "optimizer", "step"))
         try:
@@ -222,12 +255,15 @@ def train_bundled_model(
             raise DoriError(f"{checkpoint_file} does not fit this recipe ({str(error).splitlines()[0]}); delete it "
                             "to train from step 0, or choose a new --out") from error  # fmt: skip
         start, seconds = int(state["step"]), float(state.get("seconds", 0.0))
+        machines = list(state.get("machines", [NOT_RECORDED]))
         log(f"resumed at step {start}")
+    if start < config.steps and (machine := training_machine(device)) not in machines:
+        machines.append(machine)
     for step in range(start, config.steps):
         idx, tokens, noise, t = captions.draw(config, step, x0_all.shape[1:], model.num_train_timesteps)
         x0 = x0_all[idx.to(x0_all.device)].contiguous(memory_format=memory_format(config))
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step) * group.get("scale", 1.0)  # checkpoints before issue 27: 1
+            group["lr"] = learning_rate(config, step) * group.get("scale", 1.0)  # older checkpoints: 1
         loss = train_step(model, optimizer, params, config, x0, tokens, noise, t)
         if not torch.isfinite(loss):
             raise DoriError(f"training diverged at step {step} (loss {loss.item()}); the last good checkpoint is kept")
@@ -240,7 +276,7 @@ def train_bundled_model(
             save_torch_atomic(
                 {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
                  "optimizer": optimizer.state_dict(), "step": done,
-                 "seconds": seconds + time.monotonic() - began},
+                 "seconds": seconds + time.monotonic() - began, "machines": machines},
                 checkpoint_file,
             )  # fmt: skip
             if on_checkpoint is not None:
@@ -251,7 +287,7 @@ def train_bundled_model(
     text_encoder.eval().requires_grad_(False).to("cpu")
     if start < config.steps:  # otherwise the checkpoint's own time stands
         seconds += time.monotonic() - began
-    train_info = {**asdict(config), "seconds": seconds}
+    train_info = {**asdict(config), "seconds": seconds, "machines": machines}
     # A provisional guidance: finish_bundled_model replaces it by the model card's rule.
     save_model(model, out, meta={"toy_data": config.data_kwargs(), "train_config": train_info,
                                  "default_guidance": 3.0})  # fmt: skip
@@ -269,7 +305,7 @@ def card_train_info(folder: Path) -> dict:
     if classifier_info.exists():
         recorded = json.loads(classifier_info.read_text())
         train_info["classifier_accuracy"] = recorded["accuracy_on_fresh_renders"]
-        train_info["classifier_steps_taken"] = recorded.get("steps")  # None: trained before the bar (issue 27)
+        train_info["classifier_steps_taken"] = recorded.get("steps")  # None: trained before the accuracy bar
     return train_info
 
 
