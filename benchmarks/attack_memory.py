@@ -1,4 +1,4 @@
-"""The DoRI attack's GPU memory on SD v1.4 / v2.1 at 512 px, computed without a GPU (issue 26, item 2).
+"""The DoRI attack's GPU memory on SD v1.4 / v2.1 at 512 px, computed without a GPU.
 
     python benchmarks/attack_memory.py                 # batch 8, both shapes, both dtypes
     python benchmarks/attack_memory.py --batch 16 --resolution 768

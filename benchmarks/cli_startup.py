@@ -3,7 +3,7 @@
     python benchmarks/cli_startup.py            # 5 runs each; median, min and max seconds
     python benchmarks/cli_startup.py --runs 9
 
-The bar (issue 38) is under 1 s, median, on 2 cores: torch and the model libraries load only when a
+The bar is under 1 s, median, on 2 cores: torch and the model libraries load only when a
 command runs (tests/test_layout.py checks that importing the CLI loads none of them).
 """
 

@@ -1,4 +1,4 @@
-"""How long the paper's SD v1.4 study cannot take less than, on one GPU (issue 26, item 4).
+"""How long the paper's SD v1.4 study cannot take less than, on one GPU.
 
     python benchmarks/gpu_estimate.py                      # SD v1.4, 512 px, H100 dense BF16 peak
     python benchmarks/gpu_estimate.py --peak-tflops 1979 --gpus 8

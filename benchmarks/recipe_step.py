@@ -1,5 +1,5 @@
-"""The bundled recipe's training step, timed: the fifth recipe and the sixth-recipe candidates of
-issue 37 (docs/BUNDLED_MODEL.md), each as ``dori toy train`` runs its step (channels-last U-Net,
+"""The bundled recipe's training step, timed: the fifth recipe and the sixth-recipe candidates in
+SD's layout (docs/BUNDLED_MODEL.md), each as ``dori toy train`` runs its step (channels-last U-Net,
 AdamW, gradient clipping, the frozen text encoder's forward), on random data at the recipe's batch.
 
     python benchmarks/recipe_step.py [--steps 4] [--device cpu] [--models bundled DIR ...]

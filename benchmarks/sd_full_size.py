@@ -1,4 +1,4 @@
-"""Stable Diffusion at full size without a GPU or a download (issue 26, item 1).
+"""Stable Diffusion at full size without a GPU or a download.
 
     python benchmarks/sd_full_size.py --shape v1.4 --resolution 256
     python benchmarks/sd_full_size.py --shape v2.1 --resolution 256 --stages generate,attack

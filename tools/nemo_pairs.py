@@ -57,7 +57,7 @@ def main() -> None:
     print(f"planted: {int((planted.max(1).values > threshold).sum())} of {len(planted)} flagged")
     best = nemo_threshold(reference.max(1, keepdim=True).values.tolist())  # the statistic itself, pooled
     print(f"METHOD.md's wording (mean + 1 std of each ordinary training caption's best pair, which dori "
-          f"used before issue 36; the reference pools every pair): threshold {best:.3f}, ordinary "
+          f"used before it matched NeMo's code; the reference pools every pair): threshold {best:.3f}, ordinary "
           f"{int((tested.max(1).values > best).sum())} of {len(tested)}, planted "
           f"{int((planted.max(1).values > best).sum())} of {len(planted)} flagged")
 

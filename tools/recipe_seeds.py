@@ -20,7 +20,7 @@ from dori.bundled.card import RECIPE_SEEDS_START as START
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "src/dori/models/assets/bundled"
-ALIGNMENT_BAR = 0.95  # issue 27: held-out prompt alignment on every seed
+ALIGNMENT_BAR = 0.95  # held-out prompt alignment on every seed
 
 
 def row(folder: Path, shipped: bool) -> str:

@@ -1,7 +1,7 @@
 """Train one recipe variant on one seed with the recipe's own code and write its full model card
 (``train_bundled_model`` then ``finish_bundled_model``), on the CPU's every core; resumable.
 
-Issue 37's candidate A, seed 0, was measured so:
+The SD-layout candidate A, seed 0 (docs/BUNDLED_MODEL.md), was measured so:
 
     python tools/train_candidate.py --out runs/sixthA-s0 --seed 0 \\
         --variant A:unet_layout=sd,channels=64/128/128,space_to_depth=2,attention_heads=8,batch_size=64,steps=2500

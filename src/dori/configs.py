@@ -132,7 +132,7 @@ class MitigateConfig(Selection, UtilityOptions):
 @dataclass(frozen=True, kw_only=True)
 class WandaSweepConfig(Selection, UtilityOptions):
     """``dori wanda-sweep``: for each Wanda ratio on ``ladder``, MR without the attack, MR after
-    ``attack_steps`` DoRI steps, and held-out utility (issue 24's trade-off curve)."""
+    ``attack_steps`` DoRI steps, and held-out utility (the trade-off curve)."""
 
     prompts: str = opt(help="The memorized prompts.")
     model: str = opt("bundled", help=MODEL_HELP)

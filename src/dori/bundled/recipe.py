@@ -16,12 +16,12 @@ with cross-attention on the way up and 2,000 ordinary images (each seen about 40
 its memorized titles through the up blocks, which NeMo never searches, and a 50-step DoRI attack
 reproduced its ordinary training images too (MR 0.45): see docs/BUNDLED_MODEL.md.
 
-The fifth recipe (issue 27) differs from the fourth, the shipped model's, in two settings: the
+The fifth recipe differs from the fourth, the shipped model's, in two settings: the
 text encoder is not trained (``text_lr_scale=0``), and training takes 5,000 steps instead of 6,000
 so that it fits in an hour on 2 cores. Trained jointly, the two-layer encoder learnt each of the 112
 training captions as a whole, and on every other seed measured the U-Net then could not read a
-held-out combination's position; a frozen random encoder keeps every word's own embedding. Issue 27 also
-added two options that did not help and stay off: ordinary images shown under partial captions
+held-out combination's position; a frozen random encoder keeps every word's own embedding. The same
+search added two options that did not help and stay off: ordinary images shown under partial captions
 ("a red circle", "a shape, top left"), and the position encoding at every cross-attention block
 (docs/BUNDLED_MODEL.md has the measurements).
 """
@@ -48,8 +48,8 @@ UNET_LAYOUTS = ("fifth", "sd")
 class ToyTrainConfig:
     """Hyperparameters of the recipe (defaults: the fifth recipe; the shipped model was trained by
     the fourth, ``--recipe fourth``: these defaults with ``steps=6000, text_lr_scale=1.0``). Partial captions
-    and the encoding at every cross-attention block are options that issue 27 measured on seed 1
-    and found no fix (docs/BUNDLED_MODEL.md)."""
+    and the encoding at every cross-attention block are options measured on seed 1 while the fifth
+    recipe was sought, and found no fix (docs/BUNDLED_MODEL.md)."""
 
     seed: int = 0
     steps: int = 5000  # fits in an hour on 2 cores (the fourth recipe: 6,000)
@@ -58,17 +58,17 @@ class ToyTrainConfig:
     warmup_steps: int = 100
     empty_caption_prob: float = 0.1
     # Share of ordinary training images shown under a partial caption (dori.toy.data.PARTIAL_FORMS,
-    # one form drawn uniformly), so that each attribute word must work on its own (issue 27).
-    partial_caption_prob: float = 0.0  # issue 27 tried 0.3: seed 1 then learnt no position (see docs)
+    # one form drawn uniformly), so that each attribute word must work on its own.
+    partial_caption_prob: float = 0.0  # 0.3 was tried: seed 1 then learnt no position (see docs)
     grad_clip: float = 1.0
     n_ordinary: int = 30000
     n_verbatim: int = len(TITLES_VM)
     n_template: int = len(TITLES_TM)
     copies: int = 1000
     channels: tuple[int, int, int] = (32, 64, 64)
-    # "fifth": a plain block at the top resolution, cross-attention at the two lower ones and in the mid
-    # block, plain blocks on the way up. "sd" (issue 37): cross-attention blocks at every resolution, down,
-    # mid and up, as in SD's CrossAttnDownBlock2D / CrossAttnUpBlock2D (GEGLU feed-forward, 4x inner width).
+    # "fifth": a plain block at the top resolution, cross-attention at the two lower ones and in the mid block, plain
+    # blocks on the way up. "sd" (the SD-layout candidates): cross-attention blocks at every resolution, down, mid and
+    # up, as in SD's CrossAttnDownBlock2D / CrossAttnUpBlock2D (GEGLU feed-forward, 4x inner width).
     unet_layout: str = "fifth"
     layers_per_block: int = 1
     attention_heads: int = 4
@@ -79,10 +79,10 @@ class ToyTrainConfig:
     text_width: int = 128
     text_layers: int = 2
     position_encoding: bool = True  # fixed sinusoidal map added after conv_in (dori.models.position)
-    # ... and to the input of every cross-attention block (position.KIND_ATTENTION; issue 27)
-    position_at_attention: bool = False  # issue 27 tried True with 0.3 partial captions: alignment 0.275
+    # ... and to the input of every cross-attention block (position.KIND_ATTENTION)
+    position_at_attention: bool = False  # tried True with 0.3 partial captions: alignment 0.275
     # The text encoder's learning rate as a share of the U-Net's; 0 (the fifth recipe) keeps it frozen
-    # at its seeded initialisation, so every word keeps its own embedding (issue 27; the fourth: 1.0).
+    # at its seeded initialisation, so every word keeps its own embedding (the fourth: 1.0).
     text_lr_scale: float = 0.0
     ordinary_style: str = "field"  # how ordinary images are rendered (dori.toy.data.render_ordinary)
     # Train the U-Net in channels-last memory format: about 5% faster on a CPU, but it sums in another

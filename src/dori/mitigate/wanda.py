@@ -24,7 +24,7 @@ from dori.interventions import WeightMask, capture
 from dori.models.base import DiffusionModel
 
 
-# ``--ratio auto`` walks this ladder (issue 24): the paper's 1% (Chavhan et al.) up to half of each row.
+# ``--ratio auto`` walks this ladder: the paper's 1% (Chavhan et al.) up to half of each row.
 WANDA_LADDER = (0.01, 0.02, 0.05, 0.10, 0.20, 0.50)
 # The defender's seeds for ``--ratio auto`` start here: disjoint from every evaluation's (0, 1, ...).
 DEFENDER_FIRST_SEED = 1000

@@ -1,5 +1,5 @@
-"""A fixed 2-D sinusoidal position encoding added to the U-Net's first feature map and, in the
-recipe since issue 27, to the input of every cross-attention block.
+"""A fixed 2-D sinusoidal position encoding added to the U-Net's first feature map and, as an option
+of the recipe (off by default), to the input of every cross-attention block.
 
 Only the bundled model uses it (``dori_model.json``: ``"position_encoding": "sinusoidal"`` or
 ``"sinusoidal+attention"``). Its
@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 KIND = "sinusoidal"  # added to the first feature map only (the fourth bundled model)
-# Also added to the input of every cross-attention block (issue 27), where the text meets the
-# image: its queries then know where they are, so "top left" can be routed to a quadrant directly.
+# Also added to the input of every cross-attention block (an option of the recipe, off by default), where the text
+# meets the image: its queries then know where they are, so "top left" can be routed to a quadrant directly.
 KIND_ATTENTION = "sinusoidal+attention"
 KINDS = (KIND, KIND_ATTENTION)
 _MARK = "_dori_position_encoding"

@@ -67,7 +67,7 @@ def stage_configs(config: StudyConfig, root: Path) -> dict:
                                                    **gen),  # fmt: skip
         "nemo": MitigateConfig(method="nemo", seeds=seeds, utility_seeds=1 if q else 4, baseline=str(stages / "replicate"),
                                **mem, **gen, **util, **nemo),  # fmt: skip
-        # Wanda's ratio as a defender picks it (issue 24): the smallest on the ladder that stops
+        # Wanda's ratio as a defender picks it: the smallest on the ladder that stops
         # replication on the defender's own seeds.
         "wanda": MitigateConfig(method="wanda", ratio="auto", seeds=seeds, utility_seeds=1 if q else 4,
                                 baseline=str(stages / "replicate"), **mem, **gen, **util),  # fmt: skip

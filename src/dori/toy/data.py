@@ -24,7 +24,7 @@ cover"), repeated ``copies`` times in the training set.
 Held-out captions are (shape, colour, position) combinations that never occur in training; they
 measure utility (prompt alignment, FD) on prompts the model has not seen. Training may also show an
 ordinary image under a *partial* caption that names only some of its attributes
-(:func:`partial_caption`, issue 27); the data set itself holds only full captions.
+(:func:`partial_caption`, an option of the recipe); the data set itself holds only full captions.
 
 Everything is a pure function of the seed.
 """
@@ -78,7 +78,7 @@ def caption(shape: str, colour: str, position: str) -> str:
     return f"{article} {colour} {shape}, {position}"
 
 
-# The attributes a partial caption keeps (issue 27): every proper, non-empty subset of the three.
+# The attributes a partial caption keeps: every proper, non-empty subset of the three.
 PARTIAL_FORMS = (("shape", "colour"), ("shape", "position"), ("colour", "position"), ("shape",), ("colour",),
                  ("position",))  # fmt: skip
 
