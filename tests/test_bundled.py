@@ -204,8 +204,10 @@ def test_the_regime_checks_measure_and_judge_by_their_fixed_rules(bundled, kit):
         assert ("**FAIL**" in text.split("Shipping rule")[1]) == (not ship["passed"])
 
 def test_the_shipped_folder_records_a_named_recipe_and_its_card_names_that_command():
-    """The shipped weights are what the command on the card's Recipe line trains: the folder's
-    training record is a named recipe's defaults at its seed, and the card names that command."""
+    """The card's Recipe line is the command of the recipe that trained the shipped weights: the
+    folder's training record is a named recipe's defaults at its seed, and the card names that
+    command. (Its bits come back only on a machine like the one that trained them, which the
+    shipped folder does not record: docs/BUNDLED_MODEL.md, "Reproducing the shipped weights".)"""
     from dori.bundled.recipe import recipe_command, recipe_of, recorded_config
     from dori.models.loading import bundled_model_dir
 
