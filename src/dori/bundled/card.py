@@ -65,7 +65,7 @@ def _one_machine(machine: dict) -> str:
 def machine_words(train_info: dict) -> str:
     """The card's line on the machines that trained the weights (``train_bundled_model``'s record):
     the recipe's command gives the same bits only on the same kind of machine."""
-    machines = train_info.get("machines") or ["not recorded"]
+    machines = train_info.get("machines") or [None]
     parts = [_one_machine(m) if isinstance(m, dict) else "not recorded (trained before dori recorded it)"
              for m in machines]  # fmt: skip
     said = parts[0] if len(parts) == 1 else "; then, resumed, ".join(parts)
@@ -75,10 +75,11 @@ def machine_words(train_info: dict) -> str:
 
 
 def _minutes_where(train_info: dict) -> str:
+    """" on <where>" for the machine of a run's last part, or nothing where it was not recorded."""
     last = (train_info.get("machines") or [None])[-1]
     if not isinstance(last, dict):
-        return "2 CPU cores"
-    return last["gpu"] if last.get("gpu") else f"{last['threads']} CPU threads"
+        return ""
+    return f" on {last['gpu']}" if last.get("gpu") else f" on {last['threads']} CPU threads"
 
 
 def text_encoder_words(train_info: dict) -> str:
@@ -225,7 +226,7 @@ def write_card(folder: Path, numbers: dict, calibration: dict, train_info: dict,
         f"- Recipe: {_recipe_words(train_info)} (seed {train_info['seed']}, {train_info['steps']} AdamW steps at batch "
         f"{train_info['batch_size']}, lr {train_info['learning_rate']} with warm-up and cosine decay, "
         f"{train_info['empty_caption_prob']:.0%} empty captions); {train_info.get('seconds', float('nan')) / 60:.1f} "
-        f"minutes on {_minutes_where(train_info)}.",
+        f"minutes{_minutes_where(train_info)}.",
         f"- Machine: {machine_words(train_info)}",
         f"- Model: {unet_words(train_info, sites)}"
         + (" A fixed 2-D sinusoidal position encoding is added after the first convolution"

@@ -119,21 +119,24 @@ class ToyTrainConfig:
 
 # The named recipes, as overrides of ToyTrainConfig's defaults (the fifth's): ``dori toy train --recipe``.
 RECIPES = {"fifth": {}, "fourth": {"steps": 6000, "text_lr_scale": 1.0, "channels_last": False}}
-# What a training record written before a parameter existed implies for it: the code then. A parameter
-# not listed here took, before it existed, the value that is now its default.
-BEFORE_PARAMETER = {"text_lr_scale": 1.0}  # the text encoder was trained jointly until the fifth recipe
+# What a training record written before a parameter existed implies for it: the code then, as a value
+# or as a rule on the rest of the record. A parameter not listed here took, before it existed, the value
+# that is now its default.
+BEFORE_PARAMETER = {
+    "text_lr_scale": 1.0,  # the text encoder was trained jointly until the fifth recipe
+    # Channels-last training came with partial captions: a record that has those was trained channels-last.
+    "channels_last": lambda record: "partial_caption_prob" in record,
+}
 
 
 def recorded_config(record: dict) -> ToyTrainConfig:
     """The recipe a training record (``train_config.json``) describes, with every parameter it lacks
-    at :data:`BEFORE_PARAMETER`'s value or else the default; entries that are not parameters (time,
-    classifier accuracy) are ignored."""
+    at :data:`BEFORE_PARAMETER`'s value (or its rule's, on the record) or else the default; entries that
+    are not parameters (time, classifier accuracy) are ignored."""
     names = {item.name for item in fields(ToyTrainConfig)}
     values = {name: tuple(value) if isinstance(value, list) else value for name, value in record.items() if name in names}
-    # Channels-last training came with partial captions: a record that has those and not this was
-    # trained channels-last; one that has neither was not.
-    values.setdefault("channels_last", "partial_caption_prob" in record)
-    return ToyTrainConfig(**{**{k: v for k, v in BEFORE_PARAMETER.items() if k not in values}, **values})
+    before = {k: v(record) if callable(v) else v for k, v in BEFORE_PARAMETER.items() if k not in values}
+    return ToyTrainConfig(**{**before, **values})
 
 
 def recipe_of(config: ToyTrainConfig) -> str | None:
